@@ -1,0 +1,139 @@
+"""The ``lazysky`` command. Thin: it parses arguments, calls the library, prints.
+
+Heavy imports (numpy, astropy, dask) happen inside the subcommands, so ``lazysky --help``
+is instant. Only this module configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from lazysky.errors import LazySkyError
+
+logger = logging.getLogger("lazysky")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from lazysky.simulator import SurveySpec, simulate_survey
+
+    fields = {
+        "instrument": args.instrument,
+        "n_epochs": args.epochs,
+        "n_dithers": args.dithers,
+        "seed": args.seed,
+    }
+    if args.exptime is not None:
+        fields["exptime_s"] = args.exptime
+    if args.filter is not None:
+        fields["filter"] = args.filter
+    if args.detectors:
+        fields["detectors"] = args.detectors.split(",")
+    if args.transients is not None:
+        fields["n_transients"] = args.transients
+    spec = SurveySpec.from_yaml(args.config, **fields) if args.config else SurveySpec(**fields)
+    result = simulate_survey(
+        spec, args.out, overwrite=args.overwrite, calibrations=not args.no_calib
+    )
+    print(result.summary())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from lazysky.simulator import demo
+
+    print(demo(args.out))
+    return 0
+
+
+def _cmd_instruments(args: argparse.Namespace) -> int:
+    from lazysky.simulator import list_instruments, load_instrument
+
+    for name in list_instruments():
+        inst = load_instrument(name)
+        print(f"{name:12s} {inst.describe()}")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from lazysky.config import load_settings
+
+    settings = load_settings(args.config)
+    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``lazysky`` command."""
+    parser = argparse.ArgumentParser(
+        prog="lazysky",
+        description="Raw FITS mosaics to science catalogs at survey scale.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("simulate", help="simulate a survey: raw MEF FITS, calibrations, truth")
+    p.add_argument("--out", required=True, help="output directory or fsspec URL (s3://…)")
+    p.add_argument("--instrument", default="tiny", help="instrument name or YAML file")
+    p.add_argument("--epochs", type=int, default=4, help="number of epochs (default 4)")
+    p.add_argument("--dithers", type=int, default=2, help="exposures per epoch (default 2)")
+    p.add_argument("--exptime", type=float, help="seconds per exposure (instrument default)")
+    p.add_argument("--filter", help="filter name (instrument default)")
+    p.add_argument("--detectors", help="comma-separated subset of detector names")
+    p.add_argument("--transients", type=int, help="number of transients")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    p.add_argument("--config", help="YAML survey specification (options above override it)")
+    p.add_argument("--no-calib", action="store_true", help="skip bias, dark and flat frames")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing survey there")
+    p.set_defaults(handler=_cmd_simulate)
+
+    p = sub.add_parser("demo", help="the main job: a small survey, end to end")
+    p.add_argument("--out", default="demo-output", help="where to write (default demo-output)")
+    p.set_defaults(handler=_cmd_demo)
+
+    p = sub.add_parser("instruments", help="list the simulator's instruments")
+    p.set_defaults(handler=_cmd_instruments)
+
+    p = sub.add_parser("config", help="show the settings in force (JSON)")
+    p.add_argument("--config", help="YAML settings file (default: $LAZYSKY_CONFIG)")
+    p.set_defaults(handler=_cmd_config)
+    return parser
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("lazysky").setLevel(level)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``lazysky`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from lazysky import __version__
+
+        print(__version__)
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 2
+    _configure_logging(args.verbose, args.quiet)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except LazySkyError as exc:
+        print(f"lazysky {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"lazysky {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Survey simulator (work in progress)."""
