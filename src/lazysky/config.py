@@ -73,9 +73,7 @@ class S3Settings(BaseModel):
             client_kwargs["region_name"] = self.region
         if client_kwargs:
             opts["client_kwargs"] = client_kwargs
-        opts["config_kwargs"] = {
-            "retries": {"max_attempts": self.retries, "mode": "standard"}
-        }
+        opts["config_kwargs"] = {"retries": {"max_attempts": self.retries, "mode": "standard"}}
         return opts
 
 
@@ -131,8 +129,8 @@ class Settings(BaseSettings):
         Path("~/.local/share/lazysky/catalog"),
         description="Data directory of the embedded catalog server.",
     )
-    s3: S3Settings = Field(default_factory=S3Settings)  # type: ignore[arg-type]
-    cluster: ClusterSettings = Field(default_factory=ClusterSettings)  # type: ignore[arg-type]
+    s3: S3Settings = Field(default_factory=S3Settings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of the lazysky command."
     )
@@ -219,8 +217,10 @@ def load_settings(config_file: str | os.PathLike[str] | None = None, **overrides
     try:
         built = _FromSources(**overrides)
     except ValidationError as exc:
-        where = f" (config file {str(path)!r}, LAZYSKY_* variables or arguments)" if path else (
-            " (LAZYSKY_* variables or arguments)"
+        where = (
+            f" (config file {str(path)!r}, LAZYSKY_* variables or arguments)"
+            if path
+            else (" (LAZYSKY_* variables or arguments)")
         )
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}"
