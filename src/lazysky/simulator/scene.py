@@ -216,7 +216,7 @@ def make_scene(spec: SceneSpec, rng: np.random.Generator) -> Scene:
     on_host = rng.uniform(0, 1, n_tr) < spec.transient_host_fraction
     t_ra, t_dec = _positions_in_cap(rng, n_tr, spec.ra_deg, spec.dec_deg, spec.inner_radius_deg)
     t_host = np.full(n_tr, -1, dtype=np.int64)
-    gal_idx = np.flatnonzero((kind == "galaxy") & (mag < 22.5))
+    gal_idx = np.flatnonzero((kind == "galaxy") & (mag < 24.0))
     if gal_idx.size:
         sep = np.hypot(
             (ra[gal_idx] - spec.ra_deg) * math.cos(math.radians(spec.dec_deg)),

@@ -94,9 +94,9 @@ class _Output:
     def remove(self, rels: list[str]) -> None:
         for rel in rels:
             try:
-                if self.fs.exists(self.path(rel)):
+                if self.fs.isfile(self.path(rel)):
                     self.fs.rm(self.path(rel))
-            except OSError:  # best effort: report the original error, not this one
+            except (OSError, ValueError):  # best effort: the original error is what matters
                 logger.warning("could not remove %s", self.path(rel))
 
 
