@@ -79,21 +79,25 @@ def detector_model(inst: Instrument, index: int) -> DetectorModel:
     gain = inst.gain_e_per_adu * (1.0 + 0.03 * float(rng.standard_normal()))
     read_noise = inst.read_noise_e * (1.0 + 0.05 * float(rng.standard_normal()))
 
-    # Flat: vignetting across the focal plane, a gentle QE tilt, pixel response.
-    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float32)
-    r2 = ((xx + det.x0) ** 2 + (yy + det.y0) ** 2) / inst.field_radius_px**2
-    vig = (1.0 - inst.vignetting * r2) / _vignetting_norm(inst)
-    tilt = 1.0 + 0.01 * (
-        rng.uniform(-1, 1) * (xx / nx - 0.5) + rng.uniform(-1, 1) * (yy / ny - 0.5)
-    )
-    prnu = 1.0 + inst.prnu_sigma * rng.standard_normal((ny, nx), dtype=np.float32)
-    flat = (vig * tilt * prnu).astype(np.float32)
+    # Flat: vignetting across the focal plane, a gentle QE tilt, pixel response
+    # (rows and columns broadcast: no full-size coordinate grids).
+    xs = np.arange(nx, dtype=np.float32)[None, :]
+    ys = np.arange(ny, dtype=np.float32)[:, None]
+    r2 = ((xs + det.x0) ** 2 + (ys + det.y0) ** 2) / np.float32(inst.field_radius_px**2)
+    vig = (1.0 - inst.vignetting * r2) / np.float32(_vignetting_norm(inst))
+    tx, ty = rng.uniform(-1, 1, 2)
+    tilt = (1.0 + 0.01 * (tx * (xs / nx - 0.5) + ty * (ys / ny - 0.5))).astype(np.float32)
+    flat = rng.standard_normal((ny, nx), dtype=np.float32)
+    flat *= np.float32(inst.prnu_sigma)
+    flat += np.float32(1.0)
+    flat *= vig.astype(np.float32)
+    flat *= tilt
 
     dark = np.full((ny, nx), inst.dark_e_per_s, dtype=np.float32)
-    hot = rng.uniform(0, 1, (ny, nx)) < inst.hot_pixel_fraction
-    dark[hot] += (inst.hot_pixel_dark_e_per_s * rng.lognormal(0.0, 0.8, int(hot.sum()))).astype(
-        np.float32
-    )
+    hot = np.zeros((ny, nx), dtype=bool)
+    hot.flat[rng.integers(0, ny * nx, int(rng.binomial(ny * nx, inst.hot_pixel_fraction)))] = True
+    n_hot = int(hot.sum())
+    dark[hot] += (inst.hot_pixel_dark_e_per_s * rng.lognormal(0.0, 0.8, n_hot)).astype(np.float32)
     bad_cols = tuple(int(c) for c in rng.choice(nx, size=inst.bad_columns, replace=False))
     for k, col in enumerate(bad_cols):
         start = int(rng.integers(0, ny // 2))
@@ -104,8 +108,9 @@ def detector_model(inst: Instrument, index: int) -> DetectorModel:
 
     level = inst.bias_adu + 15.0 * float(rng.standard_normal())
     row_gradient = np.linspace(0.0, 2.0, rny, dtype=np.float32)[:, None]
-    pattern = 0.6 * rng.standard_normal((rny, rnx), dtype=np.float32)
-    bias = (level + row_gradient + pattern).astype(np.float32)
+    bias = rng.standard_normal((rny, rnx), dtype=np.float32)
+    bias *= np.float32(0.6)  # fixed pattern
+    bias += row_gradient + np.float32(level)
     saturate = float(min(65535.0, np.floor(level + inst.full_well_e / gain)))
     return DetectorModel(
         index=index,

@@ -196,10 +196,10 @@ def add_sersic_galaxies(
     """Add elliptical Sérsic galaxies to ``image`` in place, optionally seen through a PSF.
 
     A galaxy is drawn on a stamp of radius ``4 r_eff + 2`` px (at most 60), sampled 3 × 3
-    per pixel, and scaled so the stamp holds exactly ``flux`` (the truncated profile *is*
-    the galaxy). With ``psf_fwhm_px`` the galaxies are drawn on a padded layer and
-    convolved with :func:`moffat_kernel`, so light from galaxies just off the array
-    spills in as it would on the sky.
+    per pixel (16 × 16 in the central 3 × 3 pixels, for the cusp), and scaled so the stamp
+    holds exactly ``flux`` (the truncated profile *is* the galaxy). With ``psf_fwhm_px``
+    each stamp is padded and convolved with :func:`moffat_kernel` before it is added, so
+    light from galaxies just off the array spills in as it would on the sky.
     """
     x, y, flux, re, n, q, th = (
         np.asarray(a, dtype=float).ravel()
@@ -207,15 +207,8 @@ def add_sersic_galaxies(
     )
     if x.size == 0:
         return
-    if psf_fwhm_px is not None:
-        kern = moffat_kernel(psf_fwhm_px, psf_beta)
-        pad = kern.shape[0] // 2
-        layer = np.zeros((image.shape[0] + 2 * pad, image.shape[1] + 2 * pad))
-        add_sersic_galaxies(
-            layer, x + pad, y + pad, flux, r_eff_px=re, sersic_n=n, axis_ratio=q, theta_rad=th
-        )
-        image += signal.oaconvolve(layer, kern, mode="same")[pad:-pad, pad:-pad]
-        return
+    kern = moffat_kernel(psf_fwhm_px, psf_beta) if psf_fwhm_px is not None else None
+    pad = 0 if kern is None else kern.shape[0] // 2
     os_ = 3
     radius = np.clip(4.0 * re + 2.0, 2.0, 60.0)
     classes = _stamp_class(radius)
@@ -237,7 +230,10 @@ def add_sersic_galaxies(
             stamps[:, half - 1 : half + 2, half - 1 : half + 2] = _bin_subpixels(core, 1, 16)
             total = stamps.sum(axis=(1, 2))
             stamps *= (flux[sel] / np.where(total > 0, total, 1.0))[:, None, None]
-            _scatter_stamps(image, cx, cy, half, stamps)
+            if kern is not None:  # seen through the PSF: convolve each stamp (padded)
+                stamps = np.pad(stamps, ((0, 0), (pad, pad), (pad, pad)))
+                stamps = signal.fftconvolve(stamps, kern[None], mode="same", axes=(1, 2))
+            _scatter_stamps(image, cx, cy, half + pad, stamps)
 
 
 @dataclass(frozen=True)
