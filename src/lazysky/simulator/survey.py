@@ -299,7 +299,9 @@ class SimulatedSurvey:
             f"in {self.spec.band_name}",
             "  sources: "
             + ", ".join(
-                f"{v} {k}{'es' if k.endswith('x') else 's'}" for k, v in self.n_sources.items() if v
+                f"{v} {'galaxies' if k == 'galaxy' else k + 's'}"
+                for k, v in self.n_sources.items()
+                if v
             ),
             "  calibrations: " + ", ".join(f"{len(v)} {k}" for k, v in self.calibrations.items()),
             f"  written to {self.root} (manifest: survey.json)",
