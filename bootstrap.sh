@@ -71,7 +71,7 @@ if command -v apt-get >/dev/null 2>&1; then
     if [ "$apt_updated" -eq 0 ]; then as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq; apt_updated=1; fi
     pg_major=$(apt-cache depends postgresql 2>/dev/null | grep -oE 'postgresql-[0-9]+' | head -n 1 | cut -d- -f2)
     [ -n "$pg_major" ] || { log "no PostgreSQL server package found by apt-cache"; exit 1; }
-    pkgs+=("postgresql-$pg_major" "postgresql-contrib-$pg_major")
+    pkgs+=("postgresql-$pg_major")
   fi
   if [ ! -e "/usr/share/postgresql/$pg_major/extension/pg_sphere.control" ]; then
     pkgs+=("postgresql-$pg_major-pgsphere")

@@ -33,6 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lazysky.errors import ParameterError
+from lazysky.simulator.exposure import Pointing
 from lazysky.simulator.instruments import Instrument, load_instrument
 from lazysky.simulator.scene import Scene, SceneSpec, make_scene
 
@@ -193,10 +194,8 @@ def _epoch_mjds(spec: SurveySpec) -> list[float]:
     return [spec.start_mjd + e * spec.cadence_days for e in range(spec.n_epochs)]
 
 
-def plan_exposures(spec: SurveySpec) -> list[Any]:
+def plan_exposures(spec: SurveySpec) -> list[Pointing]:
     """Pointings of every exposure: dithers, pointing errors, seeing and sky per exposure."""
-    from lazysky.simulator.exposure import Pointing
-
     inst = spec.inst
     rng = np.random.default_rng(np.random.SeedSequence(spec.seed, spawn_key=(STREAM_PLAN,)))
     band = inst.band(spec.band_name)
