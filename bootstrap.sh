@@ -103,7 +103,7 @@ case "$action" in
   setup) log "ready: activate with 'source $VENV/bin/activate'" ;;
   demo)  exec lazysky demo "$@" ;;
   test)
-    log "ruff"; ruff check src tests benchmarks
+    log "ruff"; ruff check .
     log "mypy"; mypy
     log "pytest"; exec python -m pytest "$@" ;;
 esac
