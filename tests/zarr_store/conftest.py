@@ -154,13 +154,15 @@ def s3_bucket(s3_endpoint: str) -> str:
     return name
 
 
+_FAULTS = ("503", "500", "drop", "drop_after")
 _HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "host"}
 
 
 class FaultProxy(ThreadingHTTPServer):
     """HTTP proxy on 127.0.0.1 that fails a seeded fraction of requests.
 
-    Faults: 503 SlowDown, 500 InternalError, a connection dropped before forwarding, and
+    Which requests fail is drawn from ``random.Random(seed)``; the kinds take turns: 503
+    SlowDown, 500 InternalError, a connection dropped before forwarding, and
     one dropped *after* the upstream applied the request. ``only`` (a regex on
     ``"METHOD path"``) limits which requests may fail; ``max_consecutive`` bounds the
     faults in a row for one request (method and path), so enough retries always succeed.
@@ -176,6 +178,7 @@ class FaultProxy(ThreadingHTTPServer):
         self.rng = random.Random(seed)
         self.lock = threading.Lock()
         self.streak: dict[str, int] = {}
+        self.n_faults = 0
         self.counts: dict[str, int] = {"ok": 0, "503": 0, "500": 0, "drop": 0, "drop_after": 0}
 
     @property
@@ -188,7 +191,8 @@ class FaultProxy(ThreadingHTTPServer):
             fate = "ok"
             allowed = self.only.search(key) and self.streak.get(key, 0) < self.max_consecutive
             if allowed and self.rng.random() < self.rate:
-                fate = self.rng.choice(["503", "500", "drop", "drop_after"])
+                fate = _FAULTS[self.n_faults % len(_FAULTS)]  # each kind in turn
+                self.n_faults += 1
             self.streak[key] = 0 if fate == "ok" else self.streak.get(key, 0) + 1
             self.counts[fate] += 1
             return fate
