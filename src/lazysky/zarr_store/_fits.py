@@ -145,8 +145,13 @@ def _check_keywords(header: fits.Header, shape: tuple[int, int], where: str) -> 
             parse_iraf_section(header[key], shape=shape, where=f"{where}keyword {key}: ")
 
 
-def inspect_fits(src: FitsSource, *, require: tuple[str, ...] = ()) -> ExposureSource:
+def inspect_fits(
+    src: FitsSource, *, require: tuple[str, ...] = (), verify: bool = True
+) -> ExposureSource:
     """Read the headers of ``src``, check its structure and bytes; read no pixel array.
+
+    With ``verify=False`` the bytes are not streamed (no SHA-256, size from the file
+    system, CHECKSUM/DATASUM unchecked): for quick lazy opening of FITS files.
 
     Raises
     ------
@@ -213,7 +218,10 @@ def inspect_fits(src: FitsSource, *, require: tuple[str, ...] = ()) -> ExposureS
         kind = FitsCorruptError if "truncat" in text.lower() else FitsFormatError
         msg = f"{src.name}: not a readable FITS file ({type(exc).__name__}: {text})"
         raise kind(msg) from None
-    sha, size, n_verified = stream_verify(src, spans)
+    if verify:
+        sha, size, n_verified = stream_verify(src, spans)
+    else:
+        sha, size, n_verified = "", max(s.data_end for s in spans), 0
     return ExposureSource(
         source=src, exposure_id=exposure_id, sha256=sha, size=size,
         shape=(int(shape[0]), int(shape[1])) if shape else (0, 0),

@@ -6,6 +6,7 @@ These run inside Dask tasks; they take picklable plain data (:class:`StoreRoot`,
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 from typing import Any
@@ -14,13 +15,62 @@ import numpy as np
 
 from lazysky.errors import StoreError
 from lazysky.zarr_store._fits import ExposureSource, iter_bands
+from lazysky.zarr_store._headers import bounding_circle, cards_to_header, footprint_deg
 from lazysky.zarr_store._layout import GROUP_META, RAW, SCI, StoreRoot
 
-__all__ = ["chunk_keys", "create_template", "finalize_group", "template_matches", "write_detector"]
+__all__ = [
+    "chunk_keys", "create_template", "finalize_group", "group_attrs", "template_matches",
+    "write_detector",
+]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "lazysky.exposure/1"
+
+#: attributes queryable without reading pixels, and the keyword each comes from (primary
+#: header first, then the first detector's)
+_QUERYABLE = {
+    "instrument": "INSTRUME", "telescope": "TELESCOP", "filter": "FILTER", "object": "OBJECT",
+    "imagetyp": "IMAGETYP", "date_obs": "DATE-OBS", "mjd_obs": "MJD-OBS", "exptime": "EXPTIME",
+    "ra": "RA", "dec": "DEC",
+}
+
+
+def group_attrs(plan: ExposureSource, chunks: tuple[int, int, int]) -> dict[str, Any]:
+    """The lazysky attributes: everything queryable without reading a pixel."""
+    from lazysky import __version__
+
+    primary = cards_to_header(plan.primary_cards)
+    headers = [cards_to_header(d.cards) for d in plan.detectors]
+    polys = [footprint_deg(h, plan.shape) for h in headers]
+    circle = bounding_circle([p for p in polys if p is not None])
+
+    def value(key: str) -> Any:
+        for h in (primary, headers[0]):
+            v = h.get(key)
+            if v is not None and not (isinstance(v, float) and v != v):
+                return v if isinstance(v, str | int | float | bool) else str(v)
+        return None
+
+    return {
+        "format": FORMAT,
+        "exposure_id": plan.exposure_id,
+        **{name: value(key) for name, key in _QUERYABLE.items()},
+        "detectors": [d.name for d in plan.detectors],
+        "hdu_index": [d.hdu_index for d in plan.detectors],
+        "shape": list(plan.shape),
+        "dtype": plan.dtype,
+        "chunks": list(chunks),
+        "source": {"name": plan.source.name, "url": plan.source.url, "sha256": plan.sha256,
+                   "size": plan.size, "checksums_verified": plan.checksums_verified},
+        "primary_header": list(plan.primary_cards),
+        "detector_headers": [list(d.cards) for d in plan.detectors],
+        "footprints": polys,
+        "footprint_circle": list(circle) if circle else None,
+        "ingested_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "lazysky_version": __version__,
+    }
+
 
 
 def chunk_shape_for(plan: ExposureSource, tile_shape: tuple[int, int]) -> tuple[int, int, int]:

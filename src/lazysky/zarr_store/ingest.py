@@ -10,7 +10,6 @@ Between the phases, at the edge, the templates are written.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -22,13 +21,12 @@ from dask.base import tokenize
 
 from lazysky.errors import LazySkyError, OutputError, ParameterError
 from lazysky.zarr_store._fits import FITS_SUFFIXES, ExposureSource, FitsSource, inspect_fits
-from lazysky.zarr_store._headers import bounding_circle, cards_to_header, footprint_deg
 from lazysky.zarr_store._layout import StoreLike, StoreRoot, parse_store, split_protocol
 from lazysky.zarr_store._write import (
-    FORMAT,
     chunk_shape_for,
     create_template,
     finalize_group,
+    group_attrs,
     template_matches,
     write_detector,
 )
@@ -39,13 +37,6 @@ logger = logging.getLogger(__name__)
 
 Status = Literal["ingested", "unchanged", "failed"]
 
-#: attributes queryable without reading pixels, and the keyword each comes from (primary
-#: header first, then the first detector's)
-_QUERYABLE = {
-    "instrument": "INSTRUME", "telescope": "TELESCOP", "filter": "FILTER", "object": "OBJECT",
-    "imagetyp": "IMAGETYP", "date_obs": "DATE-OBS", "mjd_obs": "MJD-OBS", "exptime": "EXPTIME",
-    "ra": "RA", "dec": "DEC",
-}
 
 
 @dataclass(frozen=True)
@@ -135,42 +126,6 @@ def _inspect(src: FitsSource, require: tuple[str, ...]) -> ExposureSource | Inge
         return IngestResult(src.url, "failed", error=str(exc))
     except Exception as exc:  # one bad file never sinks a batch
         return IngestResult(src.url, "failed", error=f"{src.name}: {type(exc).__name__}: {exc}")
-
-
-def _group_attrs(plan: ExposureSource, chunks: tuple[int, int, int]) -> dict[str, Any]:
-    """The lazysky attributes: everything queryable without reading a pixel."""
-    from lazysky import __version__
-
-    primary = cards_to_header(plan.primary_cards)
-    headers = [cards_to_header(d.cards) for d in plan.detectors]
-    polys = [footprint_deg(h, plan.shape) for h in headers]
-    circle = bounding_circle([p for p in polys if p is not None])
-
-    def value(key: str) -> Any:
-        for h in (primary, headers[0]):
-            v = h.get(key)
-            if v is not None and not (isinstance(v, float) and v != v):
-                return v if isinstance(v, str | int | float | bool) else str(v)
-        return None
-
-    return {
-        "format": FORMAT,
-        "exposure_id": plan.exposure_id,
-        **{name: value(key) for name, key in _QUERYABLE.items()},
-        "detectors": [d.name for d in plan.detectors],
-        "hdu_index": [d.hdu_index for d in plan.detectors],
-        "shape": list(plan.shape),
-        "dtype": plan.dtype,
-        "chunks": list(chunks),
-        "source": {"name": plan.source.name, "url": plan.source.url, "sha256": plan.sha256,
-                   "size": plan.size, "checksums_verified": plan.checksums_verified},
-        "primary_header": list(plan.primary_cards),
-        "detector_headers": [list(d.cards) for d in plan.detectors],
-        "footprints": polys,
-        "footprint_circle": list(circle) if circle else None,
-        "ingested_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "lazysky_version": __version__,
-    }
 
 
 def _prepare(root: StoreRoot, plan: ExposureSource, chunks: tuple[int, int, int], *,
@@ -287,7 +242,7 @@ def ingest(
             seen[plan.exposure_id] = src.name
             chunks = chunk_shape_for(plan, tile_shape)
             status = _prepare(root, plan, chunks, overwrite=overwrite, clevel=compression_level)
-            attrs = _group_attrs(plan, chunks)
+            attrs = group_attrs(plan, chunks)
         except LazySkyError as exc:
             results[src.url] = IngestResult(src.url, "failed", plan.exposure_id, str(exc))
             continue

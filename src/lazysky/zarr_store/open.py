@@ -90,6 +90,12 @@ def _dataset(root: StoreRoot, attrs: dict[str, Any], *, token: str) -> xr.Datase
     exp = attrs["exposure_id"]
     arr = zarr.open_array(root.zarr_store(RAW, exp, SCI, read_only=True), mode="r")
     sci = da.from_zarr(arr, name=f"open-{exp}-{token}")
+    return dataset_from_attrs(attrs, sci, store_url=root.url)
+
+
+def dataset_from_attrs(attrs: dict[str, Any], sci: Any, *, store_url: str) -> xr.Dataset:
+    """The exposure Dataset around a ``(detector, y, x)`` array, from lazysky attributes."""
+    exp = attrs["exposure_id"]
     headers = [cards_to_header(c) for c in attrs["detector_headers"]]
     dets = attrs["detectors"]
 
@@ -114,7 +120,7 @@ def _dataset(root: StoreRoot, attrs: dict[str, Any], *, token: str) -> xr.Datase
     coords.update({k: _num(attrs.get(k)) for k in _NUMBERS})
     ds = xr.Dataset({"sci": (("detector", "y", "x"), sci)}, coords=coords)
     ds["sci"].attrs["long_name"] = "raw pixel values (BZERO/BSCALE applied)"
-    ds.attrs.update({"lazysky_format": attrs["format"], "store": root.url})
+    ds.attrs.update({"lazysky_format": attrs["format"], "store": store_url})
     return ds
 
 
