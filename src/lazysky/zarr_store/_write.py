@@ -119,7 +119,7 @@ def create_template(root: StoreRoot, plan: ExposureSource, chunks: tuple[int, in
         dtype=dtype,
         fill_value=fill,
         dimension_names=("detector", "y", "x"),
-        compressors=BloscCodec(cname="zstd", clevel=clevel, shuffle="bitshuffle"),
+        compressors=BloscCodec(cname="zstd", clevel=clevel, shuffle="shuffle"),
         attributes={"lazysky_source_sha256": plan.sha256, "exposure_id": plan.exposure_id},
         overwrite=True,
         zarr_format=3,
