@@ -93,3 +93,23 @@ def test_retries_exhausted_fail_loudly_and_nothing_complete(make_fits, s3_bucket
     # and once the store behaves again, the same command finishes the job
     assert ingest(path, url, tile_shape=(32, 32), storage_options=clean).ok
     assert list_exposures(url, storage_options=clean) == ["doomed"]
+
+
+def test_cli_ingest_to_s3_with_settings_from_environment(make_fits, s3_endpoint, s3_bucket,
+                                                         monkeypatch, capsys):
+    from lazysky.cli import main
+    from lazysky.config import load_settings
+
+    monkeypatch.delenv("LAZYSKY_CONFIG", raising=False)
+    for key, value in {"ENDPOINT_URL": s3_endpoint, "KEY": "testing", "SECRET": "testing",
+                       "REGION": "us-east-1", "RETRIES": "3"}.items():
+        monkeypatch.setenv(f"LAZYSKY_S3__{key}", value)
+    url = f"s3://{s3_bucket}/cli"
+    path = make_fits("cli-s3")
+    assert main(["ingest", str(path), "--store", url]) == 0
+    assert "ingested 1" in capsys.readouterr().out
+    settings = load_settings()
+    assert list_exposures(url, settings=settings) == ["cli-s3"]
+    ds = open_exposure(url, "cli-s3", settings=settings)
+    with fits.open(path) as hdul:
+        np.testing.assert_array_equal(ds.sci[2].values, hdul[3].data)
