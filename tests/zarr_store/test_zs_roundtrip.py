@@ -16,6 +16,7 @@ from lazysky.zarr_store import (
     exposure_header,
     exposure_metadata,
     exposure_wcs,
+    find_exposures,
     ingest,
     list_exposures,
     open_exposure,
@@ -132,8 +133,13 @@ def test_open_is_lazy(make_fits, tmp_path):
     for k in range(2):
         assert ingest(make_fits(f"lazy{k}", seed=k, mjd=60000 + k), tmp_path / "s").ok
     with raise_if_dask_computes():
+        assert list_exposures(tmp_path / "s") == ["lazy0", "lazy1"]
+        assert find_exposures(tmp_path / "s", mjd_range=(60000.5, 60002)) == ["lazy1"]
+        assert exposure_metadata(tmp_path / "s", "lazy0")["filter"] == "r"
         ds = open_exposure(tmp_path / "s", "lazy0")
         assert exposure_wcs(ds, "CCD02") is not None
+        assert exposure_header(ds, "CCD01")["EXTNAME"] == "CCD01"
+        assert primary_header(ds)["EXPID"] == "lazy0"
         many = open_exposures(tmp_path / "s", filter="r")
         assert many is not None
         assert many.sci.dims == ("exposure", "detector", "y", "x")
