@@ -131,6 +131,12 @@ def s3_endpoint() -> Iterator[str]:
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
+    from lazysky.zarr_store._s3 import close_s3_filesystems
+
+    close_s3_filesystems()
+    import gc
+
+    gc.collect()  # sync instances close their sessions in finalizers
     server.stop()
 
 

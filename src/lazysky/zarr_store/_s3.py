@@ -10,11 +10,12 @@ default it equals botocore's ``max_attempts``, so "retries = 1" really means one
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import s3fs
 
-__all__ = ["LazySkyS3FileSystem", "make_s3_filesystem"]
+__all__ = ["LazySkyS3FileSystem", "close_s3_filesystems", "make_s3_filesystem"]
 
 
 class LazySkyS3FileSystem(s3fs.S3FileSystem):
@@ -38,3 +39,21 @@ def make_s3_filesystem(
         if attempts is not None:
             opts["s3fs_retries"] = attempts
     return LazySkyS3FileSystem(asynchronous=asynchronous, **opts)
+
+
+def close_s3_filesystems() -> None:
+    """Close the HTTP sessions of every cached lazysky S3 filesystem, then forget them.
+
+    Asynchronous instances (the ones Zarr uses) get no finalizer from s3fs, so their
+    connections would otherwise stay open until interpreter exit. Call this when done
+    with a store, e.g. at the end of a test session or before a process forks.
+    """
+    from zarr.core.sync import sync
+
+    for fs in list(LazySkyS3FileSystem._cache.values()):
+        creator = getattr(fs, "_s3creator", None)
+        if fs.asynchronous and creator is not None:
+            # already closed, or its loop is gone: then there is nothing left to release
+            with contextlib.suppress(Exception):
+                sync(creator.__aexit__(None, None, None))
+    LazySkyS3FileSystem.clear_instance_cache()
