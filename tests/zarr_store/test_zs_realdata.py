@@ -17,8 +17,7 @@ pytestmark = [
     pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"no real FITS data at {REAL_DATA}"),
 ]
 
-FILES = ["M13_blue_0001.fits", "gc_2mass_j.fits", "HorseHead.fits",
-         "spitzer_example_image.fits"]
+FILES = sorted(p.name for p in REAL_DATA.glob("*.fits")) if REAL_DATA.is_dir() else []
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +30,7 @@ def real_store(tmp_path_factory):
 
 @pytest.mark.parametrize("name", FILES)
 def test_real_file_pixels_round_trip(real_store, name):
+    assert len(FILES) >= 10
     ds = open_exposure(real_store, name.removesuffix(".fits"))
     with fits.open(REAL_DATA / name) as hdul:
         data = hdul[0].data
