@@ -22,11 +22,14 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import fsspec
 
 from lazysky.errors import ParameterError, StoreError
+
+if TYPE_CHECKING:
+    from lazysky.config import Settings
 
 __all__ = ["RAW", "SCI", "StoreLike", "StoreRoot", "parse_store", "validate_exposure_id"]
 
@@ -201,7 +204,7 @@ def parse_store(
     store: StoreLike,
     *,
     storage_options: dict[str, Any] | None = None,
-    settings: Any = None,
+    settings: Settings | None = None,
 ) -> StoreRoot:
     """Turn a path, URL or :class:`StoreRoot` into a :class:`StoreRoot`.
 

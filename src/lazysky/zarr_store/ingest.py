@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import dask
 from dask.base import tokenize
@@ -31,12 +31,14 @@ from lazysky.zarr_store._write import (
     write_detector,
 )
 
+if TYPE_CHECKING:
+    from lazysky.config import Settings
+
 __all__ = ["IngestReport", "IngestResult", "expand_sources", "ingest"]
 
 logger = logging.getLogger(__name__)
 
 Status = Literal["ingested", "unchanged", "failed"]
-
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ def expand_sources(
     sources: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
     *,
     storage_options: dict[str, Any] | None = None,
-    settings: Any = None,
+    settings: Settings | None = None,
 ) -> list[FitsSource]:
     """Files from paths, URLs, directories (their FITS files) and glob patterns."""
     items = [sources] if isinstance(sources, str | os.PathLike) else list(sources)
@@ -173,7 +175,7 @@ def ingest(
     require: Sequence[str] = (),
     compression_level: int = 3,
     storage_options: dict[str, Any] | None = None,
-    settings: Any = None,
+    settings: Settings | None = None,
 ) -> IngestReport:
     """Ingest FITS exposures into ``<store>/raw/<exposure_id>/`` (computes; an edge).
 

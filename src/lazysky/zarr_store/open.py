@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
@@ -23,6 +23,9 @@ from astropy.wcs import WCS
 from lazysky.errors import IncompleteExposureError, ParameterError, StoreError
 from lazysky.zarr_store._headers import cards_to_header, wcs_from_header
 from lazysky.zarr_store._layout import RAW, SCI, StoreLike, StoreRoot, parse_store
+
+if TYPE_CHECKING:
+    from lazysky.config import Settings
 
 __all__ = [
     "exposure_header",
@@ -41,7 +44,7 @@ _NUMBERS = ("mjd_obs", "exptime", "ra", "dec")
 
 def list_exposures(
     store: StoreLike, *, include_incomplete: bool = False,
-    storage_options: dict[str, Any] | None = None, settings: Any = None,
+    storage_options: dict[str, Any] | None = None, settings: Settings | None = None,
 ) -> list[str]:
     """The ids of the complete exposures in ``store``, sorted (reads no pixel).
 
@@ -71,7 +74,7 @@ def _root_checked(root: StoreRoot, exposure_id: str) -> dict[str, Any]:
 
 def exposure_metadata(
     store: StoreLike, exposure_id: str, *,
-    storage_options: dict[str, Any] | None = None, settings: Any = None,
+    storage_options: dict[str, Any] | None = None, settings: Settings | None = None,
 ) -> dict[str, Any]:
     """The lazysky attributes of a complete exposure (id, instrument, filter, MJD,
     footprint, source SHA-256, headers …): one small read, no pixels."""
@@ -126,7 +129,7 @@ def dataset_from_attrs(attrs: dict[str, Any], sci: Any, *, store_url: str) -> xr
 
 def open_exposure(
     store: StoreLike, exposure_id: str, *,
-    storage_options: dict[str, Any] | None = None, settings: Any = None,
+    storage_options: dict[str, Any] | None = None, settings: Settings | None = None,
 ) -> xr.Dataset:
     """Open one ingested exposure lazily: ``sci (detector, y, x)`` plus metadata coords.
 

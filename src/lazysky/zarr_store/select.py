@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import xarray as xr
 
 from lazysky.errors import LazySkyWarning, ParameterError
 from lazysky.zarr_store._layout import StoreLike, parse_store
 from lazysky.zarr_store.open import _open_many, _root_checked, list_exposures
+
+if TYPE_CHECKING:
+    from lazysky.config import Settings
 
 __all__ = ["NoExposuresWarning", "find_exposures", "open_exposures"]
 
@@ -66,7 +69,8 @@ def _cone(footprint: Any) -> tuple[float, float, float] | None:
 def find_exposures(
     store: StoreLike, *, field: str | None = None, filter: str | None = None,
     imagetyp: str | None = None, mjd_range: tuple[float, float] | None = None,
-    footprint: Any = None, storage_options: dict[str, Any] | None = None, settings: Any = None,
+    footprint: Any = None, storage_options: dict[str, Any] | None = None,
+    settings: Settings | None = None,
 ) -> list[str]:
     """Ids of complete exposures matching every given filter (reads metadata, no pixels).
 
@@ -94,7 +98,7 @@ def open_exposures(
     store: StoreLike, exposure_ids: Sequence[str] | None = None, *,
     field: str | None = None, filter: str | None = None, imagetyp: str | None = None,
     mjd_range: tuple[float, float] | None = None, footprint: Any = None,
-    storage_options: dict[str, Any] | None = None, settings: Any = None,
+    storage_options: dict[str, Any] | None = None, settings: Settings | None = None,
 ) -> xr.Dataset | None:
     """Open many exposures as one lazy Dataset along ``exposure`` (sorted by MJD, then id).
 
