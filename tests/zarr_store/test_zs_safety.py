@@ -141,15 +141,17 @@ def test_cli_reports_both_lists_and_exits_nonzero(make_fits, tmp_path, capsys):
 
 
 _CHILD = textwrap.dedent("""
-    import sys, time
+    import sys, threading, time
     import dask
     import lazysky.zarr_store._write as w
-    original, done = w.write_region, []
+    original, done, lock = w.write_region, [], threading.Lock()
     def slow(*args, **kwargs):
         original(*args, **kwargs)
-        done.append(1)
+        with lock:
+            done.append(1)
+            if len(done) == int(sys.argv[3]):
+                print("HALF", flush=True)
         if len(done) >= int(sys.argv[3]):
-            print("HALF", flush=True)
             time.sleep(120)
     w.write_region = slow
     from lazysky.zarr_store import ingest
