@@ -59,3 +59,21 @@ def test_runs_on_a_distributed_cluster(make_fits, tmp_path):
         with fits.open(path) as hdul:
             np.testing.assert_array_equal(open_exposure(tmp_path / "s", f"dist{k}").sci.values,
                                           np.stack([h.data for h in hdul[1:]]))
+
+
+def test_a_tall_detector_is_split_over_several_tasks(make_fits, tmp_path):
+    keys: list[str] = []
+
+    class Record(Callback):
+        def _pretask(self, key, dsk, state):
+            keys.append(key.rsplit("-", 1)[0])
+
+    path = make_fits("tall", single=True, detectors=1, shape=(200, 40), dtype="int32")
+    with Record(), dask.config.set(scheduler="threads"):
+        assert ingest(path, tmp_path / "s", tile_shape=(16, 16)).ok  # 13 bands, 4 per task
+    assert sorted(k for k in keys if k.startswith("ingest-")) == [
+        "ingest-tall-CCD01-y0", "ingest-tall-CCD01-y128", "ingest-tall-CCD01-y192",
+        "ingest-tall-CCD01-y64"]
+    with fits.open(path) as hdul:
+        np.testing.assert_array_equal(open_exposure(tmp_path / "s", "tall").sci[0].values,
+                                      hdul[0].data)

@@ -145,10 +145,12 @@ def _dtype_name(data_type: Any) -> str:
 
 
 def write_detector(
-    root: StoreRoot, plan: ExposureSource, det: int, chunks: tuple[int, int, int]
+    root: StoreRoot, plan: ExposureSource, det: int, chunks: tuple[int, int, int],
+    *, rows: list[int] | None = None,
 ) -> str | None:
     """Copy detector ``det`` into its chunks, one row band (= one chunk row) at a time.
 
+    ``rows`` limits the work to the bands starting at those rows (default: all).
     Idempotent: rows whose chunks all exist already (a resumed ingest of the same bytes,
     written atomically by the store) are skipped. Returns None, or an error message: a
     failure here must not cancel the other exposures of the batch.
@@ -164,7 +166,7 @@ def write_detector(
         have = chunk_keys(root, plan.exposure_id, str(det))
         n_j = -(-nx // tx)
         todo = [
-            y0 for y0 in range(0, ny, ty)
+            y0 for y0 in (range(0, ny, ty) if rows is None else rows)
             if not all(f"{det}/{y0 // ty}/{j}" in have for j in range(n_j))
         ]
         for y0, band in iter_bands(plan.source, info.hdu_index, ty, starts=todo):

@@ -263,19 +263,33 @@ def ingest(
     return IngestReport(tuple(results[s.url] for s in srcs))
 
 
+#: a detector taller than this many tile rows is split over several tasks, so that one
+#: huge single-image file still uses every core
+BANDS_PER_TASK = 4
+
+
 def _exposure_graph(root: StoreRoot, plan: ExposureSource, chunks: tuple[int, int, int],
                     attrs: dict[str, Any]) -> Any:
     token = tokenize(plan.sha256, root.url, chunks)
     exp = plan.exposure_id
+    starts = list(range(0, plan.shape[0], chunks[1]))
+    # (label, [(detector, rows or None for all)]) per task
+    work: list[tuple[str, list[tuple[int, list[int] | None]]]] = []
     if plan.source.is_gzip:  # gzip cannot seek back: one pass over the file, in order
-        groups = [list(range(len(plan.detectors)))]
+        work.append(("all", [(d, None) for d in range(len(plan.detectors))]))
     else:
-        groups = [[d] for d in range(len(plan.detectors))]
-    writes = []
-    for group in groups:
-        label = plan.detectors[group[0]].name if len(group) == 1 else "all"
-        writes.append(dask.delayed(_write_detectors, pure=True)(
-            root, plan, group, chunks, dask_key_name=f"ingest-{exp}-{label}-{token}"))
+        for d, info in enumerate(plan.detectors):
+            if len(starts) <= BANDS_PER_TASK:
+                work.append((info.name, [(d, None)]))
+                continue
+            for k in range(0, len(starts), BANDS_PER_TASK):
+                rows = starts[k : k + BANDS_PER_TASK]
+                work.append((f"{info.name}-y{rows[0]}", [(d, rows)]))
+    writes = [
+        dask.delayed(_write_detectors, pure=True)(
+            root, plan, items, chunks, dask_key_name=f"ingest-{exp}-{label}-{token}")
+        for label, items in work
+    ]
 
     def _finish(errors: list[str | None]) -> tuple[str, str, tuple[str, str | None]]:
         return plan.source.url, exp, finalize_group(root, plan, chunks, attrs, errors)
@@ -283,7 +297,8 @@ def _exposure_graph(root: StoreRoot, plan: ExposureSource, chunks: tuple[int, in
     return dask.delayed(_finish, pure=True)(writes, dask_key_name=f"finalize-{exp}-{token}")
 
 
-def _write_detectors(root: StoreRoot, plan: ExposureSource, dets: list[int],
+def _write_detectors(root: StoreRoot, plan: ExposureSource,
+                     items: list[tuple[int, list[int] | None]],
                      chunks: tuple[int, int, int]) -> str | None:
-    errors = [write_detector(root, plan, d, chunks) for d in dets]
+    errors = [write_detector(root, plan, d, chunks, rows=rows) for d, rows in items]
     return "; ".join(e for e in errors if e) or None
