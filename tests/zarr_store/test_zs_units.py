@@ -77,3 +77,17 @@ def test_open_exposures_refuses_mixed_instruments(make_fits, tmp_path):
         open_exposures(tmp_path / "s")
     with pytest.raises(ParameterError, match="SkyCoord"):
         open_exposures(tmp_path / "s", footprint=(150.0, 2.0))
+
+
+def test_misaligned_region_writes_are_refused(tmp_path):
+    import zarr
+
+    from lazysky.zarr_store._write import write_region
+
+    arr = zarr.create_array(tmp_path / "a", shape=(1, 40, 30), chunks=(1, 16, 30), dtype="i2")
+    write_region(arr, 0, 16, np.ones((16, 30), "i2"), 16)  # a whole chunk row
+    write_region(arr, 0, 32, np.ones((8, 30), "i2"), 16)  # the last, short one
+    with pytest.raises(StoreError, match=r"misaligned.*multiple of the tile height"):
+        write_region(arr, 0, 8, np.ones((16, 30), "i2"), 16)
+    with pytest.raises(StoreError, match="misaligned"):
+        write_region(arr, 0, 0, np.ones((16, 20), "i2"), 16)  # not full width
