@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -166,9 +167,12 @@ def test_sigkill_mid_ingest_then_ingest_again(make_fits, tmp_path):
     store = tmp_path / "s"
     with subprocess.Popen([sys.executable, "-c", _CHILD, str(path), str(store), "7"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        watchdog = threading.Timer(120, child.kill)  # never hang the suite
+        watchdog.start()
         try:
             line = child.stdout.readline()  # type: ignore[union-attr]
         finally:
+            watchdog.cancel()
             os.kill(child.pid, signal.SIGKILL)  # mid-ingest: 7 of 24 chunk rows written
             _, err = child.communicate()
     assert line.strip() == "HALF", err
