@@ -91,3 +91,18 @@ def test_misaligned_region_writes_are_refused(tmp_path):
         write_region(arr, 0, 8, np.ones((16, 30), "i2"), 16)
     with pytest.raises(StoreError, match="misaligned"):
         write_region(arr, 0, 0, np.ones((16, 20), "i2"), 16)  # not full width
+
+
+@pytest.mark.parametrize("cut", [100, 2880 * 3, 7000])
+def test_truncation_caught_even_when_astropy_only_warns(make_fits, tmp_path, cut):
+    import warnings
+
+    from lazysky.zarr_store._fits import FitsSource, inspect_fits
+
+    raw = make_fits("trunc").read_bytes()
+    path = tmp_path / "cut.fits"
+    path.write_bytes(raw[: len(raw) - cut])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # as in production: astropy's warning is not an error
+        with pytest.raises(FitsCorruptError, match=r"cut.fits: truncated: its headers describe"):
+            inspect_fits(FitsSource(str(path)))
