@@ -10,7 +10,8 @@ Measures, for one synthetic MEF exposure (simulator-like: uint16 with BZERO, CHE
 
 Usage::
 
-    python benchmarks/bench_ingest.py [--detectors 8] [--size 2048] [--repeat 3] [--no-s3]
+    python benchmarks/bench_ingest.py [--detectors 8] [--size 2048] [--repeat 3] [--batch 4]
+                                      [--no-s3] [--json FILE]
 
 Numbers go to stdout as a table, and as JSON with ``--json FILE``.
 """
@@ -34,7 +35,7 @@ from astropy.io import fits
 def make_exposure(path: Path, *, detectors: int, size: int, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     hdus: list[Any] = [fits.PrimaryHDU()]
-    hdus[0].header.update({"EXPID": "bench-e001", "INSTRUME": "bench", "FILTER": "r"})
+    hdus[0].header.update({"EXPID": f"bench-e{seed:03d}", "INSTRUME": "bench", "FILTER": "r"})
     for k in range(detectors):
         sky = rng.poisson(1200.0, size=(size, size)).astype(np.uint16)  # realistic entropy
         hdu = fits.ImageHDU(sky, name=f"CCD{k + 1:02d}")
@@ -113,6 +114,8 @@ def main() -> None:
     parser.add_argument("--detectors", type=int, default=8)
     parser.add_argument("--size", type=int, default=2048, help="detector side in pixels")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4,
+                        help="also ingest this many such files in one call (0: skip)")
     parser.add_argument("--no-s3", action="store_true")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
@@ -138,6 +141,17 @@ def main() -> None:
         t_noop = best_of(args.repeat, lambda: ingest(path, store))
         results["local_reingest_noop_s"] = round(t_noop, 3)
 
+        if args.batch:
+            batch = [path] + [
+                make_exposure(tmp / f"bench{k}.fits", detectors=args.detectors,
+                              size=args.size, seed=k) for k in range(1, args.batch)]
+            t_ref_batch = best_of(args.repeat, lambda: [astropy_read(p) for p in batch])
+            store_b = tmp / "store-batch"
+            t_batch = best_of(args.repeat, lambda: ingest(batch, store_b),
+                              reset=lambda: shutil.rmtree(store_b, ignore_errors=True))
+            results[f"local_batch{args.batch}_ingest_mb_s"] = round(len(batch) * mb / t_batch, 1)
+            results[f"local_batch{args.batch}_ratio_to_astropy"] = round(t_ref_batch / t_batch, 3)
+
         if not args.no_s3:
             import boto3
             from moto.server import ThreadedMotoServer
@@ -162,6 +176,9 @@ def main() -> None:
                 results["s3_moto_ingest_mb_s"] = round(mb / t_s3, 1)
                 results["s3_ratio_to_astropy"] = round(t_ref / t_s3, 3)
             finally:
+                from lazysky.zarr_store._s3 import close_s3_filesystems
+
+                close_s3_filesystems()
                 server.stop()
 
         results["worker_memory"] = worker_peak_memory(path, tmp / "store-cluster")
