@@ -91,6 +91,8 @@ def _write_bad_files(tmp: Path, make_fits) -> dict[str, tuple[Path, list[str]]]:
             np.zeros((2, 100, 140), np.uint16), name="CCD03")), ["HDU 3", "2-D"]),
         "bad DATASEC": (lambda h: h[1].header.set("DATASEC", "[1:999,1:100]"),
                         ["HDU 1", "DATASEC", "beyond"]),
+        "GAIN not a number": (lambda h: h[1].header.set("GAIN", "high"),
+                              ["HDU 1", "GAIN", "must be a number"]),
         "bad EXPID": (lambda h: h[0].header.set("EXPID", "no/slashes here"),
                       ["HDU 0", "EXPID"]),
     }

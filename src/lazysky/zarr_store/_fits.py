@@ -12,7 +12,8 @@ detector name; names must be unique), plus any primary keywords the caller lists
 ``require``. Validated when present: ``EXPID`` (the exposure id; default: the file name
 without ``.fits``/``.fit``/``.fz``/``.gz``), ``DATASEC``/``BIASSEC`` (IRAF sections inside
 the image), and the numbers ``MJD-OBS``, ``EXPTIME``, ``RA``, ``DEC``, ``GAIN``,
-``RDNOISE``, ``SATURATE``. Every detector must be 2-D, with the same shape and dtype.
+``RDNOISE``, ``SATURATE`` (a string holding a number is accepted; ``RA``/``DEC`` may also
+be sexagesimal strings). Every detector must be 2-D, with the same shape and dtype.
 """
 
 from __future__ import annotations
@@ -137,7 +138,9 @@ def _detector_name(hdu: Any, index: int, n_images: int, src: FitsSource) -> str:
 def _check_keywords(header: fits.Header, shape: tuple[int, int], where: str) -> None:
     from lazysky.zarr_store._headers import header_float
 
-    for key in ("MJD-OBS", "EXPTIME", "RA", "DEC", "GAIN", "RDNOISE", "SATURATE"):
+    for key in ("MJD-OBS", "EXPTIME", "GAIN", "RDNOISE", "SATURATE"):
+        header_float(header, key, where=where)
+    for key in ("RA", "DEC"):  # a number, or a sexagesimal string such as '16:41:42.3'
         if key in header and not isinstance(header[key], str):
             header_float(header, key, where=where)
     for key in ("DATASEC", "BIASSEC"):

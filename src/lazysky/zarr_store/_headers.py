@@ -142,11 +142,19 @@ def parse_iraf_section(
 
 
 def header_float(header: fits.Header, key: str, *, where: str = "") -> float:
-    """A numeric keyword as float (NaN when absent); a clear error when not a number."""
+    """A numeric keyword as float (NaN when absent); a clear error when not a number.
+
+    A string holding a number (``GAIN = '1.5'``, as some writers do) is accepted.
+    """
     value: Any = header.get(key)
     if value is None:
         return float("nan")
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-        msg = f"{where}keyword {key}={value!r} must be a number"
-        raise FitsFormatError(msg)
-    return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            pass
+    elif not isinstance(value, bool) and isinstance(value, int | float | np.number):
+        return float(value)
+    msg = f"{where}keyword {key}={value!r} must be a number"
+    raise FitsFormatError(msg)

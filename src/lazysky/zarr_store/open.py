@@ -83,7 +83,13 @@ def exposure_metadata(
 
 
 def _num(v: Any) -> float:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else float("nan")
+    """A float from a number or a numeric string; NaN for anything else (or absent)."""
+    if isinstance(v, bool) or v is None:
+        return float("nan")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _dataset(root: StoreRoot, attrs: dict[str, Any], *, token: str) -> xr.Dataset:
