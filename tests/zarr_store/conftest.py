@@ -1,12 +1,10 @@
 """Fixtures of the zarr_store tests: FITS files made with astropy, a moto S3 server on
-127.0.0.1 (port 0), a seeded fault-injecting HTTP proxy in front of it, and a dask
-scheduler that fails on compute (laziness tests)."""
+127.0.0.1 (port 0) and a seeded fault-injecting HTTP proxy in front of it. Plain helpers
+live in ``zs_helpers.py``."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import os
 import random
 import re
 import threading
@@ -16,14 +14,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import dask
 import numpy as np
 import pytest
 from astropy.io import fits
-
-REAL_DATA = Path(
-    os.environ.get("LAZYSKY_REAL_DATA", Path(__file__).parents[2] / ".." / "shared/data/real")
-)
 
 
 def tan_header(crval: tuple[float, float], shape: tuple[int, int], *, rot_deg: float = 0.0,
@@ -102,25 +95,6 @@ def make_fits(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-class _Scheduler:
-    def __init__(self, max_computes: int) -> None:
-        self.max_computes, self.n = max_computes, 0
-
-    def __call__(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
-        self.n += 1
-        if self.n > self.max_computes:
-            msg = f"too many dask computations: {self.n} > {self.max_computes}"
-            raise RuntimeError(msg)
-        return dask.get(dsk, keys, **kwargs)
-
-
-@contextlib.contextmanager
-def raise_if_dask_computes(max_computes: int = 0) -> Iterator[None]:
-    """Fail if dask computes more than ``max_computes`` times (as xarray's tests do)."""
-    with dask.config.set(scheduler=_Scheduler(max_computes)):
-        yield
-
-
 # -- S3: moto server and a fault-injecting proxy ------------------------------------------
 
 @pytest.fixture(scope="session")
@@ -138,14 +112,6 @@ def s3_endpoint() -> Iterator[str]:
 
     gc.collect()  # sync instances close their sessions in finalizers
     server.stop()
-
-
-def s3_options(endpoint: str, *, retries: int = 5) -> dict[str, Any]:
-    return {
-        "key": "testing", "secret": "testing",
-        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
-        "config_kwargs": {"retries": {"max_attempts": retries, "mode": "standard"}},
-    }
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 from astropy.io import fits
-from conftest import raise_if_dask_computes
+from zs_helpers import raise_if_dask_computes
 
 from lazysky.zarr_store import exposure_header, exposure_wcs, ingest, open_exposure
 

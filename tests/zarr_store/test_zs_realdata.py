@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
-from conftest import REAL_DATA
+from zs_helpers import REAL_DATA
 
 from lazysky.zarr_store import exposure_metadata, exposure_wcs, ingest, open_exposure
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
-from conftest import raise_if_dask_computes
+from zs_helpers import raise_if_dask_computes
 
 from lazysky.zarr_store import (
     exposure_header,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
-from conftest import s3_options
+from zs_helpers import s3_options
 
 from lazysky.errors import IncompleteExposureError
 from lazysky.zarr_store import ingest, list_exposures, open_exposure, open_exposures
