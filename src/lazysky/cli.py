@@ -68,6 +68,47 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- ingest (zarr_store) -------------------------------------------------------------
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    from lazysky.config import load_settings
+    from lazysky.errors import ParameterError
+    from lazysky.zarr_store import ingest
+
+    settings = load_settings(args.config)
+    store = args.store or settings.store_url
+    try:
+        tile = tuple(int(v) for v in args.tile.split(","))
+    except ValueError:
+        msg = f"--tile must be 'y,x' or 'n' in pixels, e.g. 1024,1024; got {args.tile!r}"
+        raise ParameterError(msg) from None
+    report = ingest(
+        args.sources,
+        store,
+        overwrite=args.overwrite,
+        tile_shape=(tile[0], tile[-1]),
+        require=[k for k in (args.require or "").split(",") if k],
+        settings=settings,
+    )
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _add_ingest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("ingest", help="ingest FITS exposures into the Zarr store")
+    p.add_argument("sources", nargs="+", metavar="PATH_OR_URL",
+                   help="FITS files, directories or glob patterns (local or s3://…)")
+    p.add_argument("--store", help="store root, directory or s3:// URL (default: settings)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an exposure id that holds a different file")
+    p.add_argument("--tile", default="1024,1024", help="chunk shape y,x (default 1024,1024)")
+    p.add_argument("--require", help="comma-separated primary keywords every file must have")
+    p.add_argument("--config", help="YAML settings file (default: $LAZYSKY_CONFIG)")
+    p.set_defaults(handler=_cmd_ingest)
+
+
+# --- end ingest ----------------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lazysky`` command."""
     parser = argparse.ArgumentParser(
@@ -100,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("instruments", help="list the simulator's instruments")
     p.set_defaults(handler=_cmd_instruments)
+
+    _add_ingest_parser(sub)
 
     p = sub.add_parser("config", help="show the settings in force (JSON)")
     p.add_argument("--config", help="YAML settings file (default: $LAZYSKY_CONFIG)")

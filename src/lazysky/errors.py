@@ -11,11 +11,14 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigError",
+    "FitsCorruptError",
     "FitsFormatError",
+    "IncompleteExposureError",
     "LazySkyError",
     "LazySkyWarning",
     "OutputError",
     "ParameterError",
+    "StoreError",
 ]
 
 
@@ -33,6 +36,18 @@ class ConfigError(LazySkyError, ValueError):
 
 class FitsFormatError(LazySkyError, ValueError):
     """A FITS file, HDU or keyword is not what lazysky expects."""
+
+
+class FitsCorruptError(FitsFormatError):
+    """A FITS file is damaged: truncated, or its CHECKSUM/DATASUM do not match its bytes."""
+
+
+class StoreError(LazySkyError, OSError):
+    """A Zarr store cannot be read or written as lazysky expects (the message says where)."""
+
+
+class IncompleteExposureError(StoreError):
+    """An exposure group exists but was never marked complete (an ingest died or is running)."""
 
 
 class OutputError(LazySkyError, OSError):
