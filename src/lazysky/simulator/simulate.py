@@ -149,8 +149,8 @@ def _write_exposure(
     cosmics = vstack([d.cosmic_rays for d in detectors]) if detectors else None
     if cosmics is not None and p.exptime_s > 0:
         cosmics.meta["EXPID"] = p.exposure_id
-        files["cosmics"] = f"{folder}/{p.exposure_id}.cosmics.fits"
-        blobs[files["cosmics"]] = table_bytes(cosmics, "fits")
+        files["cosmics"] = f"{folder}/{p.exposure_id}.cosmics.ecsv"
+        blobs[files["cosmics"]] = table_bytes(cosmics)
     kinds: dict[str, int] = {}
     if p.image_type == "object":
         truth = vstack([d.truth for d in detectors])
@@ -163,7 +163,7 @@ def _write_exposure(
             }
         )
         files["truth"] = f"{folder}/{p.exposure_id}.truth.ecsv"
-        blobs[files["truth"]] = table_bytes(truth, "ascii.ecsv")
+        blobs[files["truth"]] = table_bytes(truth)
         kinds = dict(Counter(str(k) for k in truth["kind"]))
     for rel, data in blobs.items():
         out.put(rel, data)
@@ -276,7 +276,7 @@ def simulate_survey(
     try:
         results = dask.compute(*tasks, scheduler=scheduler)
         survey = _assemble(url, spec, scene, pointings, calib, results)
-        scene_bytes = table_bytes(scene.table, "ascii.ecsv")
+        scene_bytes = table_bytes(scene.table)
         target.put("truth/scene.ecsv", scene_bytes)
         survey.checksums["truth/scene.ecsv"] = sha256_bytes(scene_bytes)
         target.put(MANIFEST, manifest_json(survey, __version__))
@@ -290,9 +290,9 @@ def simulate_survey(
 def _planned_files(pointings: list[Pointing], calib: list[Pointing]) -> list[str]:
     files = ["truth/scene.ecsv"]
     for p in pointings:
-        files += [f"raw/{p.exposure_id}{s}" for s in (".fits", ".truth.ecsv", ".cosmics.fits")]
+        files += [f"raw/{p.exposure_id}{s}" for s in (".fits", ".truth.ecsv", ".cosmics.ecsv")]
     for p in calib:
-        files += [f"calib/{p.exposure_id}{s}" for s in (".fits", ".cosmics.fits")]
+        files += [f"calib/{p.exposure_id}{s}" for s in (".fits", ".cosmics.ecsv")]
     return files
 
 

@@ -5,7 +5,7 @@
     raw/<exposure_id>.fits            one multi-extension FITS per exposure
     raw/<exposure_id>.truth.ecsv      every source on a detector: id, kind, RA, Dec,
                                       detector, x, y (0-based px), flux_e, mag, saturated
-    raw/<exposure_id>.cosmics.fits    every pixel a cosmic ray hit, with its charge (e-)
+    raw/<exposure_id>.cosmics.ecsv    every pixel a cosmic ray hit, with its charge (e-)
     calib/{bias,dark,flat-<filter>}-NNN.fits   calibration frames, same format
     truth/scene.ecsv                  the sky: every source and its light-curve parameters
     survey.json                       the specification, exposures, files and SHA-256s,
@@ -327,12 +327,8 @@ def manifest_json(survey: SimulatedSurvey, version: str) -> bytes:
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
 
-def table_bytes(table: Any, fmt: str) -> bytes:
-    """Serialise an astropy table (``ascii.ecsv`` or ``fits``) to bytes."""
-    if fmt == "fits":
-        buf = io.BytesIO()
-        table.write(buf, format="fits")
-        return buf.getvalue()
+def table_bytes(table: Any) -> bytes:
+    """Serialise an astropy table as ECSV (text with units and metadata) to bytes."""
     text = io.StringIO()
     table.write(text, format="ascii.ecsv")
     return text.getvalue().encode()
