@@ -17,7 +17,13 @@ from numpy.typing import NDArray
 
 from lazysky.errors import ParameterError
 
-__all__ = ["WORK_BYTES_PER_VALUE", "clipped_mean", "combine_chunks", "combine_frames"]
+__all__ = [
+    "WORK_BYTES_PER_VALUE",
+    "clipped_mean",
+    "clipped_mean_variance",
+    "combine_chunks",
+    "combine_frames",
+]
 
 # Peak bytes the kernel holds per input value (float32 frames): the input, a sorted
 # copy, deviations, their sorted copy, index and boolean temporaries. Measured with
@@ -60,9 +66,21 @@ def clipped_mean(
     if values.ndim == 0:
         msg = "clipped_mean needs a stack with a frame axis first, got a scalar"
         raise ParameterError(msg)
-    out_shape = values.shape[1:]
     if values.size == 0:  # dask's meta inference, or an empty block
-        return np.full(out_shape, np.nan, dtype=np.float32)
+        return np.full(values.shape[1:], np.nan, dtype=np.float32)
+    keep = _clipped_keep(values, sigma=sigma, max_iters=max_iters)
+    return _kept_mean(values, keep)
+
+
+def _kept_mean(values: NDArray[Any], keep: NDArray[np.bool_]) -> NDArray[np.float32]:
+    count = keep.sum(axis=0)
+    total = np.where(keep, values, np.float32(0)).sum(axis=0, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return mean.astype(np.float32)
+
+
+def _clipped_keep(values: NDArray[np.float32], *, sigma: float, max_iters: int) -> NDArray[Any]:
     keep = np.isfinite(values)
     inf = np.float32(np.inf)
     for _ in range(max(int(max_iters), 0) + 1):
@@ -79,15 +97,41 @@ def clipped_mean(
         if np.array_equal(new_keep, keep):
             break
         keep = new_keep
+    return keep
+
+
+def clipped_mean_variance(
+    stack: NDArray[Any], variance: NDArray[Any], *, sigma: float = 3.0, max_iters: int = 5
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """:func:`clipped_mean` and the variance of that mean, ``Σ var_kept / n_kept²``.
+
+    ``variance`` is each frame's per-pixel variance (same shape as ``stack``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mean, var = clipped_mean_variance(np.ones((4, 10, 14)), np.full((4, 10, 14), 2.0))
+    >>> float(mean[0, 0]), float(var[0, 0])
+    (1.0, 0.5)
+    """
+    values = np.asarray(stack, dtype=np.float32)
+    if values.size == 0:
+        empty = np.full(values.shape[1:], np.nan, dtype=np.float32)
+        return empty, empty.copy()
+    keep = _clipped_keep(values, sigma=sigma, max_iters=max_iters)
     count = keep.sum(axis=0)
-    total = np.where(keep, values, np.float32(0)).sum(axis=0, dtype=np.float64)
+    var = np.where(keep, np.asarray(variance, dtype=np.float32), np.float32(0)).sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
-    return mean.astype(np.float32)
+        var = np.where(count > 0, var / np.maximum(count, 1) ** 2, np.nan)
+    return _kept_mean(values, keep), var.astype(np.float32)
 
 
 def combine_chunks(
-    n_frames: int, shape: tuple[int, int], *, max_block_bytes: int
+    n_frames: int,
+    shape: tuple[int, int],
+    *,
+    max_block_bytes: int,
+    bytes_per_value: int = WORK_BYTES_PER_VALUE,
 ) -> tuple[int, int]:
     """Tile ``(rows, cols)`` for combining ``n_frames``: peak kernel memory ≤ ``max_block_bytes``.
 
@@ -104,11 +148,11 @@ def combine_chunks(
         msg = f"need at least one frame to combine, got {n_frames}"
         raise ParameterError(msg)
     ny, nx = shape
-    pixels = max_block_bytes // (n_frames * WORK_BYTES_PER_VALUE)
+    pixels = max_block_bytes // (n_frames * bytes_per_value)
     if pixels < 1:
         msg = (
             f"max_block_bytes={max_block_bytes} cannot hold even one pixel of {n_frames} "
-            f"frames ({n_frames * WORK_BYTES_PER_VALUE} bytes); raise it"
+            f"frames ({n_frames * bytes_per_value} bytes); raise it"
         )
         raise ParameterError(msg)
     if pixels >= nx:
@@ -117,30 +161,49 @@ def combine_chunks(
     return min(ny, side), min(nx, side)
 
 
+_PACKED = np.dtype([("mean", np.float32), ("variance", np.float32)])
+
+
+def _pair_block(values: NDArray[Any], variance: NDArray[Any], **options: Any) -> NDArray[Any]:
+    out = np.empty(values.shape[1:], dtype=_PACKED)
+    out["mean"], out["variance"] = clipped_mean_variance(values, variance, **options)
+    return out
+
+
 def combine_frames(
     stack: da.Array,
+    variance: da.Array | None = None,
     *,
     sigma: float,
     max_iters: int,
     max_block_bytes: int,
     name: str,
-) -> da.Array:
+) -> tuple[da.Array, da.Array | None]:
     """Clipped mean of a lazy ``(frame, detector, y, x)`` stack along ``frame``.
 
     The stack is rechunked so a block holds every frame of one tile of one detector
     (the tile from :func:`combine_chunks`), then :func:`clipped_mean` runs per block.
+    With ``variance`` (per frame), the variance of the mean comes too (else None).
     """
     n_frames, _, ny, nx = stack.shape
-    ty, tx = combine_chunks(int(n_frames), (int(ny), int(nx)), max_block_bytes=max_block_bytes)
+    per_value = WORK_BYTES_PER_VALUE if variance is None else WORK_BYTES_PER_VALUE + 16
+    ty, tx = combine_chunks(
+        int(n_frames), (int(ny), int(nx)), max_block_bytes=max_block_bytes,
+        bytes_per_value=per_value,
+    )  # fmt: skip
     blocks = stack.astype(np.float32).rechunk({0: -1, 1: 1, 2: ty, 3: tx})
-    token = tokenize(blocks, sigma, max_iters)
-    return da.map_blocks(
-        clipped_mean,
-        blocks,
-        sigma=sigma,
-        max_iters=max_iters,
-        drop_axis=0,
-        dtype=np.float32,
-        meta=np.empty((0, 0, 0), dtype=np.float32),
-        name=f"{name}-{token}",
-    )
+    options = {"sigma": sigma, "max_iters": max_iters}
+    if variance is None:
+        token = tokenize(blocks, options)
+        mean = da.map_blocks(
+            clipped_mean, blocks, drop_axis=0, dtype=np.float32,
+            meta=np.empty((0, 0, 0), dtype=np.float32), name=f"{name}-{token}", **options,
+        )  # fmt: skip
+        return mean, None
+    var = variance.astype(np.float32).rechunk(blocks.chunks)
+    token = tokenize(blocks, var, options)
+    packed = da.map_blocks(
+        _pair_block, blocks, var, drop_axis=0, dtype=_PACKED,
+        meta=np.empty((0, 0, 0), dtype=_PACKED), name=f"{name}-{token}", **options,
+    )  # fmt: skip
+    return packed["mean"], packed["variance"]

@@ -15,6 +15,9 @@ are trimmed to DATASEC and overscan-subtracted (per-row median of BIASSEC) first
   per-detector QE differences are kept, and an image divided by it is in electrons of a
   detector whose response is 1. The mosaic level is the mean of pixels within
   ``[0.5, 1.5]`` × the plain mean, so dead columns do not lower it.
+* each master comes with its variance (``bias_variance``…): every frame's per-pixel
+  variance (read noise, plus Poisson for darks and flats) propagated through the clipped
+  mean as ``Σ var_kept / n_kept²``; :func:`calibrate_exposure` adds it to ``variance``.
 * **bpm** (:class:`MaskBit`): HOT where the dark exceeds ``hot_e_per_s``; LOWRESP where
   the flat is below ``low_response`` × its running median over ``window_px`` (dead
   pixels and columns); BAD with either.
@@ -80,31 +83,58 @@ def _adu(sci: xr.DataArray, window_rows: int) -> da.Array:
 
 
 def _master_array(
-    sci0: xr.DataArray, data: da.Array, *, name: str, units: str, step: dict[str, Any]
-) -> xr.DataArray:
+    sci0: xr.DataArray,
+    data: da.Array,
+    variance: da.Array,
+    *,
+    name: str,
+    units: str,
+    step: dict[str, Any],
+) -> xr.Dataset:
     coords = {
         k: v
         for k, v in sci0.coords.items()
         if v.dims == ("detector",) and k in ("detector", "gain", "rdnoise", "saturate")
     }
-    out = xr.DataArray(data, dims=("detector", "y", "x"), coords=coords, name=name)
-    out.attrs.update({"units": units, "steps": [step]})
+    dims = ("detector", "y", "x")
+    var_units = f"({units})2" if units else ""
+    out = xr.Dataset(
+        {
+            name: (dims, data, {"units": units, "steps": [step]}),
+            f"{name}_variance": (dims, variance, {"units": var_units}),
+        },
+        coords=coords,
+    )
     return out
 
 
 def _combine(
-    frames: list[da.Array], *, kind: str, sigma: float, max_iters: int, max_block_bytes: int
-) -> da.Array:
+    frames: list[da.Array],
+    variances: list[da.Array],
+    *,
+    kind: str,
+    sigma: float,
+    max_iters: int,
+    max_block_bytes: int,
+) -> tuple[da.Array, da.Array]:
     if not sigma > 0:
         msg = f"sigma must be > 0, got {sigma}"
         raise ParameterError(msg)
-    return combine_frames(
+    mean, var = combine_frames(
         da.stack(frames),
+        da.stack(
+            [
+                da.broadcast_to(v, f.shape, chunks=f.chunks)
+                for f, v in zip(frames, variances, strict=True)
+            ]
+        ),
         sigma=sigma,
         max_iters=max_iters,
         max_block_bytes=max_block_bytes,
         name=f"master-{kind}",
     )
+    assert var is not None  # combine_frames returns it when given variances
+    return mean, var
 
 
 def _step(kind: str, scis: list[xr.DataArray], **params: Any) -> dict[str, Any]:
@@ -118,23 +148,24 @@ def master_bias(
     max_iters: int = 5,
     max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
     overscan_window_rows: int = 1,
-) -> xr.DataArray:
+) -> xr.Dataset:
     """Master bias (ADU, overscan-subtracted, on DATASEC) from bias exposures (lazy).
 
     Examples
     --------
     >>> from lazysky.pipeline.testing import synthetic_exposure
     >>> bias = master_bias([synthetic_exposure(signal_adu=3, imagetyp="bias")] * 3)
-    >>> float(bias.mean())
-    3.0
+    >>> sorted(bias.data_vars), float(bias["bias"].mean())
+    (['bias', 'bias_variance'], 3.0)
     """
     scis = _frames(frames, "bias")
     adus = [_adu(s, overscan_window_rows) for s in scis]
-    data = _combine(adus, kind="bias", sigma=sigma, max_iters=max_iters,
-                    max_block_bytes=max_block_bytes)  # fmt: skip
+    variances = [(detector_values(s, "rdnoise") / detector_values(s, "gain")) ** 2 for s in scis]
+    data, var = _combine(adus, variances, kind="bias", sigma=sigma, max_iters=max_iters,
+                         max_block_bytes=max_block_bytes)  # fmt: skip
     step = _step("bias", scis, sigma=sigma, max_iters=max_iters,
                  overscan_window_rows=overscan_window_rows)  # fmt: skip
-    return _master_array(scis[0], data, name="bias", units="adu", step=step)
+    return _master_array(scis[0], data, var, name="bias", units="adu", step=step)
 
 
 def master_dark(
@@ -145,20 +176,23 @@ def master_dark(
     max_iters: int = 5,
     max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
     overscan_window_rows: int = 1,
-) -> xr.DataArray:
+) -> xr.Dataset:
     """Master dark current (e⁻/s per pixel) from dark exposures and the master bias (lazy)."""
     scis = _frames(frames, "dark")
-    per_s = []
+    per_s, variances = [], []
     for s in scis:
         adu = _adu(s, overscan_window_rows)
         b = da.asarray(bias.data).rechunk(adu.chunks)
         t = scalar_value(s, "exptime")
-        per_s.append((adu - b) * detector_values(s, "gain") / da.where(t > 0, t, np.nan))
-    data = _combine(per_s, kind="dark", sigma=sigma, max_iters=max_iters,
-                    max_block_bytes=max_block_bytes)  # fmt: skip
+        t = da.where(t > 0, t, np.nan)
+        e = (adu - b) * detector_values(s, "gain")
+        per_s.append(e / t)
+        variances.append((da.maximum(e, 0) + detector_values(s, "rdnoise") ** 2) / t**2)
+    data, var = _combine(per_s, variances, kind="dark", sigma=sigma, max_iters=max_iters,
+                         max_block_bytes=max_block_bytes)  # fmt: skip
     step = _step("dark", scis, sigma=sigma, max_iters=max_iters,
                  overscan_window_rows=overscan_window_rows)  # fmt: skip
-    return _master_array(scis[0], data, name="dark", units="electron/s", step=step)
+    return _master_array(scis[0], data, var, name="dark", units="electron/s", step=step)
 
 
 def _mosaic_level(x: da.Array) -> da.Array:
@@ -177,23 +211,29 @@ def master_flat(
     max_iters: int = 5,
     max_block_bytes: int = DEFAULT_MAX_BLOCK_BYTES,
     overscan_window_rows: int = 1,
-) -> xr.DataArray:
+) -> xr.Dataset:
     """Master flat (relative response, mean 1 over the mosaic) from flat exposures (lazy)."""
     scis = _frames(frames, "flat")
-    scaled = []
+    scaled, variances = [], []
     for s in scis:
         adu = _adu(s, overscan_window_rows)
-        e = (adu - da.asarray(bias.data).rechunk(adu.chunks)) * detector_values(s, "gain")
+        collected = (adu - da.asarray(bias.data).rechunk(adu.chunks)) * detector_values(s, "gain")
+        e = collected
         if dark is not None:
             e = e - da.asarray(dark.data).rechunk(adu.chunks) * scalar_value(s, "exptime")
-        scaled.append(e / _mosaic_level(e))
-    combined = _combine(scaled, kind="flat", sigma=sigma, max_iters=max_iters,
-                        max_block_bytes=max_block_bytes)  # fmt: skip
-    data = (combined / _mosaic_level(combined)).astype(np.float32)
+        level = _mosaic_level(e)
+        scaled.append(e / level)
+        rn2 = detector_values(s, "rdnoise") ** 2
+        variances.append((da.maximum(collected, 0) + rn2) / level**2)
+    combined, var = _combine(scaled, variances, kind="flat", sigma=sigma, max_iters=max_iters,
+                             max_block_bytes=max_block_bytes)  # fmt: skip
+    norm = _mosaic_level(combined)
+    data = (combined / norm).astype(np.float32)
+    var = (var / norm**2).astype(np.float32)
     step = _step("flat", scis, sigma=sigma, max_iters=max_iters, dark=dark is not None,
                  normalisation="mean over the mosaic of pixels within [0.5, 1.5] x mean",
                  overscan_window_rows=overscan_window_rows)  # fmt: skip
-    return _master_array(scis[0], data, name="flat", units="", step=step)
+    return _master_array(scis[0], data, var, name="flat", units="", step=step)
 
 
 def bad_pixels(
@@ -307,12 +347,14 @@ def make_masters(
         raise ParameterError(msg)
     comb = {k: v for k, v in options.items() if k in comb_keys}
     bpm_opts = {k: v for k, v in options.items() if k in bpm_keys}
-    out = {"bias": master_bias(bias, max_block_bytes=max_block_bytes, **comb)}
+    out = master_bias(bias, max_block_bytes=max_block_bytes, **comb)
     if dark is not None:
-        out["dark"] = master_dark(dark, bias=out["bias"], max_block_bytes=max_block_bytes, **comb)
+        dark_ds = master_dark(dark, bias=out["bias"], max_block_bytes=max_block_bytes, **comb)
+        out = out.merge(dark_ds, compat="override", join="exact")
     if flat is not None:
-        out["flat"] = master_flat(flat, bias=out["bias"], dark=out.get("dark"),
-                                  max_block_bytes=max_block_bytes, **comb)  # fmt: skip
+        flat_ds = master_flat(flat, bias=out["bias"], dark=out.get("dark"),
+                              max_block_bytes=max_block_bytes, **comb)  # fmt: skip
+        out = out.merge(flat_ds, compat="override", join="exact")
     if dark is not None or flat is not None:
         out["bpm"] = bad_pixel_mask(dark=out.get("dark"), flat=out.get("flat"), **bpm_opts)
-    return xr.Dataset(out)
+    return out
