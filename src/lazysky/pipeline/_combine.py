@@ -135,7 +135,10 @@ def combine_chunks(
 ) -> tuple[int, int]:
     """Tile ``(rows, cols)`` for combining ``n_frames``: peak kernel memory ≤ ``max_block_bytes``.
 
-    Whole rows are kept when they fit (contiguous reads); otherwise square-ish tiles.
+    ``shape`` is the frames' chunk (a store tile, or a whole detector). The chunk itself
+    is used when it fits; otherwise it is cut into bands of whole rows, or failing that
+    square-ish tiles, whose sides divide the chunk's so that no tile straddles two input
+    chunks (the inputs of a combine block then come from one chunk per frame).
 
     Examples
     --------
@@ -156,9 +159,16 @@ def combine_chunks(
         )
         raise ParameterError(msg)
     if pixels >= nx:
-        return min(ny, int(pixels // nx)), nx
+        return _divisor_at_most(ny, int(pixels // nx)), nx
     side = max(int(np.sqrt(pixels)), 1)
-    return min(ny, side), min(nx, side)
+    return _divisor_at_most(ny, side), _divisor_at_most(nx, side)
+
+
+def _divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` not above ``limit`` (at least 1)."""
+    if limit >= n:
+        return n
+    return next(d for d in range(max(limit, 1), 0, -1) if n % d == 0)
 
 
 _PACKED = np.dtype([("mean", np.float32), ("variance", np.float32)])
@@ -182,10 +192,12 @@ def combine_frames(
     """Clipped mean of a lazy ``(frame, detector, y, x)`` stack along ``frame``.
 
     The stack is rechunked so a block holds every frame of one tile of one detector
-    (the tile from :func:`combine_chunks`), then :func:`clipped_mean` runs per block.
+    (the tile from :func:`combine_chunks`, within the frames' own chunks), then
+    :func:`clipped_mean` runs per block.
     With ``variance`` (per frame), the variance of the mean comes too (else None).
     """
-    n_frames, _, ny, nx = stack.shape
+    n_frames = stack.shape[0]
+    ny, nx = stack.chunks[2][0], stack.chunks[3][0]  # the frames' tiles
     per_value = WORK_BYTES_PER_VALUE if variance is None else WORK_BYTES_PER_VALUE + 16
     ty, tx = combine_chunks(
         int(n_frames), (int(ny), int(nx)), max_block_bytes=max_block_bytes,
