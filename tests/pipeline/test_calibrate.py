@@ -196,3 +196,31 @@ def test_sky_noise_matches_the_variance_plane_and_background_the_truth(
     assert np.all(np.array(outliers) < 1e-3)
     # the estimated sky is the true sky (plus the faint sources' light: a little above)
     assert np.all(np.abs(np.array(levels)) < 0.003)
+
+
+def test_overscan_level_is_a_row_median_optionally_smoothed() -> None:
+    from lazysky.pipeline import overscan_level
+
+    rows = np.arange(10, dtype=float)[:, None]
+    strip = 1000.0 + rows + np.zeros((10, 6))
+    strip[3, 2] = 9000.0  # a hot overscan pixel does not move the row's median
+    np.testing.assert_array_equal(overscan_level(strip)[:, 0], 1000.0 + np.arange(10))
+    jumpy = strip.copy()
+    jumpy[5] += 50.0  # one noisy row: the running median over 3 rows removes it
+    assert overscan_level(jumpy, window_rows=3)[5, 0] == pytest.approx(1005.0, abs=1.0)
+    with pytest.raises(ParameterError, match="odd"):
+        overscan_level(strip, window_rows=4)
+
+
+def test_lazy_with_dask_backed_per_detector_coordinates(survey: Survey, masters: Any) -> None:
+    import dask.array as da
+
+    ex = survey.exposure(0)
+    ex = ex.assign_coords(
+        gain=("detector", da.from_array(ex.gain.values, chunks=1)),
+        exptime=((), da.from_array(np.asarray(float(ex.exptime)))),
+    )
+    with raise_if_dask_computes():
+        cal = calibrate_exposure(ex, masters)
+    eager = calibrate_exposure(survey.exposure(0), masters)
+    assert_same(cal.image[1, :64, :64].values, eager.image[1, :64, :64].values)
