@@ -33,7 +33,10 @@ def _dataset(data: Any, det: dict[str, list[Any]], scalars: dict[str, Any]) -> x
 
 
 def exposure_from_fits(path: str | os.PathLike[str], *, tile_px: int = 1024) -> xr.Dataset:
-    """A raw MEF file as an exposure Dataset, ``sci`` chunked in ``tile_px`` tiles (lazy)."""
+    """A raw MEF file as an exposure Dataset, ``sci`` dask-chunked in ``tile_px`` tiles.
+
+    The pixels are read into memory here (a test helper; the Zarr store reads lazily).
+    """
     with fits.open(path) as hdul:
         primary = hdul[0].header
         hdus = [h for h in hdul[1:] if h.data is not None]
