@@ -1,0 +1,56 @@
+"""The processing steps: masters, calibration, cosmic rays, background.
+
+Every step is a pure numpy kernel on one block plus a thin lazy wrapper on xarray/dask
+(docs/pipeline.md). Nothing computes until the caller asks.
+"""
+
+from lazysky.pipeline._combine import clipped_mean, combine_chunks
+from lazysky.pipeline._isr import overscan_level
+from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
+from lazysky.pipeline._sections import parse_exposure, parse_section
+from lazysky.pipeline.background import (
+    estimate_background,
+    interpolate_mesh,
+    mesh_levels,
+    smooth_mesh,
+    subtract_background,
+)
+from lazysky.pipeline.calibrate import CalibratedPixels, calibrate_exposure, calibrate_pixels
+from lazysky.pipeline.cosmics import cosmic_ray_mask, flag_cosmic_rays, lacosmic_halo_px
+from lazysky.pipeline.masters import (
+    DEFAULT_MAX_BLOCK_BYTES,
+    bad_pixel_mask,
+    bad_pixels,
+    make_masters,
+    master_bias,
+    master_dark,
+    master_flat,
+)
+
+__all__ = [
+    "DEFAULT_MAX_BLOCK_BYTES",
+    "MASK_DTYPE",
+    "CalibratedPixels",
+    "MaskBit",
+    "bad_pixel_mask",
+    "bad_pixels",
+    "calibrate_exposure",
+    "calibrate_pixels",
+    "clipped_mean",
+    "combine_chunks",
+    "cosmic_ray_mask",
+    "estimate_background",
+    "flag_cosmic_rays",
+    "interpolate_mesh",
+    "lacosmic_halo_px",
+    "make_masters",
+    "master_bias",
+    "master_dark",
+    "master_flat",
+    "mesh_levels",
+    "overscan_level",
+    "parse_exposure",
+    "parse_section",
+    "smooth_mesh",
+    "subtract_background",
+]

@@ -1,0 +1,221 @@
+"""Sigma-clipped combination of a stack of frames, and the chunking that bounds its memory.
+
+:func:`clipped_mean` is the numpy kernel (one block: all frames of one tile);
+:func:`combine_frames` lifts it onto a dask stack ``(frame, detector, y, x)`` whose
+blocks hold every frame of a tile, the tile chosen by :func:`combine_chunks` so that a
+task's peak memory stays under ``max_block_bytes`` whatever the number of frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from numpy.typing import NDArray
+
+from lazysky.errors import ParameterError
+
+__all__ = [
+    "WORK_BYTES_PER_VALUE",
+    "clipped_mean",
+    "clipped_mean_variance",
+    "combine_chunks",
+    "combine_frames",
+]
+
+# Peak bytes the kernel holds per input value (float32 frames): the input, a sorted
+# copy, deviations, their sorted copy, index and boolean temporaries. Measured with
+# tracemalloc in tests/pipeline/test_combine.py, with a margin.
+WORK_BYTES_PER_VALUE = 40
+MAD_TO_SIGMA = 1.4826
+
+
+def _middle(sorted_values: NDArray[Any], count: NDArray[np.intp]) -> NDArray[np.float32]:
+    """Median of the first ``count`` values along axis 0 of an ascending-sorted stack."""
+    lo = np.maximum(count - 1, 0) // 2
+    hi = count // 2
+    take = np.take_along_axis
+    a = take(sorted_values, lo[None], axis=0)[0]
+    b = take(sorted_values, np.minimum(hi, sorted_values.shape[0] - 1)[None], axis=0)[0]
+    return np.asarray(0.5 * (a + b), dtype=np.float32)
+
+
+def clipped_mean(
+    stack: NDArray[Any], *, sigma: float = 3.0, max_iters: int = 5
+) -> NDArray[np.float32]:
+    """Mean along axis 0 of the values within ``sigma`` robust σ of the median.
+
+    Each iteration takes, per pixel, the median of the surviving values and their
+    σ = 1.4826 × MAD (robust with the 3–10 frames of a calibration set, where a
+    standard deviation could never reject an outlier from 3 values), and keeps the
+    values within ``sigma`` σ of it; it stops when nothing changes. Non-finite values
+    are ignored. A pixel with no finite value gives NaN. Pure numpy, any block shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> stack = np.ones((5, 10, 14), dtype=np.float32)
+    >>> stack[2, 3, 4] = 1000.0  # a cosmic ray in one frame
+    >>> out = clipped_mean(stack)
+    >>> out.shape, float(out[3, 4])
+    ((10, 14), 1.0)
+    """
+    values = np.asarray(stack, dtype=np.float32)
+    if values.ndim == 0:
+        msg = "clipped_mean needs a stack with a frame axis first, got a scalar"
+        raise ParameterError(msg)
+    if values.size == 0:  # dask's meta inference, or an empty block
+        return np.full(values.shape[1:], np.nan, dtype=np.float32)
+    keep = _clipped_keep(values, sigma=sigma, max_iters=max_iters)
+    return _kept_mean(values, keep)
+
+
+def _kept_mean(values: NDArray[Any], keep: NDArray[np.bool_]) -> NDArray[np.float32]:
+    count = keep.sum(axis=0)
+    total = np.where(keep, values, np.float32(0)).sum(axis=0, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    return mean.astype(np.float32)
+
+
+def _clipped_keep(values: NDArray[np.float32], *, sigma: float, max_iters: int) -> NDArray[Any]:
+    keep = np.isfinite(values)
+    inf = np.float32(np.inf)
+    for _ in range(max(int(max_iters), 0) + 1):
+        count = keep.sum(axis=0)
+        ordered = np.sort(np.where(keep, values, inf), axis=0)
+        center = _middle(ordered, count)
+        del ordered
+        dev = np.where(keep, np.abs(values - center), inf)
+        mad = _middle(np.sort(dev, axis=0), count)
+        # a zero MAD (ties) keeps only the tied values: an outlier is always rejected
+        limit = np.float32(sigma * MAD_TO_SIGMA) * mad
+        new_keep = keep & (dev <= limit)
+        del dev
+        if np.array_equal(new_keep, keep):
+            break
+        keep = new_keep
+    return keep
+
+
+def clipped_mean_variance(
+    stack: NDArray[Any], variance: NDArray[Any], *, sigma: float = 3.0, max_iters: int = 5
+) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """:func:`clipped_mean` and the variance of that mean, ``Σ var_kept / n_kept²``.
+
+    ``variance`` is each frame's per-pixel variance (same shape as ``stack``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mean, var = clipped_mean_variance(np.ones((4, 10, 14)), np.full((4, 10, 14), 2.0))
+    >>> float(mean[0, 0]), float(var[0, 0])
+    (1.0, 0.5)
+    """
+    values = np.asarray(stack, dtype=np.float32)
+    if values.size == 0:
+        empty = np.full(values.shape[1:], np.nan, dtype=np.float32)
+        return empty, empty.copy()
+    keep = _clipped_keep(values, sigma=sigma, max_iters=max_iters)
+    count = keep.sum(axis=0)
+    var = np.where(keep, np.asarray(variance, dtype=np.float32), np.float32(0)).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        var = np.where(count > 0, var / np.maximum(count, 1) ** 2, np.nan)
+    return _kept_mean(values, keep), var.astype(np.float32)
+
+
+def combine_chunks(
+    n_frames: int,
+    shape: tuple[int, int],
+    *,
+    max_block_bytes: int,
+    bytes_per_value: int = WORK_BYTES_PER_VALUE,
+) -> tuple[int, int]:
+    """Tile ``(rows, cols)`` for combining ``n_frames``: peak kernel memory ≤ ``max_block_bytes``.
+
+    ``shape`` is the frames' chunk (a store tile, or a whole detector). The chunk itself
+    is used when it fits; otherwise it is cut into bands of whole rows, or failing that
+    square-ish tiles, whose sides divide the chunk's so that no tile straddles two input
+    chunks (the inputs of a combine block then come from one chunk per frame).
+
+    Examples
+    --------
+    >>> combine_chunks(10, (256, 256), max_block_bytes=64 * 2**20)
+    (256, 256)
+    >>> combine_chunks(100, (4096, 2048), max_block_bytes=64 * 2**20)
+    (8, 2048)
+    """
+    if n_frames < 1:
+        msg = f"need at least one frame to combine, got {n_frames}"
+        raise ParameterError(msg)
+    ny, nx = shape
+    pixels = max_block_bytes // (n_frames * bytes_per_value)
+    if pixels < 1:
+        msg = (
+            f"max_block_bytes={max_block_bytes} cannot hold even one pixel of {n_frames} "
+            f"frames ({n_frames * bytes_per_value} bytes); raise it"
+        )
+        raise ParameterError(msg)
+    if pixels >= nx:
+        return _divisor_at_most(ny, int(pixels // nx)), nx
+    side = max(int(np.sqrt(pixels)), 1)
+    return _divisor_at_most(ny, side), _divisor_at_most(nx, side)
+
+
+def _divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` not above ``limit`` (at least 1)."""
+    if limit >= n:
+        return n
+    return next(d for d in range(max(limit, 1), 0, -1) if n % d == 0)
+
+
+_PACKED = np.dtype([("mean", np.float32), ("variance", np.float32)])
+
+
+def _pair_block(values: NDArray[Any], variance: NDArray[Any], **options: Any) -> NDArray[Any]:
+    out = np.empty(values.shape[1:], dtype=_PACKED)
+    out["mean"], out["variance"] = clipped_mean_variance(values, variance, **options)
+    return out
+
+
+def combine_frames(
+    stack: da.Array,
+    variance: da.Array | None = None,
+    *,
+    sigma: float,
+    max_iters: int,
+    max_block_bytes: int,
+    name: str,
+) -> tuple[da.Array, da.Array | None]:
+    """Clipped mean of a lazy ``(frame, detector, y, x)`` stack along ``frame``.
+
+    The stack is rechunked so a block holds every frame of one tile of one detector
+    (the tile from :func:`combine_chunks`, within the frames' own chunks), then
+    :func:`clipped_mean` runs per block.
+    With ``variance`` (per frame), the variance of the mean comes too (else None).
+    """
+    n_frames = stack.shape[0]
+    ny, nx = stack.chunks[2][0], stack.chunks[3][0]  # the frames' tiles
+    per_value = WORK_BYTES_PER_VALUE if variance is None else WORK_BYTES_PER_VALUE + 16
+    ty, tx = combine_chunks(
+        int(n_frames), (int(ny), int(nx)), max_block_bytes=max_block_bytes,
+        bytes_per_value=per_value,
+    )  # fmt: skip
+    blocks = stack.astype(np.float32).rechunk({0: -1, 1: 1, 2: ty, 3: tx})
+    options = {"sigma": sigma, "max_iters": max_iters}
+    if variance is None:
+        token = tokenize(blocks, options)
+        mean = da.map_blocks(
+            clipped_mean, blocks, drop_axis=0, dtype=np.float32,
+            meta=np.empty((0, 0, 0), dtype=np.float32), name=f"{name}-{token}", **options,
+        )  # fmt: skip
+        return mean, None
+    var = variance.astype(np.float32).rechunk(blocks.chunks)
+    token = tokenize(blocks, var, options)
+    packed = da.map_blocks(
+        _pair_block, blocks, var, drop_axis=0, dtype=_PACKED,
+        meta=np.empty((0, 0, 0), dtype=_PACKED), name=f"{name}-{token}", **options,
+    )  # fmt: skip
+    return packed["mean"], packed["variance"]

@@ -1,0 +1,92 @@
+"""Fixtures for the pipeline tests: one small simulated survey, its masters, its truth."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import numpy as np
+import pytest
+import xarray as xr
+
+from lazysky.pipeline import make_masters
+from lazysky.pipeline.testing import exposure_from_fits
+from lazysky.simulator import SurveySpec, load_instrument, plan_exposures, simulate_survey
+
+INST = load_instrument("tiny")
+TILE = 64  # small tiles, so every test crosses tile boundaries
+
+
+@dataclass
+class Survey:
+    root: Path
+    spec: SurveySpec
+    pointings: list[Any]
+
+    def frames(self, kind: str, *, tile_px: int = TILE) -> list[xr.Dataset]:
+        paths = sorted(self.root.glob(f"calib/tiny-{kind}-[0-9][0-9][0-9].fits"))
+        return [exposure_from_fits(p, tile_px=tile_px) for p in paths]
+
+    def exposure(self, k: int, *, tile_px: int = TILE) -> xr.Dataset:
+        return exposure_from_fits(self.raw(k, ".fits"), tile_px=tile_px)
+
+    def raw(self, k: int, suffix: str) -> Path:
+        return self.root / "raw" / f"{self.pointings[k].exposure_id}{suffix}"
+
+
+@pytest.fixture(scope="session")
+def survey(tmp_path_factory: pytest.TempPathFactory) -> Survey:
+    """Tiny instrument, 4 detectors: 3 exposures, 5 biases, 3 darks, 10 flats (~10 s)."""
+    spec = SurveySpec(
+        instrument="tiny",
+        n_epochs=1,
+        n_dithers=3,
+        star_density_per_deg2=3.0e4,
+        star_mag_range=(16.0, 21.0),
+        galaxy_density_per_deg2=3e3,
+        n_transients=0,
+        n_variables=0,
+        n_movers=0,
+        seed=11,
+        n_bias=5,
+        n_dark=3,
+        n_flat=10,
+    )
+    root = tmp_path_factory.mktemp("pipeline-survey")
+    simulate_survey(spec, root)
+    assert json.loads((root / "survey.json").read_text())["calibrations"]["flat"]
+    return Survey(root, spec, plan_exposures(spec))
+
+
+@pytest.fixture(scope="session")
+def masters(survey: Survey) -> xr.Dataset:
+    """The masters of the survey, computed once (in memory)."""
+    return make_masters(
+        bias=survey.frames("bias"), dark=survey.frames("dark"), flat=survey.frames("flat-r")
+    ).compute()
+
+
+def assert_same(a: np.ndarray, b: np.ndarray) -> None:
+    """Bit-for-bit equality, NaN equal to NaN."""
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@contextmanager
+def raise_if_dask_computes() -> Iterator[None]:
+    """Fail if anything computes a dask graph inside the block (like xarray's helper).
+
+    xarray.tests itself cannot be imported here: it registers a ``flaky`` marker that
+    ``--strict-markers`` refuses.
+    """
+
+    def scheduler(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        msg = f"a dask graph was computed inside a lazy API (keys {str(keys)[:200]})"
+        raise RuntimeError(msg)
+
+    with dask.config.set(scheduler=scheduler):
+        yield
