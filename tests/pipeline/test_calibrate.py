@@ -133,7 +133,7 @@ def test_star_fluxes_match_the_truth_within_the_noise(
     for k, cal in enumerate(processed):
         p = survey.pointings[k]
         truth = Table.read(survey.raw(k, ".truth.ecsv"))
-        cosmics = Table.read(survey.raw(k, ".cosmics.fits"))
+        cosmics = Table.read(survey.raw(k, ".cosmics.ecsv"))
         fwhm = p.seeing_arcsec / INST.pixel_scale_arcsec
         r, r1, r2 = 3 * fwhm, 4.5 * fwhm, 6 * fwhm
         ee = moffat_enclosed(np.array([r, r1, r2]), fwhm, INST.psf_beta)

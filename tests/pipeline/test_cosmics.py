@@ -47,7 +47,7 @@ def _truth_hits(survey: Survey, k: int, cal: xr.Dataset, n_sigma: float) -> list
     Not testable: pixels L.A.Cosmic is told to ignore, i.e. within 3 px of a saturated
     pixel or 1 px of a low-response one (see ``cosmics._IGNORE``).
     """
-    cosmics = Table.read(survey.raw(k, ".cosmics.fits"))
+    cosmics = Table.read(survey.raw(k, ".cosmics.ecsv"))
     out = []
     for i, det in enumerate(map(str, cal.detector.values)):
         c = cosmics[cosmics["detector"] == det]
@@ -86,7 +86,7 @@ def test_cosmic_rays_found_including_near_edges_and_not_on_stars(
             bare_edge += [bare[y, x] for j, y, x, _ in near_edge if j == i]
         near_edge_found = [f for *_, f in near_edge]
         truth = Table.read(survey.raw(k, ".truth.ecsv"))
-        cosmics = Table.read(survey.raw(k, ".cosmics.fits"))
+        cosmics = Table.read(survey.raw(k, ".cosmics.ecsv"))
         fwhm = survey.pointings[k].seeing_arcsec / INST.pixel_scale_arcsec
         yy, xx = np.mgrid[:NY, :NX]
         for i, det in enumerate(map(str, cal.detector.values)):
