@@ -95,11 +95,18 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
 
 def _add_ingest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("ingest", help="ingest FITS exposures into the Zarr store")
-    p.add_argument("sources", nargs="+", metavar="PATH_OR_URL",
-                   help="FITS files, directories or glob patterns (local or s3://…)")
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="PATH_OR_URL",
+        help="FITS files, directories or glob patterns (local or s3://…)",
+    )
     p.add_argument("--store", help="store root, directory or s3:// URL (default: settings)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an exposure id that holds a different file")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an exposure id that holds a different file",
+    )
     p.add_argument("--tile", default="1024,1024", help="chunk shape y,x (default 1024,1024)")
     p.add_argument("--require", help="comma-separated primary keywords every file must have")
     p.add_argument("--config", help="YAML settings file (default: $LAZYSKY_CONFIG)")

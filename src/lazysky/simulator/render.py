@@ -171,13 +171,16 @@ def _sersic(
     bn: FloatArray,
     q: FloatArray,
     theta: FloatArray,
+    r_cut: FloatArray,
 ) -> FloatArray:
-    """Sérsic surface brightness (relative to I_e) on the grids ``dy × dx`` of each source."""
+    """Sérsic surface brightness (relative to I_e) on the grids ``dy × dx`` of each source,
+    zero beyond the elliptical radius ``r_cut`` (in units of r_eff)."""
     c, s = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
     u = dx[:, None, :] * c + dy[:, :, None] * s
     v = -dx[:, None, :] * s + dy[:, :, None] * c
     r = np.sqrt(u**2 + (v / q[:, None, None]) ** 2) / re[:, None, None]
-    return np.asarray(np.exp(-bn[:, None, None] * (r ** (1.0 / n[:, None, None]) - 1.0)))
+    prof = np.exp(-bn[:, None, None] * (r ** (1.0 / n[:, None, None]) - 1.0))
+    return np.asarray(np.where(r <= r_cut[:, None, None], prof, 0.0))
 
 
 def add_sersic_galaxies(
@@ -195,9 +198,10 @@ def add_sersic_galaxies(
 ) -> None:
     """Add elliptical Sérsic galaxies to ``image`` in place, optionally seen through a PSF.
 
-    A galaxy is drawn on a stamp of radius ``4 r_eff + 2`` px (at most 60), sampled 3 × 3
-    per pixel (16 × 16 in the central 3 × 3 pixels, for the cusp), and scaled so the stamp
-    holds exactly ``flux`` (the truncated profile *is* the galaxy). With ``psf_fwhm_px``
+    A galaxy is truncated at the elliptical radius ``4 r_eff`` (less for the few larger than
+    the biggest stamp, 60 px), drawn on a stamp that holds it, sampled 3 × 3 per pixel
+    (16 × 16 in the central 3 × 3 pixels, for the cusp), and scaled so it holds exactly
+    ``flux``: the truncated profile *is* the galaxy, whatever its orientation. With ``psf_fwhm_px``
     each stamp is padded and convolved with :func:`moffat_kernel` before it is added, so
     light from galaxies just off the array spills in as it would on the sky.
     """
@@ -211,6 +215,7 @@ def add_sersic_galaxies(
     pad = 0 if kern is None else kern.shape[0] // 2
     os_ = 3
     radius = np.clip(4.0 * re + 2.0, 2.0, 60.0)
+    r_cut = np.minimum(4.0, (radius - 1.5) / re)
     classes = _stamp_class(radius)
     bn = sersic_b(n)
     for k in np.unique(classes):
@@ -221,12 +226,13 @@ def add_sersic_galaxies(
         for start in range(0, idx.size, step):
             sel = idx[start : start + step]
             cx, cy, dx, dy = _stamp_grids(x[sel], y[sel], half, os_)
-            prof = _sersic(dx, dy, re[sel], n[sel], bn[sel], q[sel], th[sel])
+            shape = (re[sel], n[sel], bn[sel], q[sel], th[sel], r_cut[sel])
+            prof = _sersic(dx, dy, *shape)
             stamps = _bin_subpixels(prof, half, os_)
             # The cusp of a high-n profile needs finer sampling: the central 3 x 3 pixels
             # are integrated on a 16 x 16 grid each.
             _, _, cdx, cdy = _stamp_grids(x[sel], y[sel], 1, 16)
-            core = _sersic(cdx, cdy, re[sel], n[sel], bn[sel], q[sel], th[sel])
+            core = _sersic(cdx, cdy, *shape)
             stamps[:, half - 1 : half + 2, half - 1 : half + 2] = _bin_subpixels(core, 1, 16)
             total = stamps.sum(axis=(1, 2))
             stamps *= (flux[sel] / np.where(total > 0, total, 1.0))[:, None, None]

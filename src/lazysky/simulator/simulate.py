@@ -130,6 +130,13 @@ def calibration_pointings(spec: SurveySpec) -> list[Pointing]:
     return out
 
 
+def _write_scene(out: _Output, scene: Scene) -> str:
+    """Write ``truth/scene.ecsv``; return its SHA-256."""
+    data = table_bytes(scene.table)
+    out.put("truth/scene.ecsv", data)
+    return sha256_bytes(data)
+
+
 def _write_exposure(
     out: _Output,
     inst: Instrument,
@@ -274,11 +281,13 @@ def simulate_survey(
         len(spec.detector_indices),
     )
     try:
-        results = dask.compute(*tasks, scheduler=scheduler)
-        survey = _assemble(url, spec, scene, pointings, calib, results)
-        scene_bytes = table_bytes(scene.table)
-        target.put("truth/scene.ecsv", scene_bytes)
-        survey.checksums["truth/scene.ecsv"] = sha256_bytes(scene_bytes)
+        # the scene's truth table is written by a task of its own, beside the detectors
+        scene_task = dask.delayed(_write_scene, pure=True)(
+            target, scene_d, dask_key_name=f"write-scene-{token}"
+        )
+        *results, scene_sha = dask.compute(*tasks, scene_task, scheduler=scheduler)
+        survey = _assemble(url, spec, scene, pointings, calib, tuple(results))
+        survey.checksums["truth/scene.ecsv"] = scene_sha
         target.put(MANIFEST, manifest_json(survey, __version__))
     except BaseException:
         target.remove([*planned, MANIFEST])

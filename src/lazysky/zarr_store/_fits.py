@@ -169,7 +169,8 @@ def inspect_fits(
             hdus = list(hdul)
             spans = [HduSpan.from_fileinfo(hdul.fileinfo(i)) for i in range(len(hdus))]
             images: list[tuple[int, Any]] = [
-                (i, h) for i, h in enumerate(hdus)
+                (i, h)
+                for i, h in enumerate(hdus)
                 if isinstance(h, _IMAGE_HDUS) and h.header.get("NAXIS", 0) > 0
             ]
             for i, h in enumerate(hdus):
@@ -197,13 +198,17 @@ def inspect_fits(
                     msg = f"{where}image of shape {this_shape}: expected a 2-D detector image"
                     raise FitsFormatError(msg)
                 if shape is not None and this_shape != shape:
-                    msg = (f"{where}image of shape {this_shape}, but the first detector is "
-                           f"{shape}: all detectors of an exposure must have the same shape")
+                    msg = (
+                        f"{where}image of shape {this_shape}, but the first detector is "
+                        f"{shape}: all detectors of an exposure must have the same shape"
+                    )
                     raise FitsFormatError(msg)
                 name = _detector_name(hdu, i, len(images), src)
                 if name in seen:
-                    msg = (f"{where}duplicate extension name {name!r} (also HDU {seen[name]}): "
-                           "detector names (EXTNAME) must be unique")
+                    msg = (
+                        f"{where}duplicate extension name {name!r} (also HDU {seen[name]}): "
+                        "detector names (EXTNAME) must be unique"
+                    )
                     raise FitsFormatError(msg)
                 seen[name] = i
                 _check_keywords(hdu.header, this_shape, where)
@@ -226,9 +231,13 @@ def inspect_fits(
     else:
         sha, size, n_verified = "", max(s.data_end for s in spans), 0
     return ExposureSource(
-        source=src, exposure_id=exposure_id, sha256=sha, size=size,
+        source=src,
+        exposure_id=exposure_id,
+        sha256=sha,
+        size=size,
         shape=(int(shape[0]), int(shape[1])) if shape else (0, 0),
-        dtype=dtype.str if dtype is not None else "", primary_cards=primary_cards,
+        dtype=dtype.str if dtype is not None else "",
+        primary_cards=primary_cards,
         detectors=tuple(detectors),
         checksums_verified=n_verified,
     )

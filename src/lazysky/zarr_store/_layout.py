@@ -66,8 +66,9 @@ def split_protocol(url: str) -> tuple[str, str]:
     return "file", str(Path(url).expanduser().resolve())
 
 
-def filesystem(protocol: str, storage_options: dict[str, Any], *, asynchronous: bool = False
-               ) -> fsspec.AbstractFileSystem:
+def filesystem(
+    protocol: str, storage_options: dict[str, Any], *, asynchronous: bool = False
+) -> fsspec.AbstractFileSystem:
     """An fsspec filesystem; S3 gets :class:`~lazysky.zarr_store._s3.LazySkyS3FileSystem`."""
     if protocol == "s3":
         from lazysky.zarr_store._s3 import make_s3_filesystem

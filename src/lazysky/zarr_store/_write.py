@@ -19,7 +19,11 @@ from lazysky.zarr_store._headers import bounding_circle, cards_to_header, footpr
 from lazysky.zarr_store._layout import GROUP_META, RAW, SCI, StoreRoot
 
 __all__ = [
-    "chunk_keys", "create_template", "finalize_group", "group_attrs", "template_matches",
+    "chunk_keys",
+    "create_template",
+    "finalize_group",
+    "group_attrs",
+    "template_matches",
     "write_detector",
 ]
 
@@ -30,9 +34,16 @@ FORMAT = "lazysky.exposure/1"
 #: attributes queryable without reading pixels, and the keyword each comes from (primary
 #: header first, then the first detector's)
 _QUERYABLE = {
-    "instrument": "INSTRUME", "telescope": "TELESCOP", "filter": "FILTER", "object": "OBJECT",
-    "imagetyp": "IMAGETYP", "date_obs": "DATE-OBS", "mjd_obs": "MJD-OBS", "exptime": "EXPTIME",
-    "ra": "RA", "dec": "DEC",
+    "instrument": "INSTRUME",
+    "telescope": "TELESCOP",
+    "filter": "FILTER",
+    "object": "OBJECT",
+    "imagetyp": "IMAGETYP",
+    "date_obs": "DATE-OBS",
+    "mjd_obs": "MJD-OBS",
+    "exptime": "EXPTIME",
+    "ra": "RA",
+    "dec": "DEC",
 }
 
 
@@ -61,8 +72,13 @@ def group_attrs(plan: ExposureSource, chunks: tuple[int, int, int]) -> dict[str,
         "shape": list(plan.shape),
         "dtype": plan.dtype,
         "chunks": list(chunks),
-        "source": {"name": plan.source.name, "url": plan.source.url, "sha256": plan.sha256,
-                   "size": plan.size, "checksums_verified": plan.checksums_verified},
+        "source": {
+            "name": plan.source.name,
+            "url": plan.source.url,
+            "sha256": plan.sha256,
+            "size": plan.size,
+            "checksums_verified": plan.checksums_verified,
+        },
         "primary_header": list(plan.primary_cards),
         "detector_headers": [list(d.cards) for d in plan.detectors],
         "footprints": polys,
@@ -70,7 +86,6 @@ def group_attrs(plan: ExposureSource, chunks: tuple[int, int, int]) -> dict[str,
         "ingested_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "lazysky_version": __version__,
     }
-
 
 
 def chunk_shape_for(plan: ExposureSource, tile_shape: tuple[int, int]) -> tuple[int, int, int]:
@@ -104,8 +119,9 @@ def chunk_keys(root: StoreRoot, exposure_id: str, *parts: str) -> set[str]:
     return keys
 
 
-def create_template(root: StoreRoot, plan: ExposureSource, chunks: tuple[int, int, int],
-                    *, clevel: int) -> None:
+def create_template(
+    root: StoreRoot, plan: ExposureSource, chunks: tuple[int, int, int], *, clevel: int
+) -> None:
     """Write the array metadata of ``raw/<id>/sci`` (no chunks, no group metadata)."""
     import zarr
     from zarr.codecs import BloscCodec
@@ -145,8 +161,12 @@ def _dtype_name(data_type: Any) -> str:
 
 
 def write_detector(
-    root: StoreRoot, plan: ExposureSource, det: int, chunks: tuple[int, int, int],
-    *, rows: list[int] | None = None,
+    root: StoreRoot,
+    plan: ExposureSource,
+    det: int,
+    chunks: tuple[int, int, int],
+    *,
+    rows: list[int] | None = None,
 ) -> str | None:
     """Copy detector ``det`` into its chunks, one row band (= one chunk row) at a time.
 
@@ -166,7 +186,8 @@ def write_detector(
         have = chunk_keys(root, plan.exposure_id, str(det))
         n_j = -(-nx // tx)
         todo = [
-            y0 for y0 in (range(0, ny, ty) if rows is None else rows)
+            y0
+            for y0 in (range(0, ny, ty) if rows is None else rows)
             if not all(f"{det}/{y0 // ty}/{j}" in have for j in range(n_j))
         ]
         for y0, band in iter_bands(plan.source, info.hdu_index, ty, starts=todo):
@@ -193,8 +214,11 @@ def write_region(arr: Any, det: int, y0: int, band: np.ndarray[Any, Any], tile_r
 
 
 def finalize_group(
-    root: StoreRoot, plan: ExposureSource, chunks: tuple[int, int, int],
-    attrs: dict[str, Any], errors: list[str | None],
+    root: StoreRoot,
+    plan: ExposureSource,
+    chunks: tuple[int, int, int],
+    attrs: dict[str, Any],
+    errors: list[str | None],
 ) -> tuple[str, str | None]:
     """Mark the exposure complete if, and only if, every chunk is there.
 
@@ -208,20 +232,26 @@ def finalize_group(
     try:
         missing = expected_chunks(plan, chunks) - chunk_keys(root, plan.exposure_id)
         if missing:
-            msg = (f"{plan.source.name}: {len(missing)} chunk(s) of {plan.exposure_id!r} missing "
-                   f"after writing (e.g. {sorted(missing)[:3]}); not marked complete")
+            msg = (
+                f"{plan.source.name}: {len(missing)} chunk(s) of {plan.exposure_id!r} missing "
+                f"after writing (e.g. {sorted(missing)[:3]}); not marked complete"
+            )
             raise StoreError(msg)
         meta = {"zarr_format": 3, "node_type": "group", "attributes": {"lazysky": attrs}}
         arr_meta = json.loads(root.fs().cat_file(root.path(RAW, plan.exposure_id, SCI, GROUP_META)))
         meta["consolidated_metadata"] = {
-            "kind": "inline", "must_understand": False, "metadata": {SCI: arr_meta},
+            "kind": "inline",
+            "must_understand": False,
+            "metadata": {SCI: arr_meta},
         }
         body = json.dumps(meta, indent=1, allow_nan=False).encode()
         if not root.put_exclusive(root.path(RAW, plan.exposure_id, GROUP_META), body):
             other = root.read_group_attrs(plan.exposure_id)
             if other.get("source", {}).get("sha256") != plan.sha256:
-                msg = (f"{plan.source.name}: exposure {plan.exposure_id!r} was completed "
-                       "meanwhile by another ingest of different bytes")
+                msg = (
+                    f"{plan.source.name}: exposure {plan.exposure_id!r} was completed "
+                    "meanwhile by another ingest of different bytes"
+                )
                 raise StoreError(msg)
     except Exception as exc:
         return "failed", f"{type(exc).__name__}: {exc}"

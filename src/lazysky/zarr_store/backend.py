@@ -40,7 +40,8 @@ class FitsExposureArray(BackendArray):
 
     def __getitem__(self, key: indexing.ExplicitIndexer) -> np.ndarray[Any, Any]:
         return indexing.explicit_indexing_adapter(
-            key, self.shape, indexing.IndexingSupport.BASIC, self._read)
+            key, self.shape, indexing.IndexingSupport.BASIC, self._read
+        )
 
     def _read(self, key: tuple[Any, ...]) -> np.ndarray[Any, Any]:
         det_key, y_key, x_key = key
@@ -63,8 +64,13 @@ class LazySkyFitsBackend(BackendEntrypoint):
 
     description = "Open FITS exposures (MEF or single image) as lazysky exposure Datasets"
     url = "https://github.com/lazysky/lazysky/blob/main/docs/zarr_store.md"
-    open_dataset_parameters = ("filename_or_obj", "drop_variables", "verify_checksums",
-                               "storage_options", "tile_shape")
+    open_dataset_parameters = (
+        "filename_or_obj",
+        "drop_variables",
+        "verify_checksums",
+        "storage_options",
+        "tile_shape",
+    )
 
     def open_dataset(  # type: ignore[override]
         self,
@@ -80,8 +86,9 @@ class LazySkyFitsBackend(BackendEntrypoint):
         chunks = chunk_shape_for(plan, tile_shape)
         data = indexing.LazilyIndexedArray(FitsExposureArray(plan))
         ds = dataset_from_attrs(group_attrs(plan, chunks), data, store_url="")
-        ds["sci"].encoding["preferred_chunks"] = dict(zip(("detector", "y", "x"), chunks,
-                                                          strict=True))
+        ds["sci"].encoding["preferred_chunks"] = dict(
+            zip(("detector", "y", "x"), chunks, strict=True)
+        )
         ds.attrs["source"] = src.url
         # xarray chunks every non-index coordinate of a backend's Dataset when chunks= is
         # given; indexing the headers keeps them in memory, so exposure_wcs stays lazy

@@ -76,8 +76,10 @@ class IngestReport:
 
     def summary(self) -> str:
         """A human-readable report: counts, then one line per failure."""
-        lines = [f"ingested {len(self.ingested)}, unchanged {len(self.unchanged)}, "
-                 f"failed {len(self.failed)}"]
+        lines = [
+            f"ingested {len(self.ingested)}, unchanged {len(self.unchanged)}, "
+            f"failed {len(self.failed)}"
+        ]
         lines += [f"  ok      {r.exposure_id}  <- {r.source}" for r in self.ingested]
         lines += [f"  same    {r.exposure_id}  <- {r.source}" for r in self.unchanged]
         lines += [f"  FAILED  {r.source}: {r.error}" for r in self.failed]
@@ -130,20 +132,27 @@ def _inspect(src: FitsSource, require: tuple[str, ...]) -> ExposureSource | Inge
         return IngestResult(src.url, "failed", error=f"{src.name}: {type(exc).__name__}: {exc}")
 
 
-def _prepare(root: StoreRoot, plan: ExposureSource, chunks: tuple[int, int, int], *,
-             overwrite: bool, clevel: int) -> Status | None:
+def _prepare(
+    root: StoreRoot,
+    plan: ExposureSource,
+    chunks: tuple[int, int, int],
+    *,
+    overwrite: bool,
+    clevel: int,
+) -> Status | None:
     """At the edge: decide and write the template. None means "go and write the chunks"."""
     state = root.exposure_state(plan.exposure_id)
     if state == "complete":
         old = root.read_group_attrs(plan.exposure_id).get("source", {})
         if old.get("sha256") == plan.sha256:
-            logger.info("%s: already ingested from the same bytes; nothing to do",
-                        plan.exposure_id)
+            logger.info("%s: already ingested from the same bytes; nothing to do", plan.exposure_id)
             return "unchanged"
         if not overwrite:
-            msg = (f"{plan.source.name}: exposure id {plan.exposure_id!r} already holds a "
-                   f"different file ({old.get('name')}, sha256 {str(old.get('sha256'))[:12]}…); "
-                   "pass overwrite=True (lazysky ingest --overwrite) to replace it")
+            msg = (
+                f"{plan.source.name}: exposure id {plan.exposure_id!r} already holds a "
+                f"different file ({old.get('name')}, sha256 {str(old.get('sha256'))[:12]}…); "
+                "pass overwrite=True (lazysky ingest --overwrite) to replace it"
+            )
             raise OutputError(msg)
         logger.warning("%s: replacing the existing exposure (overwrite)", plan.exposure_id)
         root.remove_group(plan.exposure_id)
@@ -224,11 +233,14 @@ def ingest(
     root = parse_store(store, storage_options=storage_options, settings=settings)
     srcs = expand_sources(sources, storage_options=storage_options, settings=settings)
     req = tuple(require)
-    inspected = dask.compute(*[
-        dask.delayed(_inspect, pure=False)(
-            s, req, dask_key_name=f"inspect-{s.stem()}-{tokenize(s.url)}")
-        for s in srcs
-    ])
+    inspected = dask.compute(
+        *[
+            dask.delayed(_inspect, pure=False)(
+                s, req, dask_key_name=f"inspect-{s.stem()}-{tokenize(s.url)}"
+            )
+            for s in srcs
+        ]
+    )
     results: dict[str, IngestResult] = {}
     finals: list[Any] = []
     seen: dict[str, str] = {}
@@ -238,8 +250,10 @@ def ingest(
             continue
         try:
             if plan.exposure_id in seen:
-                msg = (f"{src.name}: exposure id {plan.exposure_id!r} also comes from "
-                       f"{seen[plan.exposure_id]} in this batch; ingest one of them")
+                msg = (
+                    f"{src.name}: exposure id {plan.exposure_id!r} also comes from "
+                    f"{seen[plan.exposure_id]} in this batch; ingest one of them"
+                )
                 raise OutputError(msg)
             seen[plan.exposure_id] = src.name
             chunks = chunk_shape_for(plan, tile_shape)
@@ -268,8 +282,9 @@ def ingest(
 BANDS_PER_TASK = 4
 
 
-def _exposure_graph(root: StoreRoot, plan: ExposureSource, chunks: tuple[int, int, int],
-                    attrs: dict[str, Any]) -> Any:
+def _exposure_graph(
+    root: StoreRoot, plan: ExposureSource, chunks: tuple[int, int, int], attrs: dict[str, Any]
+) -> Any:
     token = tokenize(plan.sha256, root.url, chunks)
     exp = plan.exposure_id
     starts = list(range(0, plan.shape[0], chunks[1]))
@@ -287,7 +302,8 @@ def _exposure_graph(root: StoreRoot, plan: ExposureSource, chunks: tuple[int, in
                 work.append((f"{info.name}-y{rows[0]}", [(d, rows)]))
     writes = [
         dask.delayed(_write_detectors, pure=True)(
-            root, plan, items, chunks, dask_key_name=f"ingest-{exp}-{label}-{token}")
+            root, plan, items, chunks, dask_key_name=f"ingest-{exp}-{label}-{token}"
+        )
         for label, items in work
     ]
 
@@ -297,8 +313,11 @@ def _exposure_graph(root: StoreRoot, plan: ExposureSource, chunks: tuple[int, in
     return dask.delayed(_finish, pure=True)(writes, dask_key_name=f"finalize-{exp}-{token}")
 
 
-def _write_detectors(root: StoreRoot, plan: ExposureSource,
-                     items: list[tuple[int, list[int] | None]],
-                     chunks: tuple[int, int, int]) -> str | None:
+def _write_detectors(
+    root: StoreRoot,
+    plan: ExposureSource,
+    items: list[tuple[int, list[int] | None]],
+    chunks: tuple[int, int, int],
+) -> str | None:
     errors = [write_detector(root, plan, d, chunks, rows=rows) for d, rows in items]
     return "; ".join(e for e in errors if e) or None

@@ -43,8 +43,11 @@ _NUMBERS = ("mjd_obs", "exptime", "ra", "dec")
 
 
 def list_exposures(
-    store: StoreLike, *, include_incomplete: bool = False,
-    storage_options: dict[str, Any] | None = None, settings: Settings | None = None,
+    store: StoreLike,
+    *,
+    include_incomplete: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    settings: Settings | None = None,
 ) -> list[str]:
     """The ids of the complete exposures in ``store``, sorted (reads no pixel).
 
@@ -73,8 +76,11 @@ def _root_checked(root: StoreRoot, exposure_id: str) -> dict[str, Any]:
 
 
 def exposure_metadata(
-    store: StoreLike, exposure_id: str, *,
-    storage_options: dict[str, Any] | None = None, settings: Settings | None = None,
+    store: StoreLike,
+    exposure_id: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    settings: Settings | None = None,
 ) -> dict[str, Any]:
     """The lazysky attributes of a complete exposure (id, instrument, filter, MJD,
     footprint, source SHA-256, headers …): one small read, no pixels."""
@@ -134,8 +140,11 @@ def dataset_from_attrs(attrs: dict[str, Any], sci: Any, *, store_url: str) -> xr
 
 
 def open_exposure(
-    store: StoreLike, exposure_id: str, *,
-    storage_options: dict[str, Any] | None = None, settings: Settings | None = None,
+    store: StoreLike,
+    exposure_id: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    settings: Settings | None = None,
 ) -> xr.Dataset:
     """Open one ingested exposure lazily: ``sci (detector, y, x)`` plus metadata coords.
 
@@ -174,8 +183,9 @@ def _pick(ds: xr.Dataset | xr.DataArray, name: str, detector: str, exposure: str
     return str(var.values)
 
 
-def exposure_header(ds: xr.Dataset | xr.DataArray, detector: str, *,
-                    exposure: str | None = None) -> fits.Header:
+def exposure_header(
+    ds: xr.Dataset | xr.DataArray, detector: str, *, exposure: str | None = None
+) -> fits.Header:
     """The FITS header of one detector, as read from the source file (COMMENT/HISTORY too)."""
     text = _pick(ds, "header", detector, exposure)
     return fits.Header.fromstring(text)
@@ -192,8 +202,9 @@ def primary_header(ds: xr.Dataset | xr.DataArray, *, exposure: str | None = None
     return fits.Header.fromstring(str(var.values))
 
 
-def exposure_wcs(ds: xr.Dataset | xr.DataArray, detector: str, *,
-                 exposure: str | None = None) -> WCS | None:
+def exposure_wcs(
+    ds: xr.Dataset | xr.DataArray, detector: str, *, exposure: str | None = None
+) -> WCS | None:
     """The celestial WCS of one detector (a fresh object each call), or None without one.
 
     Examples
@@ -220,5 +231,12 @@ def _open_many(root: StoreRoot, ids: Sequence[str], attrs: list[dict[str, Any]])
         _dataset(root, a, token=tokenize(root.url, a["source"]["sha256"])).expand_dims("exposure")
         for a in attrs
     ]
-    return xr.concat(dsets, dim="exposure", data_vars="all", coords="all", compat="equals",
-                     join="exact", combine_attrs="drop_conflicts")
+    return xr.concat(
+        dsets,
+        dim="exposure",
+        data_vars="all",
+        coords="all",
+        compat="equals",
+        join="exact",
+        combine_attrs="drop_conflicts",
+    )

@@ -31,9 +31,15 @@ def _separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
     return math.degrees(math.acos(max(-1.0, min(1.0, c))))
 
 
-def _matches(a: dict[str, Any], *, field: str | None, filter: str | None,
-             imagetyp: str | None, mjd_range: tuple[float, float] | None,
-             cone: tuple[float, float, float] | None) -> bool:
+def _matches(
+    a: dict[str, Any],
+    *,
+    field: str | None,
+    filter: str | None,
+    imagetyp: str | None,
+    mjd_range: tuple[float, float] | None,
+    cone: tuple[float, float, float] | None,
+) -> bool:
     if field is not None and a.get("object") != field:
         return False
     if filter is not None and a.get("filter") != filter:
@@ -61,15 +67,22 @@ def _cone(footprint: Any) -> tuple[float, float, float] | None:
         icrs = center.icrs
         return float(icrs.ra.deg), float(icrs.dec.deg), float(radius.to_value("deg"))
     except (AttributeError, TypeError, ValueError) as exc:
-        msg = (f"footprint must be (SkyCoord, angular Quantity), e.g. "
-               f"(SkyCoord(150, 2, unit='deg'), 0.5 * u.deg), got {footprint!r} ({exc})")
+        msg = (
+            f"footprint must be (SkyCoord, angular Quantity), e.g. "
+            f"(SkyCoord(150, 2, unit='deg'), 0.5 * u.deg), got {footprint!r} ({exc})"
+        )
         raise ParameterError(msg) from None
 
 
 def find_exposures(
-    store: StoreLike, *, field: str | None = None, filter: str | None = None,
-    imagetyp: str | None = None, mjd_range: tuple[float, float] | None = None,
-    footprint: Any = None, storage_options: dict[str, Any] | None = None,
+    store: StoreLike,
+    *,
+    field: str | None = None,
+    filter: str | None = None,
+    imagetyp: str | None = None,
+    mjd_range: tuple[float, float] | None = None,
+    footprint: Any = None,
+    storage_options: dict[str, Any] | None = None,
     settings: Settings | None = None,
 ) -> list[str]:
     """Ids of complete exposures matching every given filter (reads metadata, no pixels).
@@ -88,17 +101,24 @@ def find_exposures(
     ids = []
     for exp in list_exposures(root):
         a = _root_checked(root, exp)
-        if _matches(a, field=field, filter=filter, imagetyp=imagetyp,
-                    mjd_range=mjd_range, cone=cone):
+        if _matches(
+            a, field=field, filter=filter, imagetyp=imagetyp, mjd_range=mjd_range, cone=cone
+        ):
             ids.append(exp)
     return ids
 
 
 def open_exposures(
-    store: StoreLike, exposure_ids: Sequence[str] | None = None, *,
-    field: str | None = None, filter: str | None = None, imagetyp: str | None = None,
-    mjd_range: tuple[float, float] | None = None, footprint: Any = None,
-    storage_options: dict[str, Any] | None = None, settings: Settings | None = None,
+    store: StoreLike,
+    exposure_ids: Sequence[str] | None = None,
+    *,
+    field: str | None = None,
+    filter: str | None = None,
+    imagetyp: str | None = None,
+    mjd_range: tuple[float, float] | None = None,
+    footprint: Any = None,
+    storage_options: dict[str, Any] | None = None,
+    settings: Settings | None = None,
 ) -> xr.Dataset | None:
     """Open many exposures as one lazy Dataset along ``exposure`` (sorted by MJD, then id).
 
@@ -116,11 +136,18 @@ def open_exposures(
 
     root = parse_store(store, storage_options=storage_options, settings=settings)
     if exposure_ids is None:
-        exposure_ids = find_exposures(root, field=field, filter=filter, imagetyp=imagetyp,
-                                      mjd_range=mjd_range, footprint=footprint)
+        exposure_ids = find_exposures(
+            root,
+            field=field,
+            filter=filter,
+            imagetyp=imagetyp,
+            mjd_range=mjd_range,
+            footprint=footprint,
+        )
     if not exposure_ids:
-        warnings.warn(f"no exposure in {root.url!r} matches the filters",
-                      NoExposuresWarning, stacklevel=2)
+        warnings.warn(
+            f"no exposure in {root.url!r} matches the filters", NoExposuresWarning, stacklevel=2
+        )
         return None
     attrs = [_root_checked(root, e) for e in exposure_ids]
     attrs.sort(key=lambda a: (_mjd_key(a.get("mjd_obs")), a["exposure_id"]))
