@@ -56,7 +56,7 @@ def make_run(catalog: Catalog) -> Callable[..., str]:
     return lambda kind="test": _make_run(catalog, kind)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def sources() -> Callable[..., dict[str, np.ndarray]]:
     """``sources(n, seed=…, ra_range=…, dec_range=…)``: random source columns."""
     return random_sources
