@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 from lazysky.catalog import server as _server
 from lazysky.catalog._errors import CatalogError
 from lazysky.catalog._extension import ensure_pg_sphere
-from lazysky.catalog.schema import upgrade
+from lazysky.catalog.schema import LOCK_KEY, upgrade
 from lazysky.config import Settings, load_settings
 
 __all__ = ["READER_ROLE", "Catalog", "get_engine", "open_catalog", "sqlalchemy_url"]
@@ -104,10 +104,15 @@ def _prepare_embedded(server: _server.EmbeddedServer) -> None:
 
 
 def _grant_reader(engine: sa.Engine) -> None:
+    """Let the read-only role read every table (serialised: concurrent GRANTs collide)."""
     with engine.begin() as conn:
-        exists = conn.execute(sa.text("SELECT 1 FROM pg_roles WHERE rolname = :r"),
-                              {"r": READER_ROLE}).scalar()
-        if exists:
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(LOCK_KEY)))
+        missing = conn.execute(sa.text(
+            "SELECT count(*) FROM pg_roles r, pg_class c "
+            "WHERE r.rolname = :r AND c.relnamespace = 'public'::regnamespace "
+            "AND c.relkind IN ('r', 'v') AND NOT has_table_privilege(r.oid, c.oid, 'SELECT')"),
+            {"r": READER_ROLE}).scalar()
+        if missing:
             conn.execute(sa.text(f"GRANT USAGE ON SCHEMA public TO {READER_ROLE}"))
             conn.execute(sa.text(f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {READER_ROLE}"))
 
@@ -157,14 +162,19 @@ def open_catalog(settings: Settings | None = None, *, dsn: str | None = None,
             server = _server.start(settings.catalog_dir)
             dsn = server.dsn()
             if (os.getpid(), dsn) not in _PREPARED:
-                _prepare_embedded(server)
+                with _server.locked(server.catalog_dir):
+                    _prepare_embedded(server)
     else:
         server = None
     catalog = Catalog(dsn, server)
     if upgrade_schema and (os.getpid(), dsn) not in _PREPARED:
         try:
             with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
-                version = ensure_pg_sphere(conn)
+                conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+                try:
+                    version = ensure_pg_sphere(conn)
+                finally:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (LOCK_KEY,))
         except psycopg.OperationalError as exc:
             msg = f"cannot connect to the catalog at {dsn}: {str(exc).strip()}"
             raise CatalogError(msg) from None

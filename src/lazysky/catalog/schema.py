@@ -196,7 +196,7 @@ MIGRATIONS: tuple[Migration, ...] = (
               _v1_create),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
-_LOCK_KEY = 0x6C617A79  # 'lazy': the advisory lock serialising upgrades
+LOCK_KEY = 0x6C617A79  # 'lazy': the advisory lock serialising upgrades
 
 
 def current_version(conn: sa.Connection) -> int:
@@ -214,7 +214,7 @@ def upgrade(engine: sa.Engine) -> int:
     them). Needs pgSphere in the database (see :func:`lazysky.catalog.open_catalog`).
     """
     with engine.begin() as conn:
-        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_LOCK_KEY)))
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(LOCK_KEY)))
         schema_version.create(conn, checkfirst=True)
         have = current_version(conn)
         for step in MIGRATIONS:

@@ -198,7 +198,8 @@ def _prepare_dirs(server: EmbeddedServer) -> None:
 
 
 @contextlib.contextmanager
-def _locked(catalog_dir: Path) -> Iterator[None]:
+def locked(catalog_dir: Path) -> Iterator[None]:
+    """Hold the catalog directory's file lock (one process at a time)."""
     catalog_dir.mkdir(parents=True, exist_ok=True)
     with open(catalog_dir / ".lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -262,7 +263,7 @@ def start(
     """
     server = EmbeddedServer(Path(catalog_dir).expanduser().resolve(), port)
     bindir = find_pg_bindir()
-    with _locked(server.catalog_dir):
+    with locked(server.catalog_dir):
         _prepare_dirs(server)
         if not (server.pgdata / "PG_VERSION").exists():
             if server.pgdata.exists() and any(server.pgdata.iterdir()):
@@ -288,7 +289,7 @@ def start(
 def stop(catalog_dir: str | os.PathLike[str], *, port: int = DEFAULT_PORT) -> bool:
     """Stop the embedded server (fast shutdown); returns whether it was running."""
     server = EmbeddedServer(Path(catalog_dir).expanduser().resolve(), port)
-    with _locked(server.catalog_dir):
+    with locked(server.catalog_dir):
         if not status(server.catalog_dir, port=port).running:
             return False
         logger.info("stopping the embedded catalog server in %s", server.catalog_dir)
