@@ -24,6 +24,7 @@ from lazysky.catalog.database import Catalog, get_engine, open_catalog
 from lazysky.catalog.records import Exposure, finish_run, register_run, write_exposures
 from lazysky.catalog.schema import coadd_sources, diff_sources, exposures, runs
 from lazysky.catalog.write import WriteResult, write_sources
+from lazysky.catalog.xmatch import crossmatch
 
 __all__ = [
     "Catalog",
@@ -41,6 +42,7 @@ __all__ = [
     "coadd_sources",
     "cone_query",
     "cone_search",
+    "crossmatch",
     "diff_sources",
     "exposures",
     "finish_run",
