@@ -121,17 +121,18 @@ def to_table(result: sa.CursorResult[Any], stmt: sa.Select[Any]) -> Table:
     """An astropy Table (with units) from the rows of ``stmt``."""
     rows = result.fetchall()
     names = list(result.keys())
+    columns = list(zip(*rows, strict=True)) if rows else [()] * len(names)
     cols: list[Any] = []
-    for i, col in enumerate(stmt.selected_columns):
-        values = [r[i] for r in rows]
+    for values, col in zip(columns, stmt.selected_columns, strict=True):
         if isinstance(col.type, sa.Float) or col.name == "distance":
-            arr = np.array(values, dtype=np.float64) if values else np.zeros(0)
+            arr = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
         elif isinstance(col.type, sa.Integer):
-            arr = np.array(values, dtype=np.int64) if values else np.zeros(0, np.int64)
+            arr = np.array(values, dtype=np.int64)
         else:
             arr = np.array(values, dtype=str) if values else np.zeros(0, dtype="U1")
-        cols.append(arr * _UNITS[col.name] if col.name in _UNITS else arr)
-    return Table(cols, names=names)
+        cols.append(u.Quantity(arr, _UNITS[col.name], copy=False) if col.name in _UNITS
+                    else arr)
+    return Table(cols, names=names, copy=False)
 
 
 def cone_search(ra: Any, dec: Any, radius: Any, *, table: str = "coadd",
