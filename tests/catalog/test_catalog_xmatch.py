@@ -42,6 +42,22 @@ def test_crossmatch_equals_brute_force(catalog: Catalog, make_run: Callable[...,
                                np.sort(sep.arcsec), atol=1e-6)
 
 
+def test_parallel_parts_give_the_same_answer(catalog: Catalog, make_run: Callable[..., str],
+                                             sources: Sources) -> None:
+    run = make_run()
+    data = sources(20_000, seed=41, ra_range=(10.0, 11.0), dec_range=(-1.0, 0.0))
+    write_sources("coadd", run, "xm-par", data, catalog=catalog)
+    rng = np.random.default_rng(9)
+    ra = np.concatenate([data["ra"][:6000], rng.uniform(10, 11, 6000)])
+    dec = np.concatenate([data["dec"][:6000], rng.uniform(-1, 0, 6000)])
+    one = crossmatch(ra, dec, "3arcsec", run=run, catalog=catalog, n_connections=1)
+    two = crossmatch(ra, dec, "3arcsec", run=run, catalog=catalog, n_connections=2)
+    assert len(one) >= 6000
+    for name in ("index", "number", "distance"):
+        np.testing.assert_array_equal(np.asarray(one[name]), np.asarray(two[name]))
+    assert np.all(np.diff(np.asarray(two["index"])) >= 0)
+
+
 def test_crossmatch_plan_probes_the_index(catalog: Catalog) -> None:
     rng = np.random.default_rng(1)
     plan = crossmatch_plan(rng.uniform(0, 360, 2000), rng.uniform(-60, 60, 2000), "1arcsec",
