@@ -108,6 +108,7 @@ def test_sr_zero_is_a_metadata_query(scs: dict[str, str]) -> None:
     "RA=10&DEC=" + quote("0 OR 1=1") + "&SR=0.1",
     "RA=10&DEC=0&SR=" + quote("0.1)::scircle; DELETE FROM coadd_sources; --"),
     "RA=10&DEC=0&SR=0.1&VERB=" + quote("2' OR '1'='1"),
+    "RA=10&DEC=0&SR=0.1&" + "&".join(f"X{i}=1" for i in range(60)),
 ])
 def test_bad_input_gets_the_error_votable(scs: dict[str, str], catalog: Catalog,
                                           query: str) -> None:
@@ -157,3 +158,13 @@ def test_row_limit_marks_overflow(catalog_dir: Path, scs: dict[str, str]) -> Non
         assert results.votable.resources[0].infos[0].value == "OVERFLOW"
     finally:
         _stop(proc)
+
+
+def test_statement_timeout_is_an_error_response(catalog: Catalog) -> None:
+    from lazysky.catalog._errors import CatalogError
+    from lazysky.catalog.scs import ServiceLimits, run_query
+
+    limits = ServiceLimits(max_radius_deg=180.0, statement_timeout_ms=1)
+    whole_sky = {"RA": ["0"], "DEC": ["0"], "SR": ["180"], "VERB": ["3"]}
+    with pytest.raises(CatalogError, match="took too long"):  # cannot finish in 1 ms
+        run_query(catalog, "coadd", whole_sky, limits)

@@ -245,7 +245,11 @@ def make_server(catalog: Catalog, *, host: str = "127.0.0.1", port: int = 0,
                            "text/xml; charset=utf-8", 404)
                 return
             try:
-                params = parse_qs(url.query, keep_blank_values=True, max_num_fields=50)
+                try:
+                    params = parse_qs(url.query, keep_blank_values=True, max_num_fields=50)
+                except ValueError:
+                    msg = "too many parameters; a cone search takes RA, DEC, SR and VERB"
+                    raise ParameterError(msg) from None
                 body = run_query(catalog, table, params, lim)
             except ParameterError as exc:
                 body = error_votable(str(exc))
