@@ -62,6 +62,20 @@ def test_round_trip_with_nan_as_null(catalog: Catalog, make_run: Callable[..., s
     assert rows[7].pos.lat_rad == pytest.approx(math.radians(data["dec"][7]), abs=1e-14)
 
 
+def test_rows_are_stored_in_spatial_order(catalog: Catalog, make_run: Callable[..., str],
+                                          sources: Sources) -> None:
+    run = make_run()
+    write_sources("coadd", run, "order", sources(2000, seed=3, ra_range=(20.0, 21.0),
+                                                 dec_range=(5.0, 6.0)), catalog=catalog)
+    with catalog.engine().connect() as conn:
+        stored = conn.execute(sa.text(
+            "SELECT ra, dec, number FROM coadd_sources WHERE run_id = :r AND tile_id = 'order' "
+            "ORDER BY ctid"), {"r": run}).all()
+    strips = np.floor(np.array([r.dec for r in stored]) * 60)
+    assert np.all(np.diff(strips) >= 0)
+    assert sorted(r.number for r in stored) == list(range(1, 2001))
+
+
 def test_replace_is_idempotent_per_run_and_tile(catalog: Catalog, make_run: Callable[..., str],
                                                 sources: Sources) -> None:
     run, other = make_run(), make_run()

@@ -9,7 +9,9 @@ the staged ones. So:
 - many processes may write at once (one connection per process; writers of the same
   (run, tile) are serialised by the lock, others run in parallel);
 - a writer killed at any point (even with SIGKILL in the middle of the COPY) changes
-  nothing: the transaction never commits, the previous rows stay.
+  nothing: the transaction never commits, the previous rows stay;
+- rows are stored in spatial order within the tile (1′ Dec strips, then RA), so a cone
+  search touches few heap pages.
 
 ``pos`` (the ``spoint``) is computed by the database from ``ra``/``dec``.
 
@@ -151,7 +153,11 @@ def _prepare(table: sa.Table, sources: Any) -> tuple[np.ndarray, list[str], list
         except (TypeError, ValueError):
             msg = f"column {c!r} must be numeric, got dtype {np.asarray(arrays[c]).dtype}"
             raise ParameterError(msg) from None
-    return rows, names, exposure_ids
+    # Store a tile's rows in spatial order (1′ Dec strips, then RA): a cone search then
+    # reads a few heap pages instead of one per row, and GiST inserts stay local.
+    # Rows keep their ``number``; only their physical order changes.
+    order = np.lexsort((arrays["ra"], np.floor(dec * 60.0)))
+    return rows[order], names, exposure_ids
 
 
 def _stage_sql(table: sa.Table, names: list[str], kinds: dict[str, str]) -> sql.Composed:
