@@ -130,9 +130,12 @@ def to_table(result: sa.CursorResult[Any], stmt: sa.Select[Any]) -> Table:
             arr = np.array(values, dtype=np.int64)
         else:
             arr = np.array(values, dtype=str) if values else np.zeros(0, dtype="U1")
-        cols.append(u.Quantity(arr, _UNITS[col.name], copy=False) if col.name in _UNITS
-                    else arr)
-    return Table(cols, names=names, copy=False)
+        cols.append(arr)
+    table = Table(cols, names=names, copy=False)
+    for name in names:
+        if name in _UNITS:
+            table[name].unit = _UNITS[name]
+    return table
 
 
 def cone_search(ra: Any, dec: Any, radius: Any, *, table: str = "coadd",
@@ -180,5 +183,6 @@ def cone_search(ra: Any, dec: Any, radius: Any, *, table: str = "coadd",
     stmt = cone_query(ra, dec, radius, table=table, run=run, columns=columns, where=where,
                       limit=limit)
     catalog = catalog if catalog is not None else open_catalog()
-    with catalog.engine().connect() as conn:
+    # autocommit: a single SELECT needs no BEGIN/ROLLBACK round trips
+    with catalog.engine().connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         return to_table(conn.execute(stmt), stmt)
