@@ -72,6 +72,13 @@ def test_cone_equals_brute_force(catalog: Catalog, sky: dict[str, Any], ra: floa
     assert got["distance"].unit == u.arcsec
 
 
+def test_largest_cone_is_a_hemisphere(catalog: Catalog, sky: dict[str, Any]) -> None:
+    got = cone_search(0.0, 90.0, 90.0, run=sky["run"], limit=None, columns=["dec"],
+                      catalog=catalog)
+    dec = np.asarray(sky["coords"].dec.deg)
+    assert len(got) == np.count_nonzero(dec >= 0)
+
+
 def test_query_uses_the_gist_index(catalog: Catalog, sky: dict[str, Any]) -> None:
     plan = explain(cone_query(10.0, 20.0, "6arcmin", run=sky["run"]), catalog=catalog)
     assert "ix_coadd_sources_pos" in plan
@@ -121,7 +128,8 @@ def test_sexagesimal_and_units(catalog: Catalog, sky: dict[str, Any]) -> None:
     (10, -91, 1, "Dec must lie"),
     (10, 0, 0, "radius must be positive"),
     (10, 0, -1, "radius must be positive"),
-    (10, 0, 500, "at most 180 deg"),
+    (10, 0, 500, "at most 90 deg"),
+    (10, 0, 90.5, "at most 90 deg"),
     (float("nan"), 0, 1, "finite"),
     (10, float("inf"), 1, "finite"),
     (10, 0, "nan", "must be an angle"),

@@ -164,7 +164,7 @@ def test_statement_timeout_is_an_error_response(catalog: Catalog) -> None:
     from lazysky.catalog._errors import CatalogError
     from lazysky.catalog.scs import ServiceLimits, run_query
 
-    limits = ServiceLimits(max_radius_deg=180.0, statement_timeout_ms=1)
-    whole_sky = {"RA": ["0"], "DEC": ["0"], "SR": ["180"], "VERB": ["3"]}
+    limits = ServiceLimits(max_radius_deg=90.0, statement_timeout_ms=1)
+    whole_sky = {"RA": ["0"], "DEC": ["0"], "SR": ["90"], "VERB": ["3"]}
     with pytest.raises(CatalogError, match="took too long"):  # cannot finish in 1 ms
         run_query(catalog, "coadd", whole_sky, limits)

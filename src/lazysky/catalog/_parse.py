@@ -31,7 +31,7 @@ from lazysky.errors import ParameterError
 
 __all__ = ["MAX_RADIUS_DEG", "parse_angle", "parse_position", "parse_radius"]
 
-MAX_RADIUS_DEG = 180.0
+MAX_RADIUS_DEG = 90.0  # pgSphere circles have radius <= 90 deg
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 _ALLOWED = re.compile(r"[0-9a-zA-Z.:+\-\s'\"°]+")
 

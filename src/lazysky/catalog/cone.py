@@ -172,8 +172,8 @@ def cone_search(ra: Any, dec: Any, radius: Any, *, table: str = "coadd",
     Raises
     ------
     ParameterError
-        RA outside [0, 360), Dec outside [-90, 90], radius not in (0, 180] deg,
-        NaN, non-numbers, unknown table or columns.
+        RA outside [0, 360), Dec outside [-90, 90], radius not in (0, 90] deg
+        (pgSphere's largest circle), NaN, non-numbers, unknown table or columns.
 
     Examples
     --------

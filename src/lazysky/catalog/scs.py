@@ -171,7 +171,8 @@ def run_query(catalog: Catalog, table: str, params: dict[str, list[str]],
     engine = get_engine(catalog.reader_dsn, read_only=True,
                         statement_timeout_ms=limits.statement_timeout_ms)
     try:
-        with engine.connect() as conn:
+        # autocommit: each SELECT is its own read-only transaction, no BEGIN/ROLLBACK trips
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             result = conn.execute(stmt)
             rows = result.fetchall()
     except sa.exc.OperationalError as exc:
