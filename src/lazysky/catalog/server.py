@@ -61,6 +61,7 @@ SERVER_SETTINGS: Mapping[str, str] = {
     "max_wal_size": "4GB",
     "checkpoint_timeout": "15min",
     "log_min_messages": "warning",
+    "jit": "off",  # compiling costs more than short cone and cross-match queries take
 }
 
 
