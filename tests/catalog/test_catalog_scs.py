@@ -80,6 +80,16 @@ def test_pyvo_search_equals_cone_search(scs: dict[str, str], catalog: Catalog) -
     assert ucds["dec"] == "POS_EQ_DEC_MAIN"
 
 
+def test_difference_and_production_services(scs: dict[str, str]) -> None:
+    base = scs["url"].split("/scs/")[0]
+    diff = pyvo.dal.SCSService(base + "/scs/diff?").search(pos=(150.0, 2.0), radius=0.05)
+    assert {"flux_psf", "sign", "ra", "dec", "id"} <= set(diff.fieldnames)
+    prod = pyvo.dal.SCSService(base + "/scs/coadd_prod?").search(pos=(150.0, 2.0),
+                                                                radius=0.05)
+    assert len(prod) > 0  # the module's run is a production run
+    assert {str(r.id).split("/")[0] for r in prod} == {scs["run"]}
+
+
 def test_verbosity_chooses_columns(scs: dict[str, str]) -> None:
     service = pyvo.dal.SCSService(scs["url"])
     few = service.search(pos=(150.0, 2.0), radius=0.02, verbosity=1)
