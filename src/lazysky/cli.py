@@ -115,6 +115,108 @@ def _add_ingest_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 # --- end ingest ----------------------------------------------------------------------
 
+# --- catalog commands (issue 7): catalog up|down|status|dsn, cone, serve ------------------
+
+
+def _cmd_catalog(args: argparse.Namespace) -> int:
+    from lazysky.catalog import server
+    from lazysky.catalog.database import open_catalog
+    from lazysky.config import load_settings
+
+    settings = load_settings(args.config)
+    if args.action == "dsn":
+        print(open_catalog(settings).dsn if settings.catalog_dsn is None
+              else settings.catalog_dsn)
+        return 0
+    if settings.catalog_dsn is not None:
+        print(f"the catalog is the configured server {settings.catalog_dsn}; "
+              f"'lazysky catalog {args.action}' manages the embedded server only")
+        return 0 if args.action == "status" else 1
+    if args.action == "up":
+        print(open_catalog(settings).dsn)
+    elif args.action == "down":
+        was = server.stop(settings.catalog_dir)
+        print("stopped" if was else "not running")
+    else:
+        state = server.status(settings.catalog_dir)
+        print(state)
+        return 0 if state.running else 3
+    return 0
+
+
+def _cmd_cone(args: argparse.Namespace) -> int:
+    import io
+
+    from lazysky.catalog import cone_search, open_catalog
+    from lazysky.config import load_settings
+
+    table = cone_search(args.ra, args.dec, args.radius, table=args.table, run=args.run,
+                        columns=args.columns, limit=args.limit,
+                        catalog=open_catalog(load_settings(args.config)))
+    if args.format == "table":
+        table.pprint_all()
+    elif args.format == "json":
+        rows = [{k: (v.item() if hasattr(v, "item") else v) for k, v in zip(
+            table.colnames, row, strict=True)} for row in table.iterrows()]
+        print(json.dumps(rows, indent=1))
+    else:
+        buf = io.BytesIO() if args.format == "votable" else io.StringIO()
+        table.write(buf, format="votable" if args.format == "votable" else "ascii.csv")
+        out = buf.getvalue()
+        sys.stdout.write(out.decode() if isinstance(out, bytes) else out)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from lazysky.catalog import open_catalog
+    from lazysky.catalog.scs import ServiceLimits, make_server
+    from lazysky.config import load_settings
+
+    catalog = open_catalog(load_settings(args.config))
+    limits = ServiceLimits(max_radius_deg=args.max_radius, max_rows=args.max_rows)
+    httpd = make_server(catalog, host=args.host, port=args.port, limits=limits)
+    host, port = httpd.server_address[:2]
+    print(f"Simple Cone Search: http://{host!s}:{port}/scs/coadd?", flush=True)
+    try:
+        httpd.serve_forever()
+    finally:
+        httpd.server_close()
+    return 0
+
+
+def _add_catalog_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("catalog", help="the embedded catalog server: up, down, status, dsn")
+    p.add_argument("action", choices=["up", "down", "status", "dsn"])
+    p.add_argument("--config", help="YAML settings file (default: $LAZYSKY_CONFIG)")
+    p.set_defaults(handler=_cmd_catalog)
+
+    p = sub.add_parser(
+        "cone", help="cone search: sources around a position",
+        epilog="A negative sexagesimal Dec needs '--' first: lazysky cone -- 10:00:00 "
+        "-05:30:00 1arcmin (plain negative degrees such as -5.5 need nothing).")
+    p.add_argument("ra", metavar="RA", help="degrees, hh:mm:ss or with a unit")
+    p.add_argument("dec", metavar="DEC", help="degrees, dd:mm:ss or with a unit")
+    p.add_argument("radius", metavar="RADIUS", help="degrees or with a unit (10arcsec)")
+    p.add_argument("--table", default="coadd",
+                   help="coadd, diff, coadd_prod or diff_prod (default coadd)")
+    p.add_argument("--run", help="only this run id")
+    p.add_argument("--columns", help="comma-separated columns (default all)")
+    p.add_argument("--limit", type=int, default=100_000, help="most rows (nearest first)")
+    p.add_argument("--format", choices=["table", "csv", "votable", "json"], default="table")
+    p.add_argument("--config", help="YAML settings file (default: $LAZYSKY_CONFIG)")
+    p.set_defaults(handler=_cmd_cone)
+
+    p = sub.add_parser("serve", help="IVOA Simple Cone Search HTTP service")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port (0: a free one)")
+    p.add_argument("--max-radius", type=float, default=1.0, help="largest SR, deg")
+    p.add_argument("--max-rows", type=int, default=10_000, help="most rows per answer")
+    p.add_argument("--config", help="YAML settings file (default: $LAZYSKY_CONFIG)")
+    p.set_defaults(handler=_cmd_serve)
+
+
+# --- end of catalog commands ------------------------------------------------------------
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lazysky`` command."""
@@ -154,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="show the settings in force (JSON)")
     p.add_argument("--config", help="YAML settings file (default: $LAZYSKY_CONFIG)")
     p.set_defaults(handler=_cmd_config)
+
+    _add_catalog_parsers(sub)  # catalog commands (issue 7)
     return parser
 
 

@@ -107,6 +107,13 @@ class ClusterSettings(BaseModel):
         return v
 
 
+def default_catalog_dir() -> Path:
+    """Where the embedded catalog lives when ``catalog_dir`` is not set."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/lazysky/catalog")
+    return Path("~/.local/share/lazysky/catalog")
+
+
 class Settings(BaseSettings):
     """All lazysky settings. Build one with :func:`load_settings`."""
 
@@ -126,8 +133,10 @@ class Settings(BaseSettings):
         description="PostgreSQL DSN of the catalog; None starts the embedded private server.",
     )
     catalog_dir: Path = Field(
-        Path("~/.local/share/lazysky/catalog"),
-        description="Data directory of the embedded catalog server.",
+        default_factory=lambda: default_catalog_dir(),
+        description="Data directory of the embedded catalog server. Default "
+        "~/.local/share/lazysky/catalog; as root /var/lib/lazysky/catalog, because the "
+        "server then runs as the postgres user, which cannot enter a 0700 home.",
     )
     s3: S3Settings = Field(default_factory=S3Settings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)

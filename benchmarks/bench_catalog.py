@@ -1,0 +1,286 @@
+"""Catalog benchmarks: bulk load, cone-search latency (pgSphere vs q3c vs seq scan),
+throughput with several clients, cross-match.
+
+Run (it starts its own embedded server in --dir, by default /var/tmp/lazysky-bench)::
+
+    python benchmarks/bench_catalog.py --rows 1000000
+    python benchmarks/bench_catalog.py --rows 10000000 --queries 300
+
+q3c (Debian package ``postgresql-15-q3c``) is installed with apt-get when run as root
+and missing; otherwise its columns are skipped with a note. Prints a Markdown report
+(paste it into docs/catalog.md). Timings are wall-clock on whatever machine runs it:
+the numbers mean something only next to the machine's description, which is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from lazysky.catalog import Catalog, cone_search, crossmatch, open_catalog, write_sources
+from lazysky.catalog.database import libpq_dsn
+from lazysky.catalog.records import register_run
+from lazysky.config import load_settings
+from lazysky.runs import Run, new_run_id
+
+RADII_DEG = {"1′": 1 / 60, "6′": 0.1, "1°": 1.0}
+TILE_ROWS = 10_000      # sources per (run, tile) write
+TILE_DEG = 1.0          # tiles of 1° × 1°: 10 000 sources/deg², a deep survey's density
+FIELD_DEC = (-10.0, 10.0)  # the field: a band across RA = 0/360 (wrap included)
+RA_START = 357.0
+
+
+def _tile_origin(t: int) -> tuple[float, float]:
+    rows = int((FIELD_DEC[1] - FIELD_DEC[0]) / TILE_DEG)
+    return (RA_START + (t // rows) * TILE_DEG) % 360, FIELD_DEC[0] + (t % rows) * TILE_DEG
+
+
+def _field_ra_span(rows: int) -> float:
+    n_tiles = rows // TILE_ROWS
+    per_col = int((FIELD_DEC[1] - FIELD_DEC[0]) / TILE_DEG)
+    return max(1, n_tiles // per_col) * TILE_DEG
+
+
+def _tile(rng: np.random.Generator, n: int, t: int) -> dict[str, np.ndarray]:
+    """One tile's sources, as the pipeline writes them (uniform within the tile)."""
+    ra0, dec0 = _tile_origin(t)
+    lo, hi = np.sin(np.radians([dec0, dec0 + TILE_DEG]))
+    return {
+        "x": rng.uniform(0, 2048, n), "y": rng.uniform(0, 2048, n),
+        "ra": (ra0 + rng.uniform(0, TILE_DEG, n)) % 360,
+        "dec": np.degrees(np.arcsin(rng.uniform(lo, hi, n))),
+        "flux_aper": rng.lognormal(5, 1, n), "fluxerr_aper": rng.uniform(1, 10, n),
+        "flux_kron": rng.lognormal(5, 1, n), "fluxerr_kron": rng.uniform(1, 10, n),
+        "snr": rng.uniform(5, 500, n), "a": rng.uniform(1, 3, n), "b": rng.uniform(0.5, 1, n),
+        "theta": rng.uniform(-1.5, 1.5, n), "flags": rng.integers(0, 4, n),
+    }
+
+
+def _load_worker(args: tuple[str, str, int, int, int]) -> float:
+    dsn, run, first, n_tiles, seed = args
+    catalog = open_catalog(dsn=dsn)
+    rng = np.random.default_rng(seed)
+    spent = 0.0
+    for t in range(first, first + n_tiles):
+        res = write_sources("coadd", run, f"bench-{t:06d}", _tile(rng, TILE_ROWS, t),
+                            catalog=catalog)
+        spent += res.seconds
+    return spent
+
+
+def _warm_worker(dsn: str) -> None:
+    open_catalog(dsn=dsn).engine().dispose()
+
+
+def load(catalog: Catalog, run: str, rows: int, *, writers: int) -> list[tuple[int, float]]:
+    """Load ``rows`` rows with ``writers`` processes; returns (rows so far, rows/s) steps."""
+    n_tiles = rows // TILE_ROWS
+    step_tiles = max(n_tiles // 10, writers)
+    steps: list[tuple[int, float]] = []
+    done = 0
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(writers) as pool:
+        # warm-up: start the processes, import lazysky, open the catalog (not timed)
+        pool.map(_warm_worker, [catalog.dsn] * writers)
+        while done < n_tiles:
+            todo = min(step_tiles, n_tiles - done)
+            share = [todo // writers + (1 if i < todo % writers else 0) for i in range(writers)]
+            starts = np.cumsum([0, *share[:-1]]) + done
+            t0 = time.perf_counter()
+            pool.map(_load_worker, [(catalog.dsn, run, int(s), k, int(s) + 7)
+                                    for s, k in zip(starts, share, strict=True) if k])
+            dt = time.perf_counter() - t0
+            done += todo
+            steps.append((done * TILE_ROWS, todo * TILE_ROWS / dt))
+            print(f"  loaded {done * TILE_ROWS:>10,d} rows: {todo * TILE_ROWS / dt:,.0f} rows/s",
+                  flush=True)
+    return steps
+
+
+def row_by_row(catalog: Catalog, run: str, n: int) -> float:
+    """rows/s of one INSERT per row (one transaction), the naive way."""
+    data = _tile(np.random.default_rng(99), n, 0)
+    cols = list(data)
+    sql = (f"INSERT INTO coadd_sources (run_id, tile_id, number, {', '.join(cols)}) "
+           f"VALUES (%s, %s, %s, {', '.join(['%s'] * len(cols))})")
+    with psycopg.connect(libpq_dsn(catalog.dsn)) as conn, conn.cursor() as cur:
+        t0 = time.perf_counter()
+        for i in range(n):
+            cur.execute(sql, (run, "rowbyrow", i + 1, *(data[c][i].item() for c in cols)))
+        conn.commit()
+        return n / (time.perf_counter() - t0)
+
+
+def ensure_q3c(conn: psycopg.Connection[Any]) -> bool:
+    if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'q3c'").fetchone() is None:
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            print("  installing postgresql-15-q3c with apt-get", flush=True)
+            subprocess.run(["apt-get", "install", "-y", "-q", "postgresql-15-q3c"],
+                           check=False, capture_output=True,
+                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        else:
+            print("  q3c missing: apt-get install postgresql-15-q3c (skipped)")
+            return False
+    conn.execute("CREATE EXTENSION IF NOT EXISTS q3c")
+    conn.execute("CREATE INDEX IF NOT EXISTS ix_coadd_sources_q3c "
+                 "ON coadd_sources (q3c_ang2ipix(ra, dec))")
+    conn.execute("ANALYZE coadd_sources")
+    return True
+
+
+QUERIES = {
+    "pgsphere": "SELECT ra, dec FROM coadd_sources WHERE pos <@ scircle(spoint(radians(%s), "
+                "radians(%s)), radians(%s))",
+    "q3c": "SELECT ra, dec FROM coadd_sources WHERE q3c_radial_query(ra, dec, %s, %s, %s)",
+}
+
+
+_SPAN = [1.0]  # RA extent of the loaded field (set in main)
+
+
+def _centres(n: int, seed: int) -> np.ndarray:
+    """Cone centres spread over the loaded field (inside it by 1°)."""
+    rng = np.random.default_rng(seed)
+    ra = (RA_START + 1.0 + rng.uniform(0, max(_SPAN[0] - 2.0, 0.1), n)) % 360
+    dec = rng.uniform(FIELD_DEC[0] + 1.0, FIELD_DEC[1] - 1.0, n)
+    return np.column_stack([ra, dec])
+
+
+def sql_latency(dsn: str, kind: str, radius: float, n: int, *, seqscan: bool = False
+                ) -> tuple[float, float, float]:
+    """p50, p95 (ms) and mean rows of ``n`` prepared cone queries."""
+    times, rows = [], []
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+        if seqscan:
+            conn.execute("SET enable_indexscan = off")
+            conn.execute("SET enable_bitmapscan = off")
+        for ra, dec in _centres(n, seed=int(radius * 1e6) + n):
+            t0 = time.perf_counter()
+            got = conn.execute(QUERIES[kind], (ra, dec, radius)).fetchall()
+            times.append(time.perf_counter() - t0)
+            rows.append(len(got))
+    ms = np.array(times) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), float(np.mean(rows))
+
+
+def api_latency(catalog: Catalog, radius: float, n: int) -> tuple[float, float]:
+    times = []
+    for ra, dec in _centres(n, seed=5):
+        t0 = time.perf_counter()
+        cone_search(ra, dec, radius, catalog=catalog)
+        times.append(time.perf_counter() - t0)
+    ms = np.array(times) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
+
+
+def _qps_worker(args: tuple[str, float, float, int, float]) -> int:
+    dsn, radius, seconds, seed, span = args
+    _SPAN[0] = span
+    done = 0
+    centres = _centres(5000, seed)
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            ra, dec = centres[done % len(centres)]
+            conn.execute(QUERIES["pgsphere"], (ra, dec, radius)).fetchall()
+            done += 1
+    return done
+
+
+def throughput(dsn: str, radius: float, clients: int, seconds: float) -> float:
+    with mp.get_context("spawn").Pool(clients) as pool:
+        counts = pool.map(_qps_worker, [(dsn, radius, seconds, 100 + i, _SPAN[0])
+                                        for i in range(clients)])
+    return sum(counts) / seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--queries", type=int, default=300, help="queries per latency cell")
+    ap.add_argument("--writers", type=int, default=2, help="loader processes")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--xmatch", type=int, default=100_000, help="positions to cross-match")
+    ap.add_argument("--dir", default="/var/tmp/lazysky-bench", help="embedded catalog dir")
+    ap.add_argument("--keep", action="store_true", help="reuse rows already loaded")
+    args = ap.parse_args()
+
+    bench_dir = Path(args.dir)
+    if bench_dir.exists() and not args.keep:
+        from lazysky.catalog import server
+
+        server.stop(bench_dir)
+        shutil.rmtree(bench_dir)
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    bench_dir.chmod(0o755)
+    catalog = open_catalog(load_settings(catalog_dir=bench_dir, catalog_dsn=None))
+    dsn = libpq_dsn(catalog.dsn)
+    with psycopg.connect(dsn) as conn:
+        have = conn.execute("SELECT count(*) FROM coadd_sources").fetchone()
+    report = [f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.platform()}, "
+              f"load average {os.getloadavg()[0]:.2f} at start"]
+    if not have or have[0] < args.rows:
+        run = Run(new_run_id("test"), description="benchmark")
+        register_run(run, catalog=catalog)
+        print(f"bulk load {args.rows:,d} rows, {args.writers} writer processes, "
+              f"{TILE_ROWS:,d} rows per (run, tile)", flush=True)
+        steps = load(catalog, run.run_id, args.rows - (have[0] if have else 0),
+                     writers=args.writers)
+        rbr = row_by_row(catalog, run.run_id, 20_000)
+        total = [s for s in steps]
+        report.append(f"bulk load (write_sources, {args.writers} processes, indexed table): "
+                      f"first 10 %: {total[0][1]:,.0f} rows/s, last 10 %: "
+                      f"{total[-1][1]:,.0f} rows/s, mean {np.mean([s[1] for s in total]):,.0f}"
+                      f" rows/s; row-by-row INSERT: {rbr:,.0f} rows/s; ratio "
+                      f"{np.mean([s[1] for s in total]) / rbr:.0f}×")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE coadd_sources")
+        nrows = conn.execute("SELECT count(*) FROM coadd_sources").fetchone()
+        q3c = ensure_q3c(conn)
+    total_rows = nrows[0] if nrows else 0
+    _SPAN[0] = _field_ra_span(total_rows)
+    report.append(f"rows in coadd_sources: {total_rows:,d} in a field of RA {RA_START:g}° + "
+                  f"{_SPAN[0]:g}° (across 0/360) × Dec {FIELD_DEC[0]:g}…{FIELD_DEC[1]:g}°, "
+                  f"{TILE_ROWS / TILE_DEG**2:,.0f} sources/deg²")
+    report.append("")
+    report.append("| radius | mean rows | pgSphere SQL p50/p95 ms | q3c SQL p50/p95 ms | "
+                  "seq scan p50/p95 ms | cone_search() p50/p95 ms |")
+    report.append("|---|---|---|---|---|---|")
+    for label, radius in RADII_DEG.items():
+        p50, p95, mean_rows = sql_latency(dsn, "pgsphere", radius, args.queries)
+        q = sql_latency(dsn, "q3c", radius, args.queries) if q3c else None
+        s = sql_latency(dsn, "pgsphere", radius, 5, seqscan=True)
+        a = api_latency(catalog, radius, args.queries)
+        qtxt = f"{q[0]:.2f} / {q[1]:.2f}" if q else "n/a"
+        report.append(f"| {label} | {mean_rows:,.0f} | {p50:.2f} / {p95:.2f} | {qtxt} | "
+                      f"{s[0]:.0f} / {s[1]:.0f} | {a[0]:.2f} / {a[1]:.2f} |")
+        print(report[-1], flush=True)
+    qps = throughput(dsn, 1 / 60, args.clients, 10.0)
+    report.append("")
+    report.append(f"throughput, {args.clients} clients, r = 1′ (SQL): {qps:,.0f} queries/s")
+    with psycopg.connect(dsn) as conn:
+        sample = conn.execute("SELECT ra, dec FROM coadd_sources TABLESAMPLE SYSTEM (1) "
+                              "LIMIT %s", (args.xmatch // 2,)).fetchall()
+    near = np.array(sample, dtype=float)
+    far = _centres(args.xmatch - len(near), seed=17)
+    ra = np.concatenate([near[:, 0], far[:, 0]])
+    dec = np.concatenate([near[:, 1], far[:, 1]])
+    t0 = time.perf_counter()
+    matched = crossmatch(ra, dec, "1arcsec", catalog=catalog)
+    report.append(f"cross-match {args.xmatch:,d} positions at 1″: {time.perf_counter() - t0:.2f} s "
+                  f"({len(matched):,d} matches)")
+    print("\n".join(report))
+
+
+if __name__ == "__main__":
+    main()

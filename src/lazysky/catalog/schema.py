@@ -1,0 +1,227 @@
+"""The catalog schema: runs, exposures, coadd and difference-image sources.
+
+Every position is stored twice: as a pgSphere ``spoint`` (``pos``, GiST-indexed, what
+cone searches use) and as ``ra``/``dec`` in degrees (what people read). ``pos`` is
+computed by the database from ``ra``/``dec`` (a generated column), so the two never
+disagree. Rows of sources belong to a (run, tile): the primary key is
+``(run_id, tile_id, number)``, which is also what :func:`lazysky.catalog.write_sources`
+replaces atomically.
+
+The ``*_prod`` views show production rows only (runs of type ``prod``).
+
+The schema is versioned: :data:`MIGRATIONS` lists the steps, the table
+``lazysky_schema`` records those applied, and :func:`upgrade` applies the missing ones
+under an advisory lock (safe when many processes open the catalog at once).
+
+Examples
+--------
+>>> from lazysky.catalog.schema import coadd_sources
+>>> "pos" in coadd_sources.c and "ra" in coadd_sources.c
+True
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB
+
+from lazysky.catalog._types import SPointType, SPolyType
+from lazysky.runs import RUN_ID_PATTERN, RUN_STATUSES, RUN_TYPES
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "SOURCE_TABLES",
+    "coadd_sources",
+    "diff_sources",
+    "exposures",
+    "metadata",
+    "runs",
+    "schema_version",
+    "upgrade",
+]
+
+logger = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+_views = sa.MetaData()
+
+_POS_EXPR = "spoint(radians(ra), radians(dec))"
+_RUN_TYPES_SQL = ", ".join(f"'{t}'" for t in RUN_TYPES)
+_STATUSES_SQL = ", ".join(f"'{s}'" for s in RUN_STATUSES)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("run_id", sa.Text, primary_key=True),
+    sa.Column("run_type", sa.Text, sa.Computed("split_part(run_id, '-', 1)", persisted=True),
+              nullable=False),
+    sa.Column("config", JSONB, nullable=False, server_default="{}"),
+    sa.Column("software_version", sa.Text, nullable=False),
+    sa.Column("inputs", JSONB, nullable=False, server_default="{}",
+              comment="input name -> SHA-256"),
+    sa.Column("parent_run_id", sa.Text, sa.ForeignKey("runs.run_id"), nullable=True),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("status", sa.Text, nullable=False, server_default="running"),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("timings", JSONB, nullable=False, server_default="{}",
+              comment="step name -> seconds"),
+    sa.CheckConstraint(f"run_id ~ '{RUN_ID_PATTERN}'", name="run_id_form"),
+    sa.CheckConstraint(f"split_part(run_id, '-', 1) IN ({_RUN_TYPES_SQL})", name="run_type"),
+    sa.CheckConstraint(f"status IN ({_STATUSES_SQL})", name="run_status"),
+    sa.CheckConstraint("parent_run_id IS DISTINCT FROM run_id", name="not_own_parent"),
+    comment="processing runs: provenance and lineage",
+)
+
+exposures = sa.Table(
+    "exposures",
+    metadata,
+    sa.Column("exposure_id", sa.Text, primary_key=True, comment="e.g. deep1-r-e003-d01"),
+    sa.Column("instrument", sa.Text, nullable=False),
+    sa.Column("filter", sa.Text, nullable=False),
+    sa.Column("mjd", sa.Float(53), nullable=False),
+    sa.Column("exptime", sa.Float(53), nullable=False, comment="seconds"),
+    sa.Column("footprint", SPolyType(), nullable=True),
+    sa.CheckConstraint("exptime > 0", name="exptime_positive"),
+    sa.CheckConstraint("mjd > 0 AND mjd < 100000", name="mjd_range"),
+    sa.CheckConstraint("length(exposure_id) > 0", name="exposure_id_nonempty"),
+    sa.Index("ix_exposures_footprint", "footprint", postgresql_using="gist"),
+    comment="exposures; footprint as a pgSphere polygon",
+)
+
+
+def _source_table(name: str, *, difference: bool) -> sa.Table:
+    photometry = ("aper", "psf") if difference else ("aper", "kron")
+    flux_cols = [
+        sa.Column(f"{kind}{suffix}", sa.Float(53), nullable=True, comment=comment)
+        for suffix, comment in zip(photometry, ("aperture", "Kron" if not difference
+                                                else "PSF"), strict=True)
+        for kind in ("flux_", "fluxerr_")
+    ]
+    extra: list[sa.Column[object] | sa.CheckConstraint] = []
+    if difference:
+        extra = [
+            sa.Column("sign", sa.SmallInteger, nullable=False,
+                      comment="+1 brighter than the reference, -1 fainter"),
+            sa.Column("exposure_id", sa.Text, sa.ForeignKey("exposures.exposure_id"),
+                      nullable=True),
+            sa.CheckConstraint("sign IN (-1, 1)", name=f"{name}_sign"),
+        ]
+    return sa.Table(
+        name,
+        metadata,
+        sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id"), primary_key=True),
+        sa.Column("tile_id", sa.Text, primary_key=True, comment="stable sky-grid tile id"),
+        sa.Column("number", sa.Integer, primary_key=True, comment="1-based within the tile"),
+        sa.Column("x", sa.Float(53), nullable=False, comment="0-based pixel"),
+        sa.Column("y", sa.Float(53), nullable=False, comment="0-based pixel"),
+        sa.Column("ra", sa.Float(53), nullable=False, comment="deg"),
+        sa.Column("dec", sa.Float(53), nullable=False, comment="deg"),
+        sa.Column("pos", SPointType(), sa.Computed(_POS_EXPR, persisted=True),
+                  nullable=False),
+        *flux_cols,
+        sa.Column("snr", sa.Float(53), nullable=True),
+        sa.Column("a", sa.Float(53), nullable=True, comment="semi-major axis, pixels"),
+        sa.Column("b", sa.Float(53), nullable=True, comment="semi-minor axis, pixels"),
+        sa.Column("theta", sa.Float(53), nullable=True, comment="position angle, radians"),
+        sa.Column("flags", sa.Integer, nullable=False, server_default="0"),
+        *extra,
+        sa.CheckConstraint("ra >= 0 AND ra < 360", name=f"{name}_ra_range"),
+        sa.CheckConstraint("dec >= -90 AND dec <= 90", name=f"{name}_dec_range"),
+        sa.CheckConstraint("number > 0", name=f"{name}_number_positive"),
+        sa.CheckConstraint("length(tile_id) > 0", name=f"{name}_tile_nonempty"),
+        sa.Index(f"ix_{name}_pos", "pos", postgresql_using="gist"),
+        comment=f"{'difference-image' if difference else 'coadd'} sources",
+    )
+
+
+coadd_sources = _source_table("coadd_sources", difference=False)
+diff_sources = _source_table("diff_sources", difference=True)
+
+schema_version = sa.Table(
+    "lazysky_schema",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("description", sa.Text, nullable=False),
+    sa.Column("applied_at", sa.DateTime(timezone=True), server_default=sa.func.now()),
+)
+
+
+def _view_of(table: sa.Table) -> sa.Table:
+    return sa.Table(f"{table.name}_prod", _views,
+                    *(sa.Column(c.name, c.type) for c in table.columns))
+
+
+#: Source tables by short and full name, and their production-only views.
+SOURCE_TABLES: dict[str, sa.Table] = {
+    "coadd": coadd_sources,
+    "diff": diff_sources,
+    "coadd_sources": coadd_sources,
+    "diff_sources": diff_sources,
+    "coadd_prod": _view_of(coadd_sources),
+    "diff_prod": _view_of(diff_sources),
+}
+
+
+def _v1_create(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=[runs, exposures, coadd_sources, diff_sources])
+    for table in (runs, coadd_sources, diff_sources):
+        join = "" if table is runs else " JOIN runs r USING (run_id)"
+        alias = "r" if table is runs else "t"
+        frm = "runs r" if table is runs else f"{table.name} t{join}"
+        conn.execute(sa.text(
+            f"CREATE VIEW {table.name}_prod AS SELECT {alias}.* FROM {frm} "
+            f"WHERE r.run_type = 'prod'"
+        ))
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One step of the schema's history."""
+
+    version: int
+    description: str
+    apply: Callable[[sa.Connection], None]
+
+
+#: The schema's history; append new steps, never edit applied ones.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "runs, exposures, coadd and difference sources, production views",
+              _v1_create),
+)
+SCHEMA_VERSION = MIGRATIONS[-1].version
+LOCK_KEY = 0x6C617A79  # 'lazy': the advisory lock serialising upgrades
+
+
+def current_version(conn: sa.Connection) -> int:
+    """The schema version of the connected database (0 when empty)."""
+    if conn.execute(sa.text("SELECT to_regclass('lazysky_schema')")).scalar() is None:
+        return 0
+    got = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
+    return int(got or 0)
+
+
+def upgrade(engine: sa.Engine) -> int:
+    """Apply the missing migrations; returns the schema version now in force.
+
+    Idempotent, and safe from many processes at once (an advisory lock serialises
+    them). Needs pgSphere in the database (see :func:`lazysky.catalog.open_catalog`).
+    """
+    with engine.begin() as conn:
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(LOCK_KEY)))
+        schema_version.create(conn, checkfirst=True)
+        have = current_version(conn)
+        for step in MIGRATIONS:
+            if step.version > have:
+                logger.info("catalog schema: applying v%d (%s)", step.version,
+                            step.description)
+                step.apply(conn)
+                conn.execute(schema_version.insert().values(
+                    version=step.version, description=step.description))
+    return SCHEMA_VERSION

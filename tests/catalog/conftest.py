@@ -1,0 +1,82 @@
+"""A real embedded PostgreSQL + pgSphere for the catalog tests, started by lazysky itself.
+
+The server lives in a fresh directory under /tmp (reachable by the ``postgres`` user
+when the tests run as root) and is stopped at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lazysky.catalog import Catalog, open_catalog, register_run
+from lazysky.catalog import server as catalog_server
+from lazysky.config import load_settings
+from lazysky.runs import Run, new_run_id
+
+
+@pytest.fixture(scope="session")
+def catalog_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="lazysky-test-catalog-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    catalog_server.stop(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def catalog(catalog_dir: Path) -> Catalog:
+    """The opened test catalog (embedded server, pgSphere, schema)."""
+    return open_catalog(load_settings(catalog_dir=catalog_dir, catalog_dsn=None))
+
+
+@pytest.fixture
+def catalog_env(catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Environment variables pointing a subprocess (lazysky CLI) at the test catalog."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAZYSKY_")}
+    env["LAZYSKY_CATALOG_DSN"] = catalog.dsn
+    return env
+
+
+def _make_run(catalog: Catalog, kind: str = "test") -> str:
+    run = Run(new_run_id(kind), config={"test": True})
+    register_run(run, catalog=catalog)
+    return run.run_id
+
+
+@pytest.fixture
+def make_run(catalog: Catalog) -> Callable[..., str]:
+    """Register a fresh run (``make_run("prod")``) and return its id."""
+    return lambda kind="test": _make_run(catalog, kind)
+
+
+@pytest.fixture(scope="session")
+def sources() -> Callable[..., dict[str, np.ndarray]]:
+    """``sources(n, seed=…, ra_range=…, dec_range=…)``: random source columns."""
+    return random_sources
+
+
+def random_sources(n: int, *, seed: int, ra_range: tuple[float, float] = (0.0, 360.0),
+                   dec_range: tuple[float, float] = (-90.0, 90.0)) -> dict[str, np.ndarray]:
+    """Sources uniform on the sphere within the given RA/Dec box."""
+    rng = np.random.default_rng(seed)
+    lo, hi = np.sin(np.radians(dec_range))
+    return {
+        "x": rng.uniform(0, 2048, n),
+        "y": rng.uniform(0, 2048, n),
+        "ra": rng.uniform(*ra_range, n) % 360.0,
+        "dec": np.degrees(np.arcsin(rng.uniform(lo, hi, n))),
+        "flux_aper": rng.uniform(10, 1e4, n),
+        "fluxerr_aper": rng.uniform(1, 10, n),
+        "snr": rng.uniform(5, 500, n),
+        "a": rng.uniform(1, 3, n),
+        "b": rng.uniform(0.5, 1, n),
+        "theta": rng.uniform(-np.pi / 2, np.pi / 2, n),
+        "flags": rng.integers(0, 4, n),
+    }

@@ -1,0 +1,65 @@
+"""Versioned schema, constraints and production views."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from lazysky.catalog import Catalog, CatalogError, finish_run, register_run
+from lazysky.catalog.database import libpq_dsn
+from lazysky.catalog.schema import SCHEMA_VERSION, current_version, runs, upgrade
+from lazysky.runs import Run, new_run_id
+
+pytestmark = pytest.mark.postgres
+
+
+def test_upgrade_is_recorded_and_idempotent(catalog: Catalog) -> None:
+    assert upgrade(catalog.engine()) == SCHEMA_VERSION
+    with catalog.engine().connect() as conn:
+        assert current_version(conn) == SCHEMA_VERSION
+        n = conn.execute(sa.text("SELECT count(*) FROM lazysky_schema")).scalar()
+    assert n == SCHEMA_VERSION
+
+
+def test_gist_indexes_exist(catalog: Catalog) -> None:
+    with catalog.engine().connect() as conn:
+        defs = set(conn.execute(sa.text(
+            "SELECT indexdef FROM pg_indexes WHERE indexdef LIKE '%USING gist%'")).scalars())
+    assert any("coadd_sources USING gist (pos)" in d for d in defs)
+    assert any("diff_sources USING gist (pos)" in d for d in defs)
+    assert any("exposures USING gist (footprint)" in d for d in defs)
+
+
+@pytest.mark.parametrize(("sql", "constraint"), [
+    ("INSERT INTO runs (run_id, software_version) VALUES ('bogus', '0')", "run_id_form"),
+    ("INSERT INTO exposures VALUES ('e', 'i', 'r', 60000, -1, NULL)", "exptime_positive"),
+])
+def test_constraints_hold_in_the_database(catalog: Catalog, sql: str, constraint: str) -> None:
+    with psycopg.connect(libpq_dsn(catalog.dsn)) as conn, pytest.raises(
+            psycopg.errors.CheckViolation, match=constraint):
+        conn.execute(sql)
+
+
+def test_run_lifecycle_and_lineage(catalog: Catalog) -> None:
+    parent = Run(new_run_id("prod"), config={"k": 1}, inputs={"a.fits": "f" * 64})
+    child = Run(new_run_id("repr"), parent_run_id=parent.run_id)
+    register_run(parent, catalog=catalog)
+    register_run(parent, catalog=catalog)  # again: no-op
+    register_run(child, catalog=catalog)
+    finish_run(parent.run_id, status="done", timings={"detect": 1.5}, catalog=catalog)
+    with catalog.engine().connect() as conn:
+        row = conn.execute(sa.select(runs).where(runs.c.run_id == parent.run_id)).one()
+        kid = conn.execute(sa.select(runs).where(runs.c.run_id == child.run_id)).one()
+        prod_ids = set(conn.execute(sa.text("SELECT run_id FROM runs_prod")).scalars())
+    assert (row.run_type, row.status, row.timings, row.inputs) == (
+        "prod", "done", {"detect": 1.5}, {"a.fits": "f" * 64})
+    assert row.finished_at is not None
+    assert kid.parent_run_id == parent.run_id
+    assert parent.run_id in prod_ids
+    assert child.run_id not in prod_ids
+    orphan = Run(new_run_id("repr"), parent_run_id=new_run_id("prod"))
+    with pytest.raises(CatalogError, match="cannot register run"):
+        register_run(orphan, catalog=catalog)
+    with pytest.raises(CatalogError, match="not registered"):
+        finish_run(new_run_id("exp"), catalog=catalog)
