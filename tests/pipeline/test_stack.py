@@ -101,6 +101,9 @@ def test_stack_is_lazy_and_names_tasks_per_tile(
     assert any(n.startswith("resample-") for n in names)
     assert co.attrs["inputs"] == [str(c.exposure.values) for c in calibrated]
     assert co.attrs["steps"][-1]["method"] == "median"
+    # one stack task per tile, whatever the number of exposures
+    stack_keys = [k for k in co.image.data.dask if str(k[0]).startswith("stack-")]  # type: ignore[index]
+    assert len(stack_keys) == grid.n_tiles[0] * grid.n_tiles[1]
 
 
 def test_stack_tiled_equals_whole(calibrated: list[xr.Dataset], grid: SkyGrid) -> None:
@@ -190,9 +193,13 @@ def test_coadd_photometry_and_astrometry_match_the_truth(
     corrs = [e[0] - (e[2] - e[1]) * r**2 / (r2**2 - r1**2) for e in ee]
     img = np.ascontiguousarray(coadd.image.values, dtype=float)
     err = np.sqrt(np.ascontiguousarray(coadd.variance.values, dtype=float))
-    ratios, pulls, dra = [], [], []
+    ratios, pulls, dra, clipped = [], [], [], []
+    yy, xx = np.mgrid[: grid.shape[0], : grid.shape[1]]
     for k in _isolated_bright(t, coadd, r, r2):
         x, y = float(t["gx"][k]), float(t["gy"][k])
+        near = (slice(int(y - r), int(y + r) + 2), slice(int(x - r), int(x + r) + 2))
+        inside = (yy[near] - y) ** 2 + (xx[near] - x) ** 2 <= r**2
+        clipped.append(float(np.mean(coadd.rejected.values[near][inside] > 0)))
         flux, ferr, _ = sep.sum_circle(img, [x], [y], r, err=err, bkgann=(r1, r2))
         expected = float(t["flux_e"][k]) * float(np.mean([corrs[j] for j in t["frames"][k]]))
         if expected / ferr[0] < 20:
@@ -207,9 +214,11 @@ def test_coadd_photometry_and_astrometry_match_the_truth(
     rms = float(np.sqrt(np.mean(np.sum(off**2, axis=1))))
     print(f"{method}: {len(ratios)} stars: median flux ratio {ratio:.4f}, pulls mean "
           f"{np.mean(pulls):.2f} std {np.std(pulls):.2f}; {len(off)} centroids: rms "
-          f"{rms:.4f} arcsec, mean offset {off.mean(axis=0).round(4)} arcsec")  # fmt: skip
+          f"{rms:.4f} arcsec, mean offset {off.mean(axis=0).round(4)} arcsec; "
+          f"aperture pixels with a frame clipped {np.mean(clipped):.4f}")  # fmt: skip
     assert ratio == pytest.approx(1.0, abs=0.01)
     assert rms < 0.02
+    assert np.mean(clipped) < 0.01  # the clip keeps the stars' frames
 
 
 def _source_free(t: Table, shape: tuple[int, int], fwhm: float) -> np.ndarray:
@@ -286,8 +295,7 @@ def test_a_cosmic_ray_in_one_frame_is_rejected(
     assert not (hit.mask.values[0, y : y + 2, x : x + 3] & MaskBit.CR).any()
     w = WCS(fits.Header.fromstring(str(hit.header.values[0]), sep="\n"), naxis=2)
     gx, gy = (
-        round(float(v))
-        for v in grid.wcs.world_to_pixel_values(*w.pixel_to_world_values(x + 1, y))
+        round(float(v)) for v in grid.wcs.world_to_pixel_values(*w.pixel_to_world_values(x + 1, y))
     )
     box = (slice(gy - 3, gy + 4), slice(gx - 4, gx + 5))
     cals = [calibrated[0], hit, calibrated[2]]
