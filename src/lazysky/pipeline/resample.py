@@ -64,6 +64,7 @@ __all__ = [
 RESAMPLED_DTYPE = np.dtype([("image", np.float32), ("variance", np.float32), ("mask", MASK_DTYPE)])
 HALO_PX = 2  # bilinear support (1 px) + 1: the cut box never clamps a non-edge coordinate
 _NODATA = MASK_DTYPE.type(MaskBit.NODATA)
+_STRIP_ROWS = 256  # output rows mapped at once: ~40 MB of temporaries for 2048-px tiles
 
 
 class NoOverlapWarning(LazySkyWarning):
@@ -130,26 +131,29 @@ def resample_pixels(
     x0, y0 = np.floor(xc).astype(np.intp), np.floor(yc).astype(np.intp)
     fx, fy = xc - x0, yc - y0
     x1, y1 = np.minimum(x0 + 1, dnx - 1), np.minimum(y0 + 1, dny - 1)
+    # indices into the box; pixels outside the detector read the box's first pixel, weight 0
+    bny, bnx = image.shape
+    x0, x1 = np.where(inside, x0 - ox, 0), np.where(inside, x1 - ox, 0)
+    y0, y1 = np.where(inside, y0 - oy, 0), np.where(inside, y1 - oy, 0)
+    if inside.any() and (min(x0.min(), y0.min()) < 0 or x1.max() >= bnx or y1.max() >= bny):
+        msg = "resample_pixels: the input box does not hold every pixel the mapping needs"
+        raise ParameterError(msg)
+    flat_img, flat_var = image.ravel(), variance.ravel()
+    flat_mask = mask.ravel()
     out_img = np.zeros((ny, nx), dtype=np.float64)
     out_var = np.zeros((ny, nx), dtype=np.float64)
     out_mask = np.zeros((ny, nx), dtype=MASK_DTYPE)
-    ok = inside
     for yi, xi, w in (
         (y0, x0, (1 - fx) * (1 - fy)),
         (y0, x1, fx * (1 - fy)),
         (y1, x0, (1 - fx) * fy),
         (y1, x1, fx * fy),
     ):
-        use = ok & (w > 0)
-        iy, ix = yi[use] - oy, xi[use] - ox
-        if iy.size and (
-            iy.min() < 0 or ix.min() < 0 or iy.max() >= image.shape[0] or ix.max() >= image.shape[1]
-        ):
-            msg = "resample_pixels: the input box does not hold every pixel the mapping needs"
-            raise ParameterError(msg)
-        out_img[use] += w[use] * image[iy, ix]
-        out_var[use] += w[use] * variance[iy, ix]
-        out_mask[use] |= mask[iy, ix]
+        w = np.where(inside, w, 0.0)
+        idx = yi * bnx + xi
+        out_img += w * flat_img.take(idx)
+        out_var += w * flat_var.take(idx)
+        out_mask |= np.where(w > 0, flat_mask.take(idx), 0).astype(MASK_DTYPE)
     out_img *= jac
     out_var *= jac * jac
     out_img[~inside] = 0.0
@@ -177,15 +181,20 @@ def _resample_block(
     if image.size == 0:  # dask's meta inference
         return out
     sy, sx = grid.tile_slices(tile)
-    gy, gx = np.mgrid[sy.start - 1 : sy.stop + 1, sx.start - 1 : sx.stop + 1].astype(float)
-    wcs_in = _wcs_from_text(header)  # a fresh object per task (WCS is not thread-safe)
-    ra, dec = grid.wcs.pixel_to_world_values(gx, gy)
-    x_in, y_in = wcs_in.world_to_pixel_values(ra, dec)
-    px = resample_pixels(
-        image, variance, mask, np.asarray(x_in), np.asarray(y_in),
-        origin=origin, detector_shape=detector_shape,
-    )  # fmt: skip
-    out["image"], out["variance"], out["mask"] = px.image, px.variance, px.mask
+    wcs_in = _wcs_from_text(header)  # fresh objects per task (WCS is not thread-safe)
+    wcs_out = grid.wcs
+    gx = np.arange(sx.start - 1, sx.stop + 1, dtype=float)
+    for r0 in range(0, ny, _STRIP_ROWS):  # strips bound the task's memory
+        r1 = min(r0 + _STRIP_ROWS, ny)
+        gy = np.arange(sy.start + r0 - 1, sy.start + r1 + 1, dtype=float)
+        ra, dec = wcs_out.pixel_to_world_values(*np.meshgrid(gx, gy))
+        x_in, y_in = wcs_in.world_to_pixel_values(ra, dec)
+        px = resample_pixels(
+            image, variance, mask, np.asarray(x_in), np.asarray(y_in),
+            origin=origin, detector_shape=detector_shape,
+        )  # fmt: skip
+        strip = out[r0:r1]
+        strip["image"], strip["variance"], strip["mask"] = px.image, px.variance, px.mask
     return out
 
 
