@@ -53,6 +53,7 @@ __all__ = ["COADD_DTYPE", "METHODS", "WEIGHTINGS", "stack", "stack_pixels", "wri
 
 METHODS = ("clipped-mean", "median")
 WEIGHTINGS = ("frame", "pixel")
+_STRIP_ROWS = 128  # rows combined at once: ~80 bytes per pixel and layer of temporaries
 DEFAULT_BAD_BITS = int(MaskBit.BAD | MaskBit.SAT | MaskBit.CR | MaskBit.NODATA)
 COADD_DTYPE = np.dtype(
     [("image", np.float32), ("variance", np.float32), ("weight", np.float32),
@@ -197,15 +198,14 @@ def _stack_block(*args: NDArray[Any], groups: list[int], **options: Any) -> NDAr
     pieces, weights = args[:n], [float(np.asarray(w).ravel()[0]) for w in args[n:]]
     if pieces[0].size == 0:
         return np.empty(pieces[0].shape, dtype=COADD_DTYPE)
-    layers = np.stack(pieces)
-    return stack_pixels(
-        layers["image"],
-        layers["variance"],
-        layers["mask"],
-        groups=groups,
-        frame_weights=weights,
-        **options,
-    )
+    out: NDArray[Any] = np.empty(pieces[0].shape, dtype=COADD_DTYPE)
+    for r0 in range(0, len(out), _STRIP_ROWS):  # strips bound the task's memory
+        layers = np.stack([p[r0 : r0 + _STRIP_ROWS] for p in pieces])
+        out[r0 : r0 + _STRIP_ROWS] = stack_pixels(
+            layers["image"], layers["variance"], layers["mask"], groups=groups,
+            frame_weights=weights, **options,
+        )  # fmt: skip
+    return out
 
 
 def _empty_tile(shape: tuple[int, int]) -> NDArray[Any]:
