@@ -90,3 +90,55 @@ def raise_if_dask_computes() -> Iterator[None]:
 
     with dask.config.set(scheduler=scheduler):
         yield
+
+
+@pytest.fixture(scope="session")
+def calibrated(survey: Survey, masters: Any) -> list[xr.Dataset]:
+    """The survey's exposures calibrated, cosmic rays flagged, sky subtracted (in memory)."""
+    return _calibrate_all(survey, masters)
+
+
+@pytest.fixture(scope="session")
+def bright_survey(tmp_path_factory: pytest.TempPathFactory) -> Survey:
+    """3 dithered exposures of bright, unsaturated stars (17.5–20.5 mag): coadd vs truth.
+
+    No calibration frames: the instrument's defects are fixed by its ``defect_seed``, so
+    the masters of :func:`survey` calibrate these too.
+    """
+    spec = SurveySpec(
+        instrument="tiny",
+        n_epochs=1,
+        n_dithers=3,
+        star_density_per_deg2=4.0e4,
+        star_mag_range=(17.5, 20.5),
+        galaxy_density_per_deg2=2e3,
+        n_transients=0,
+        n_variables=0,
+        n_movers=0,
+        seed=23,
+        n_bias=0,
+        n_dark=0,
+        n_flat=0,
+    )
+    root = tmp_path_factory.mktemp("coadd-survey")
+    simulate_survey(spec, root)
+    return Survey(root, spec, plan_exposures(spec))
+
+
+def _calibrate_all(survey: Survey, masters: Any) -> list[xr.Dataset]:
+    from lazysky.pipeline import calibrate_exposure, flag_cosmic_rays, subtract_background
+
+    out = []
+    for k in range(len(survey.pointings)):
+        cal = subtract_background(flag_cosmic_rays(calibrate_exposure(survey.exposure(k), masters)))
+        cal = cal.compute()  # data variables back to dask; coordinates stay metadata
+        out.append(
+            cal.assign({k: v.chunk({"y": TILE, "x": TILE}) for k, v in cal.data_vars.items()})
+        )
+    return out
+
+
+@pytest.fixture(scope="session")
+def bright_calibrated(bright_survey: Survey, masters: Any) -> list[xr.Dataset]:
+    """The bright survey's exposures calibrated, cosmic rays flagged, sky subtracted."""
+    return _calibrate_all(bright_survey, masters)

@@ -1,4 +1,4 @@
-"""The processing steps: masters, calibration, cosmic rays, background.
+"""The processing steps: masters, calibration, cosmic rays, background, grid, resample, stack.
 
 Every step is a pure numpy kernel on one block plus a thin lazy wrapper on xarray/dask
 (docs/pipeline.md). Nothing computes until the caller asks.
@@ -17,6 +17,7 @@ from lazysky.pipeline.background import (
 )
 from lazysky.pipeline.calibrate import CalibratedPixels, calibrate_exposure, calibrate_pixels
 from lazysky.pipeline.cosmics import cosmic_ray_mask, flag_cosmic_rays, lacosmic_halo_px
+from lazysky.pipeline.grid import SkyGrid
 from lazysky.pipeline.masters import (
     DEFAULT_MAX_BLOCK_BYTES,
     bad_pixel_mask,
@@ -26,12 +27,23 @@ from lazysky.pipeline.masters import (
     master_dark,
     master_flat,
 )
+from lazysky.pipeline.resample import (
+    NoOverlapWarning,
+    ResampledTile,
+    detector_footprints,
+    resample_exposure,
+    resample_pixels,
+)
+from lazysky.pipeline.stack import stack, stack_pixels, write_coadd_fits
 
 __all__ = [
     "DEFAULT_MAX_BLOCK_BYTES",
     "MASK_DTYPE",
     "CalibratedPixels",
     "MaskBit",
+    "NoOverlapWarning",
+    "ResampledTile",
+    "SkyGrid",
     "bad_pixel_mask",
     "bad_pixels",
     "calibrate_exposure",
@@ -39,6 +51,7 @@ __all__ = [
     "clipped_mean",
     "combine_chunks",
     "cosmic_ray_mask",
+    "detector_footprints",
     "estimate_background",
     "flag_cosmic_rays",
     "interpolate_mesh",
@@ -51,6 +64,11 @@ __all__ = [
     "overscan_level",
     "parse_exposure",
     "parse_section",
+    "resample_exposure",
+    "resample_pixels",
     "smooth_mesh",
+    "stack",
+    "stack_pixels",
     "subtract_background",
+    "write_coadd_fits",
 ]

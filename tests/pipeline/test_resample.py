@@ -1,0 +1,150 @@
+"""Resampling onto the grid: the kernel, flux, laziness, tasks per overlap, tiling, errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import xarray as xr
+from conftest import INST, assert_same, raise_if_dask_computes
+
+from lazysky.errors import ParameterError
+from lazysky.pipeline import (
+    MaskBit,
+    NoOverlapWarning,
+    SkyGrid,
+    detector_footprints,
+    resample_exposure,
+    resample_pixels,
+)
+
+
+def _mapping(ny: int, nx: int, *, scale: float = 1.0, dx: float = 0.0, dy: float = 0.0,
+             ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    yy, xx = np.mgrid[-1 : ny + 1, -1 : nx + 1].astype(float)
+    return xx * scale + dx, yy * scale + dy
+
+
+def test_kernel_identity_shift_and_mask_on_a_small_block() -> None:
+    rng = np.random.default_rng(1)
+    img = rng.normal(size=(10, 14)).astype(np.float32)
+    var = np.full_like(img, 2.0)
+    msk = np.zeros(img.shape, np.uint16)
+    msk[4, 6] = MaskBit.CR
+    same = resample_pixels(img, var, msk, *_mapping(10, 14))
+    np.testing.assert_allclose(same.image, img, rtol=1e-6)
+    np.testing.assert_array_equal(same.mask, msk)
+    half = resample_pixels(img, var, msk, *_mapping(10, 14, dx=0.5))
+    np.testing.assert_allclose(half.image[:, :-1], (img[:, :-1] + img[:, 1:]) / 2, rtol=1e-5)
+    assert half.variance[3, 3] == pytest.approx(2.0)  # Σ w v, the standard approximation
+    assert half.mask[4, 5] == MaskBit.CR
+    assert half.mask[4, 6] == MaskBit.CR
+    assert half.mask[4, 4] == 0
+    assert half.mask[3, 5] == 0
+    # the last column maps beyond the outer half of the edge pixels: NODATA
+    out = resample_pixels(img, var, msk, *_mapping(10, 14, dx=1.0))
+    assert (out.mask[:, -1] == MaskBit.NODATA).all()
+    assert np.isinf(out.variance[:, -1]).all()
+    assert (out.image[:, -1] == 0).all()
+
+
+def test_kernel_conserves_flux_when_the_pixels_change_size() -> None:
+    yy, xx = np.mgrid[:60, :60]
+    img = (1000 * np.exp(-((xx - 30.3) ** 2 + (yy - 28.7) ** 2) / (2 * 4.0**2))).astype(np.float32)
+    var = np.ones_like(img)
+    msk = np.zeros(img.shape, np.uint16)
+    # output pixels twice as large (J = 4 input pixels each), rotated by 30°, offset
+    ny = nx = 30
+    gy, gx = np.mgrid[-1 : ny + 1, -1 : nx + 1].astype(float)
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    u, v = (gx - 15) * 2, (gy - 15) * 2
+    x_in, y_in = c * u - s * v + 30.2, s * u + c * v + 29.1
+    out = resample_pixels(img, var, msk, x_in, y_in)
+    assert out.image.sum() == pytest.approx(img.sum(), rel=2e-3)
+    assert float(np.median(out.variance[out.mask == 0])) == pytest.approx(16.0, rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def grid(calibrated: list[xr.Dataset]) -> SkyGrid:
+    fps = [f for cal in calibrated for f in detector_footprints(cal)]
+    return SkyGrid.covering(fps, pixel_scale_arcsec=INST.pixel_scale_arcsec, tile_px=96)
+
+
+def test_resample_is_lazy_and_names_its_tasks(calibrated: list[xr.Dataset], grid: SkyGrid) -> None:
+    cal = calibrated[0]
+    with raise_if_dask_computes():
+        pieces = resample_exposure(cal, grid)
+        ds = pieces[0].to_dataset()
+    exposure = str(cal.exposure.values)
+    p = pieces[0]
+    assert ds.image.dims == ("y", "x")
+    assert ds.image.shape == grid.tile_shape(p.tile)
+    names = [str(k) for k in p.pixels.dask.layers]
+    assert any(n.startswith(f"resample-{exposure}-{p.detector}-{p.tile}-") for n in names)
+
+
+def test_tasks_only_for_overlapping_tiles(calibrated: list[xr.Dataset], grid: SkyGrid) -> None:
+    cal = calibrated[0]
+    pieces = resample_exposure(cal, grid)
+    n_det = cal.sizes["detector"]
+    nty, ntx = grid.n_tiles
+    assert len(pieces) < n_det * nty * ntx / 2
+    # each 256-px detector touches at most 4 x 4 tiles of 96 px (fewer than all 7 x 7)
+    per_det = {d: sum(p.detector == d for p in pieces) for d in map(str, cal.detector.values)}
+    assert all(1 <= n <= 16 for n in per_det.values())
+    # a grid with 4x the area (same tiles where the detectors are) costs the same tasks
+    big = SkyGrid(grid.ra_deg, grid.dec_deg, grid.pixel_scale_arcsec,
+                  (grid.shape[0] * 2 + 96, grid.shape[1] * 2 + 96), tile_px=96)  # fmt: skip
+    more = resample_exposure(cal, big)
+    assert len(more) <= len(pieces) + 2 * n_det  # tile boundaries fall elsewhere
+    tasks = sum(
+        1 for p in pieces for k in p.pixels.dask if str(k[0]).startswith("resample-")
+    )  # type: ignore[index]
+    assert tasks == len(pieces)
+
+
+def _paste(pieces: list, grid: SkyGrid, detector: str) -> dict[str, np.ndarray]:  # type: ignore[type-arg]
+    out = {
+        "image": np.zeros(grid.shape, np.float32),
+        "variance": np.full(grid.shape, np.inf, np.float32),
+        "mask": np.full(grid.shape, int(MaskBit.NODATA), np.uint16),
+    }
+    for p in pieces:
+        if p.detector != detector:
+            continue
+        px = p.pixels.compute()
+        for k in out:
+            out[k][grid.tile_slices(p.tile)] = px[k]
+    return out
+
+
+def test_resample_tiled_equals_whole(calibrated: list[xr.Dataset], grid: SkyGrid) -> None:
+    cal = calibrated[2]
+    whole = SkyGrid(grid.ra_deg, grid.dec_deg, grid.pixel_scale_arcsec, grid.shape,
+                    tile_px=max(grid.shape))  # fmt: skip
+    det = str(cal.detector.values[1])
+    a = _paste(resample_exposure(cal, grid), grid, det)
+    b = _paste(resample_exposure(cal, whole), whole, det)
+    for k in a:
+        assert_same(a[k], b[k])
+    assert (a["mask"] == 0).sum() > 0.8 * cal.sizes["y"] * cal.sizes["x"]
+    # flux conserved: the detector's total (sky-subtracted) flux, to the noise
+    inside = a["mask"] & MaskBit.NODATA == 0
+    total_in = float(cal.image.isel(detector=1).sum())
+    assert float(a["image"][inside].sum()) == pytest.approx(total_in, rel=0.01)
+
+
+def test_resample_bad_input(calibrated: list[xr.Dataset], grid: SkyGrid) -> None:
+    far = SkyGrid(grid.ra_deg + 10, grid.dec_deg, grid.pixel_scale_arcsec, (100, 100))
+    with pytest.warns(NoOverlapWarning, match="does not overlap"):
+        assert resample_exposure(calibrated[0], far) == []
+    with pytest.raises(ParameterError, match="missing"):
+        resample_exposure(calibrated[0].drop_vars("variance"), grid)
+    with pytest.raises(ParameterError, match="'header'"):
+        resample_exposure(calibrated[0].drop_vars("header"), grid)
+    with pytest.raises(ParameterError, match="t<iy:03d>"):
+        resample_exposure(calibrated[0], grid, tiles=["x1"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(resample_exposure(calibrated[0], grid, tiles=["t001_001"])) >= 1
