@@ -218,6 +218,62 @@ def _add_catalog_parsers(sub: argparse._SubParsersAction) -> None:
 # --- end of catalog commands ------------------------------------------------------------
 
 
+# --- pipeline commands (issue 5): calibrate, coadd --------------------------------------
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from lazysky.pipeline.fitsio import calibrate_files
+
+    written = calibrate_files(
+        args.raw, args.out, bias=args.bias, dark=args.dark or (), flat=args.flat or (),
+        cosmics=args.cosmics, background=args.subtract_background, overwrite=args.overwrite,
+    )  # fmt: skip
+    for path in written:
+        print(path)
+    return 0
+
+
+def _cmd_coadd(args: argparse.Namespace) -> int:
+    from lazysky.pipeline.fitsio import coadd_files
+
+    print(coadd_files(args.inputs, args.out, pixel_scale_arcsec=args.pixel_scale,
+                      method=args.method, tile_px=args.tile_px, overwrite=args.overwrite))
+    return 0
+
+
+def _add_pipeline_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("calibrate", help="calibrate raw MEF FITS exposures (bias, dark, flat, "
+                       "cosmic rays) into image/variance/mask MEF files")
+    p.add_argument("raw", nargs="+", metavar="RAW.fits", help="raw exposures")
+    p.add_argument("--bias", nargs="+", required=True, metavar="FITS", help="bias frames")
+    p.add_argument("--dark", nargs="+", metavar="FITS", help="dark frames")
+    p.add_argument("--flat", nargs="+", metavar="FITS", help="flat frames")
+    p.add_argument("--out", required=True,
+                   help="output file (one RAW) or existing directory (several: <name>.cal.fits)")
+    p.add_argument("--no-cosmics", dest="cosmics", action="store_false",
+                   help="do not flag cosmic rays (L.A.Cosmic)")
+    p.add_argument("--subtract-background", action="store_true",
+                   help="estimate and subtract the sky background")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(handler=_cmd_calibrate)
+
+    p = sub.add_parser("coadd", help="resample and stack calibrated FITS frames (like SWarp)")
+    p.add_argument("inputs", nargs="+", metavar="FITS",
+                   help="calibrated frames: lazysky calibrate MEFs or single images with WCS")
+    p.add_argument("--out", required=True, help="output coadd FITS file")
+    p.add_argument("--pixel-scale", type=float, metavar="ARCSEC",
+                   help="grid pixel scale (default: the inputs' median)")
+    p.add_argument("--method", choices=["clipped-mean", "median"], default="clipped-mean",
+                   help="combine method (default clipped-mean)")
+    p.add_argument("--tile-px", type=int, default=2048, metavar="N",
+                   help="grid tile size in pixels (default 2048)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(handler=_cmd_coadd)
+
+
+# --- end of pipeline commands ----------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lazysky`` command."""
     parser = argparse.ArgumentParser(
@@ -258,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_config)
 
     _add_catalog_parsers(sub)  # catalog commands (issue 7)
+    _add_pipeline_parsers(sub)  # pipeline commands (issue 5)
     return parser
 
 
