@@ -227,3 +227,16 @@ def test_coadd_rejects_bad_input(
     err = _fails(["coadd", cal, str(nowcs), "--out", str(out)], nowcs, out, capsys)
     assert "registration" in err
     assert "not implemented" in err
+
+
+def test_existing_output_is_kept_without_overwrite(
+    run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "coadd.fits"
+    out.write_bytes(b"keep me")
+    capsys.readouterr()
+    assert main(["coadd", *map(str, run.cals), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--overwrite" in err
+    assert out.name in err
+    assert out.read_bytes() == b"keep me"

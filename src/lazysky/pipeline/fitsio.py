@@ -91,7 +91,7 @@ def read_raw(path: PathLike, *, tile_px: int = 1024, what: str = "raw file") -> 
     Examples
     --------
     >>> ds = read_raw("raw/tiny-r-e000.fits")  # doctest: +SKIP
-    >>> ds.sci.dims
+    >>> ds.sci.dims  # doctest: +SKIP
     ('detector', 'y', 'x')
     """
     with _open(path, what) as hdul:
