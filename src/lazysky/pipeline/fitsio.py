@@ -73,8 +73,10 @@ def _open(path: PathLike, what: str) -> fits.HDUList:
         msg = f"{what} {p}: no such file"
         raise FitsFormatError(msg)
     try:
-        hdul = fits.open(p, memmap=False)
-        hdul.verify("exception")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+            hdul = fits.open(p, memmap=False)
+            hdul.readall()  # every HDU's header now: a truncated file fails here
     except (OSError, ValueError, fits.VerifyError) as exc:
         msg = f"{what} {p} is not a readable FITS file ({exc})"
         raise FitsFormatError(msg) from None
