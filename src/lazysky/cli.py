@@ -237,7 +237,8 @@ def _cmd_coadd(args: argparse.Namespace) -> int:
     from lazysky.pipeline.fitsio import coadd_files
 
     print(coadd_files(args.inputs, args.out, pixel_scale_arcsec=args.pixel_scale,
-                      method=args.method, tile_px=args.tile_px, overwrite=args.overwrite))
+                      method=args.method, tile_px=args.tile_px, overwrite=args.overwrite,
+                      subtract_background=args.subtract_background))
     return 0
 
 
@@ -267,6 +268,9 @@ def _add_pipeline_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
                    help="combine method (default clipped-mean)")
     p.add_argument("--tile-px", type=int, default=2048, metavar="N",
                    help="grid tile size in pixels (default 2048)")
+    p.add_argument("--no-subtract-background", dest="subtract_background",
+                   action="store_false",
+                   help="keep each input's sky (default: subtract it first, like SWarp)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.set_defaults(handler=_cmd_coadd)
 

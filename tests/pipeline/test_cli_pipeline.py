@@ -169,7 +169,8 @@ def test_coadd_of_plain_images_estimates_the_variance(run: Run, tmp_path: Path) 
         assert "estimated from its sky noise" in str(h["COMMENT"])
         assert h["COMBINET"] == "median"
         assert 3600 * abs(WCS(h).proj_plane_pixel_scales()[0].to_value("deg")) == (
-            pytest.approx(1.0))
+            pytest.approx(1.0)
+        )
         assert np.nanmax(hdul["COUNT"].data) == len(plains)
 
 
@@ -240,3 +241,31 @@ def test_existing_output_is_kept_without_overwrite(
     assert "--overwrite" in err
     assert out.name in err
     assert out.read_bytes() == b"keep me"
+
+
+def _sky_steps(coadd: Path) -> float:
+    """Largest difference of the median sky between regions covered by 1, 2 or 3 frames."""
+    with fits.open(coadd) as hdul:
+        img, count, mask = hdul[0].data, hdul["COUNT"].data, hdul["MASK"].data
+    levels = [float(np.median(img[(count == n) & (mask == 0)])) for n in (1, 2, 3)
+              if np.sum((count == n) & (mask == 0)) > 2000]  # fmt: skip
+    assert len(levels) >= 2
+    return max(levels) - min(levels)
+
+
+def test_coadd_subtracts_each_frames_sky_like_swarp(run: Run, tmp_path: Path) -> None:
+    # frames calibrated without background subtraction keep their (different) skies
+    raw_cal = tmp_path / "cal"
+    raw_cal.mkdir()
+    argv = ["calibrate", *map(str, run.raws), "--bias", *map(str, run.calib["bias"]),
+            "--flat", *map(str, run.calib["flat-r"]), "--no-cosmics",
+            "--out", str(raw_cal)]  # fmt: skip
+    assert main(argv) == 0
+    cals = sorted(map(str, raw_cal.glob("*.cal.fits")))
+    kept, subtracted = tmp_path / "kept.fits", tmp_path / "subtracted.fits"
+    assert main(["coadd", *cals, "--out", str(kept), "--tile-px", "128",
+                 "--no-subtract-background"]) == 0  # fmt: skip
+    assert main(["coadd", *cals, "--out", str(subtracted), "--tile-px", "128"]) == 0
+    # sky noise is ~60 e- a pixel; frames' skies differ by ~10 % of ~3700 e-
+    assert _sky_steps(kept) > 30.0  # steps where the set of frames changes
+    assert _sky_steps(subtracted) < 8.0  # none once each frame's sky is subtracted

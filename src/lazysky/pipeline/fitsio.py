@@ -62,8 +62,10 @@ MASK_MEANING = {
 _DROP = {"SIMPLE", "XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "PCOUNT", "GCOUNT",
          "EXTEND", "BZERO", "BSCALE", "EXTNAME", "DATASEC", "BIASSEC", "TRIMSEC", "SATURATE",
          "CHECKSUM", "DATASUM", "BUNIT", "GAIN"}  # fmt: skip
-_WCS_KEY = re.compile(r"^(WCSAXES|WCSNAME|LONPOLE|LATPOLE|RADESYS|EQUINOX|(CD|PC|PV)\d+_\d+|"
-                      r"(CDELT|CRPIX|CRVAL|CTYPE|CUNIT|CROTA)\d+|(A|B|AP|BP)_(\d+_\d+|ORDER))$")
+_WCS_KEY = re.compile(
+    r"^(WCSAXES|WCSNAME|LONPOLE|LATPOLE|RADESYS|EQUINOX|(CD|PC|PV)\d+_\d+|"
+    r"(CDELT|CRPIX|CRVAL|CTYPE|CUNIT|CROTA)\d+|(A|B|AP|BP)_(\d+_\d+|ORDER))$"
+)
 
 
 def _open(path: PathLike, what: str) -> fits.HDUList:
@@ -202,8 +204,10 @@ def _mask_header(h: fits.Header) -> None:
     for bit in MaskBit:
         n = int(bit).bit_length() - 1
         h[f"MASKBIT{n}"] = (str(bit.name), f"{int(bit)}: {MASK_MEANING.get(str(bit.name), '')}")
-    h.add_comment("Mask bits (uint16, OR-ed): " + ", ".join(
-        f"{int(b)}={b.name} ({MASK_MEANING.get(str(b.name), '')})" for b in MaskBit))
+    h.add_comment(
+        "Mask bits (uint16, OR-ed): "
+        + ", ".join(f"{int(b)}={b.name} ({MASK_MEANING.get(str(b.name), '')})" for b in MaskBit)
+    )
 
 
 def _write_calibrated(cal: xr.Dataset, raw: xr.Dataset, path: Path) -> None:
@@ -275,8 +279,11 @@ def calibrate_files(
         raise ParameterError("--bias needs at least one bias frame")
     targets = _outputs(raw, out, overwrite)
     raws = [read_raw(p, tile_px=tile_px) for p in raw]
-    frames = {kind: [read_raw(p, tile_px=tile_px, what=f"{kind} frame") for p in paths]
-              for kind, paths in (("bias", bias), ("dark", dark), ("flat", flat)) if paths}
+    frames = {
+        kind: [read_raw(p, tile_px=tile_px, what=f"{kind} frame") for p in paths]
+        for kind, paths in (("bias", bias), ("dark", dark), ("flat", flat))
+        if paths
+    }
     for r in raws[1:]:
         _check_like(r, raws[0], "raw file")
     for kind, fs in frames.items():
@@ -363,9 +370,14 @@ def read_calibrated(path: PathLike, *, tile_px: int = 1024) -> list[xr.Dataset]:
         data = {k: (("detector", "y", "x"), da.from_array(np.stack([m[k] for m in members]),
                                                          chunks=chunks))
                 for k in ("image", "variance", "mask")}  # fmt: skip
-        ds = xr.Dataset(data, coords={"detector": [m["name"] for m in members],
-                                      "header": ("detector", [m["header"] for m in members]),
-                                      "exposure": exposure if n == 0 else f"{exposure}-{n}"})
+        ds = xr.Dataset(
+            data,
+            coords={
+                "detector": [m["name"] for m in members],
+                "header": ("detector", [m["header"] for m in members]),
+                "exposure": exposure if n == 0 else f"{exposure}-{n}",
+            },
+        )
         units = sorted({m["units"] for m in members})
         if len(units) > 1:
             msg = f"input {p}: its images have different BUNIT {units}"
@@ -385,12 +397,16 @@ def coadd_files(
     method: str = "clipped-mean",
     tile_px: int = 2048,
     overwrite: bool = False,
+    subtract_background: bool = True,
 ) -> Path:
     """Resample calibrated FITS files onto a covering grid, stack them, write the coadd.
 
     The coadd is in the inputs' units per grid pixel, the mean of one frame (like SWarp);
     HDUs: PRIMARY (image, WCS), VARIANCE, WEIGHT, MASK, COUNT. ``pixel_scale_arcsec``
-    defaults to the inputs' median pixel scale.
+    defaults to the inputs' median pixel scale. Like SWarp (``SUBTRACT_BACK=Y``), each
+    input's sky background is subtracted first unless ``subtract_background=False``:
+    frames taken under different skies would otherwise leave steps wherever the set of
+    contributing frames changes (dither edges, masked columns, cosmic rays).
 
     Examples
     --------
@@ -415,6 +431,10 @@ def coadd_files(
         msg = f"cannot write {target}: directory {target.parent} does not exist"
         raise OutputError(msg)
     cals = [ds for p in inputs for ds in read_calibrated(p, tile_px=tile_px)]
+    if subtract_background:
+        from lazysky.pipeline.background import subtract_background as _subtract
+
+        cals = [c if "background" in c else _subtract(c) for c in cals]
     seen: dict[str, int] = {}
     for i, ds in enumerate(cals):  # one layer group per input file, even with equal EXPIDs
         name = str(ds.exposure.values)
@@ -422,8 +442,12 @@ def coadd_files(
         if seen[name] > 1:
             cals[i] = ds.assign_coords(exposure=f"{name}-{seen[name]}")
     if pixel_scale_arcsec is None:
-        scales = [3600 * float(np.mean(proj_plane_pixel_scales(WCS(
-            fits.Header.fromstring(str(h), sep="\n"))))) for c in cals for h in c.header.values]
+        scales = [
+            3600
+            * float(np.mean(proj_plane_pixel_scales(WCS(fits.Header.fromstring(str(h), sep="\n")))))
+            for c in cals
+            for h in c.header.values
+        ]
         pixel_scale_arcsec = float(np.median(scales))
     if not pixel_scale_arcsec > 0:
         msg = f"--pixel-scale must be > 0 arcsec, got {pixel_scale_arcsec}"
