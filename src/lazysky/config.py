@@ -133,7 +133,7 @@ class Settings(BaseSettings):
         description="PostgreSQL DSN of the catalog; None starts the embedded private server.",
     )
     catalog_dir: Path = Field(
-        default_factory=lambda: default_catalog_dir(),
+        default_factory=default_catalog_dir,
         description="Data directory of the embedded catalog server. Default "
         "~/.local/share/lazysky/catalog; as root /var/lib/lazysky/catalog, because the "
         "server then runs as the postgres user, which cannot enter a 0700 home.",
