@@ -6,7 +6,8 @@
 #   bash bootstrap.sh setup   install everything, run nothing
 #
 # It installs the system packages lazysky needs (the PostgreSQL server and pg_sphere for
-# the embedded catalog; python3-venv where the system Python lacks it) with apt-get, as
+# the embedded catalog; python3-venv where the system Python lacks it; for `test`, the
+# reference tools Source Extractor and SWarp) with apt-get, as
 # root or through `sudo -n`, and the Python environment in .venv (pyproject.toml, extras
 # `all` and `test`). Each step is skipped when what it installs is already there, so a
 # second run costs seconds. Environment: PYTHON (default python3), LAZYSKY_VENV (.venv).
@@ -78,6 +79,12 @@ if command -v apt-get >/dev/null 2>&1; then
   fi
   if ! "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null; then
     pkgs+=("python3-venv")
+  fi
+  # The tools lazysky is measured against (Source Extractor, SWarp): the tests compare with
+  # them side by side, so `test` installs them too.
+  if [ "$action" = test ]; then
+    command -v source-extractor >/dev/null 2>&1 || pkgs+=("source-extractor")
+    command -v SWarp >/dev/null 2>&1 || command -v swarp >/dev/null 2>&1 || pkgs+=("swarp")
   fi
   apt_install "${pkgs[@]}"
 else
