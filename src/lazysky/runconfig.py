@@ -1,0 +1,176 @@
+"""The configuration of a processing run (``lazysky run CONFIG.yaml``): a typed, validated model.
+
+A run names its inputs (exposures already in a store, and FITS files to ingest first),
+the calibration sets, the field and its grid, which exposures make the reference and
+which are science epochs, and the parameters of every step. Exposure sets are lists of
+glob patterns on exposure ids (``"deep1-r-e00[0-1]-*"``); the calibration sets default to
+every bias, dark and flat (by ``IMAGETYP``) in the store.
+
+Examples
+--------
+>>> cfg = RunConfig.model_validate({
+...     "ingest": ["survey/raw", "survey/calib"],
+...     "reference": ["deep1-r-e000-*"],
+...     "science": ["deep1-r-e00[1-3]-*"],
+...     "steps": {"detect": {"threshold": 5.0}},
+... })
+>>> cfg.type, cfg.steps.stack.method, cfg.field.tile_px
+('exp', 'clipped-mean', 2048)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from lazysky.errors import ConfigError
+
+__all__ = [
+    "CalibrationSets",
+    "FieldConfig",
+    "RunConfig",
+    "StepParameters",
+    "load_run_config",
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationSets(_Model):
+    """Exposure-id patterns of the calibration frames (None: every frame of that IMAGETYP)."""
+
+    bias: list[str] | None = Field(None, description="Bias frames (IMAGETYP bias).")
+    dark: list[str] | None = Field(None, description="Dark frames (IMAGETYP dark).")
+    flat: list[str] | None = Field(
+        None, description="Flat frames (IMAGETYP flat, same filter as the science)."
+    )
+
+
+class FieldConfig(_Model):
+    """The field and its sky grid."""
+
+    name: str = Field("field", description="A name for the field (products, summaries).")
+    filter: str | None = Field(None, description="Only exposures in this filter (None: any).")
+    pixel_scale_arcsec: float | None = Field(
+        None, gt=0, description="Grid pixel scale (None: the finest of the inputs)."
+    )
+    tile_px: int = Field(2048, ge=16, description="Tile side in pixels (Zarr chunk, dask block).")
+
+
+class CalibrateStep(_Model):
+    """Parameters of ``calibrate_exposure``, ``flag_cosmic_rays``, ``subtract_background``."""
+
+    edge_px: int = Field(0, ge=0, description="Pixels flagged EDGE at the detector border.")
+    cosmic_sigclip: float = Field(4.5, gt=0, description="L.A.Cosmic detection limit (σ).")
+    cosmic_objlim: float = Field(5.0, gt=0, description="L.A.Cosmic contrast limit.")
+    background_box_px: int = Field(64, ge=4, description="Background mesh box (pixels).")
+
+
+class StackStep(_Model):
+    """Parameters of ``stack``."""
+
+    method: Literal["clipped-mean", "median"] = Field("clipped-mean", description="Combine.")
+    sigma: float = Field(3.0, gt=0, description="Clipping threshold (σ).")
+
+
+class DifferenceStep(_Model):
+    """Parameters of ``difference``."""
+
+    method: Literal["zogy", "alard-lupton"] = Field("zogy", description="Difference method.")
+
+
+class DetectStep(_Model):
+    """Parameters of ``detect`` (coadds) and ``detect_difference`` (differences)."""
+
+    threshold: float = Field(5.0, gt=0, description="Detection threshold on coadds (σ).")
+    diff_threshold: float = Field(5.0, gt=0, description="Threshold on S_corr (σ).")
+
+
+class StepParameters(_Model):
+    """Every step's parameters (recorded with the run and in the products' attributes)."""
+
+    calibrate: CalibrateStep = Field(default_factory=CalibrateStep)
+    stack: StackStep = Field(default_factory=StackStep)
+    difference: DifferenceStep = Field(default_factory=DifferenceStep)
+    detect: DetectStep = Field(default_factory=DetectStep)
+
+
+class RunConfig(_Model):
+    """One processing run: inputs, calibration sets, field, reference, science, steps."""
+
+    type: Literal["prod", "exp", "test", "val", "repr"] = Field(
+        "exp", description="Processing type of the run (DESIGN.md)."
+    )
+    run_id: str | None = Field(
+        None, description="Resume this run (same id); None starts a new one."
+    )
+    description: str = Field("", description="Free text recorded with the run.")
+    store: str | None = Field(
+        None, description="The Zarr store (None: the settings' store_url)."
+    )
+    ingest: list[str] = Field(
+        default_factory=list,
+        description="FITS files, directories or globs (local or URLs) to ingest first.",
+    )
+    calibrations: CalibrationSets = Field(default_factory=CalibrationSets)
+    field: FieldConfig = Field(default_factory=FieldConfig)
+    reference: list[str] = Field(
+        description="Exposure-id patterns of the exposures stacked into the reference.",
+        min_length=1,
+    )
+    science: list[str] = Field(
+        default_factory=list,
+        description="Exposure-id patterns of the science exposures (each epoch = one VISIT).",
+    )
+    steps: StepParameters = Field(default_factory=StepParameters)
+
+    @field_validator("run_id")
+    @classmethod
+    def _valid_run_id(cls, v: str | None) -> str | None:
+        if v is not None:
+            from lazysky.runs import validate_run_id
+
+            validate_run_id(v)
+        return v
+
+
+def load_run_config(source: str | os.PathLike[str] | dict[str, Any]) -> RunConfig:
+    """Read and validate a run configuration (a YAML file or a mapping).
+
+    Raises
+    ------
+    ConfigError
+        The file is missing or not YAML, or a field is unknown or invalid (the message
+        names the file and the field).
+    """
+    where = "the run configuration"
+    if isinstance(source, dict):
+        data: Any = source
+    else:
+        path = Path(source)
+        where = str(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            msg = f"cannot read the run configuration {path}: {exc}"
+            raise ConfigError(msg) from exc
+        except yaml.YAMLError as exc:
+            msg = f"{path} is not valid YAML: {exc}"
+            raise ConfigError(msg) from exc
+    if not isinstance(data, dict):
+        msg = f"{where} must be a mapping of settings, got {type(data).__name__}"
+        raise ConfigError(msg)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        msg = f"{where}: {problems}"
+        raise ConfigError(msg) from exc
