@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 RunType = Literal["prod", "exp", "test", "val", "repr"]
-RunStatus = Literal["running", "done", "failed"]
+RunStatus = Literal["running", "done", "done_with_errors", "failed"]
 RUN_TYPES: tuple[str, ...] = get_args(RunType)
 RUN_STATUSES: tuple[str, ...] = get_args(RunStatus)
 

@@ -63,3 +63,62 @@ def test_run_lifecycle_and_lineage(catalog: Catalog) -> None:
         register_run(orphan, catalog=catalog)
     with pytest.raises(CatalogError, match="not registered"):
         finish_run(new_run_id("exp"), catalog=catalog)
+
+
+def test_a_v1_catalog_upgrades_to_the_current_schema(catalog: Catalog) -> None:
+    """A database made by the first release (v1 only) upgrades in place, rows kept."""
+    from lazysky.catalog._extension import ensure_pg_sphere
+    from lazysky.catalog.database import get_engine
+    from lazysky.catalog.schema import MIGRATIONS, schema_version
+
+    admin = libpq_dsn(catalog.dsn).replace("/lazysky?", "/postgres?")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS upgrade_scratch")
+        conn.execute("CREATE DATABASE upgrade_scratch")
+    dsn = catalog.dsn.replace("/lazysky?", "/upgrade_scratch?")
+    with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
+        ensure_pg_sphere(conn)
+    engine = get_engine(dsn)
+    try:
+        with engine.begin() as conn:  # what v1 made
+            schema_version.create(conn)
+            MIGRATIONS[0].apply(conn)
+            conn.execute(schema_version.insert().values(version=1, description="v1"))
+            conn.execute(runs.insert().values(run_id=new_run_id("prod"), software_version="0",
+                                              status="done"))
+            with pytest.raises(sa.exc.IntegrityError, match="run_status"), conn.begin_nested():
+                conn.execute(sa.text("UPDATE runs SET status = 'done_with_errors'"))
+        assert upgrade(engine) == SCHEMA_VERSION
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                "UPDATE runs SET status = 'done_with_errors', errors = '{\"x.fits\": \"bad\"}'"))
+            row = conn.execute(sa.text("SELECT status, errors FROM runs_prod")).one()
+            assert tuple(row) == ("done_with_errors", {"x.fits": "bad"})
+            assert conn.execute(sa.text("SELECT count(*) FROM run_tiles")).scalar() == 0
+    finally:
+        engine.dispose()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute("DROP DATABASE upgrade_scratch")
+
+
+def test_tiles_done_are_recorded_per_stage_idempotently(catalog: Catalog) -> None:
+    from lazysky.catalog import done_tiles, mark_tile_done
+
+    run = Run(new_run_id("test"))
+    register_run(run, catalog=catalog)
+    assert done_tiles(run.run_id, "detect-coadd", catalog=catalog) == {}
+    mark_tile_done(run.run_id, "detect-coadd", "t000_000", rows=12, catalog=catalog)
+    mark_tile_done(run.run_id, "detect-coadd", "t000_000", rows=13, catalog=catalog)  # again
+    mark_tile_done(run.run_id, "detect-coadd", "t000_001", catalog=catalog)
+    mark_tile_done(run.run_id, "detect-diff", "t000_000", rows=2, catalog=catalog)
+    assert done_tiles(run.run_id, "detect-coadd", catalog=catalog) == {
+        "t000_000": 13, "t000_001": 0}
+    assert done_tiles(run.run_id, "detect-diff", catalog=catalog) == {"t000_000": 2}
+    with pytest.raises(CatalogError, match="cannot mark tile"):
+        mark_tile_done(new_run_id("test"), "detect-coadd", "t000_000", catalog=catalog)
+    finish_run(run.run_id, status="done_with_errors", errors={"e1": "corrupt"},
+               catalog=catalog)
+    with catalog.engine().connect() as conn:
+        row = conn.execute(sa.select(runs.c.status, runs.c.errors).where(
+            runs.c.run_id == run.run_id)).one()
+    assert tuple(row) == ("done_with_errors", {"e1": "corrupt"})

@@ -21,8 +21,15 @@ from lazysky.catalog._parse import parse_angle, parse_position, parse_radius
 from lazysky.catalog._types import SCircle, SCircleType, SPoint, SPointType, SPoly, SPolyType
 from lazysky.catalog.cone import cone_query, cone_search
 from lazysky.catalog.database import Catalog, get_engine, open_catalog
-from lazysky.catalog.records import Exposure, finish_run, register_run, write_exposures
-from lazysky.catalog.schema import coadd_sources, diff_sources, exposures, runs
+from lazysky.catalog.records import (
+    Exposure,
+    done_tiles,
+    finish_run,
+    mark_tile_done,
+    register_run,
+    write_exposures,
+)
+from lazysky.catalog.schema import coadd_sources, diff_sources, exposures, run_tiles, runs
 from lazysky.catalog.write import WriteResult, write_sources
 from lazysky.catalog.xmatch import crossmatch
 
@@ -44,14 +51,17 @@ __all__ = [
     "cone_search",
     "crossmatch",
     "diff_sources",
+    "done_tiles",
     "exposures",
     "finish_run",
     "get_engine",
+    "mark_tile_done",
     "open_catalog",
     "parse_angle",
     "parse_position",
     "parse_radius",
     "register_run",
+    "run_tiles",
     "runs",
     "write_exposures",
     "write_sources",

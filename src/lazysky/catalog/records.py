@@ -22,7 +22,7 @@ from lazysky import __version__
 from lazysky.catalog._errors import CatalogError
 from lazysky.catalog._types import SPoly
 from lazysky.catalog.database import Catalog, open_catalog
-from lazysky.catalog.schema import exposures, runs
+from lazysky.catalog.schema import exposures, run_tiles, runs
 from lazysky.errors import ParameterError
 from lazysky.runs import RUN_STATUSES, Run, validate_run_id
 
@@ -69,8 +69,13 @@ def register_run(run: Run, *, catalog: Catalog | None = None) -> None:
 
 
 def finish_run(run_id: str, *, status: str = "done", timings: Mapping[str, float] | None = None,
+               errors: Mapping[str, str] | None = None,
                catalog: Catalog | None = None) -> None:
-    """Mark a run ``done`` or ``failed`` and record its timings (seconds per step)."""
+    """Mark a run ``done``, ``done_with_errors`` or ``failed``; record timings and errors.
+
+    ``timings`` maps a step to seconds; ``errors`` maps what was skipped (an input file,
+    an exposure, a tile) to the error text.
+    """
     validate_run_id(run_id)
     if status not in RUN_STATUSES:
         msg = f"run status must be one of {', '.join(RUN_STATUSES)}; got {status!r}"
@@ -79,7 +84,7 @@ def finish_run(run_id: str, *, status: str = "done", timings: Mapping[str, float
     with catalog.engine().begin() as conn:
         done = conn.execute(
             runs.update().where(runs.c.run_id == run_id).values(
-                status=status, timings=dict(timings or {}),
+                status=status, timings=dict(timings or {}), errors=dict(errors or {}),
                 finished_at=sa.func.now() if status != "running" else None))
     if done.rowcount == 0:
         msg = f"run {run_id} is not registered in the catalog"
@@ -108,3 +113,35 @@ def write_exposures(rows: Iterable[Exposure], *, catalog: Catalog | None = None)
         msg = f"the catalog refused the exposures: {exc.orig}"
         raise CatalogError(msg) from None
     return len(values)
+
+
+def mark_tile_done(run_id: str, stage: str, tile_id: str, *, rows: int = 0,
+                   catalog: Catalog | None = None) -> None:
+    """Record that ``stage`` of ``run_id`` finished ``tile_id`` (idempotent).
+
+    Call it after the tile's rows are written (:func:`~lazysky.catalog.write_sources`):
+    a resumed run skips the tiles :func:`done_tiles` lists, and one killed between the
+    write and the mark simply writes that tile again (the write replaces, never adds).
+    """
+    validate_run_id(run_id)
+    catalog = catalog if catalog is not None else open_catalog()
+    stmt = insert(run_tiles).values(run_id=run_id, stage=stage, tile_id=tile_id, rows=rows)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["run_id", "stage", "tile_id"],
+        set_={"rows": stmt.excluded.rows, "finished_at": sa.func.now()})
+    try:
+        with catalog.engine().begin() as conn:
+            conn.execute(stmt)
+    except sa.exc.IntegrityError as exc:
+        msg = f"cannot mark tile {tile_id} of run {run_id} done: {exc.orig}"
+        raise CatalogError(msg) from None
+
+
+def done_tiles(run_id: str, stage: str, *, catalog: Catalog | None = None) -> dict[str, int]:
+    """The tiles ``stage`` of ``run_id`` finished, with the rows each wrote."""
+    validate_run_id(run_id)
+    catalog = catalog if catalog is not None else open_catalog()
+    with catalog.engine().connect() as conn:
+        got = conn.execute(sa.select(run_tiles.c.tile_id, run_tiles.c.rows).where(
+            run_tiles.c.run_id == run_id, run_tiles.c.stage == stage))
+        return {str(t): int(n) for t, n in got}

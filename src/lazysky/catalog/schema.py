@@ -40,6 +40,7 @@ __all__ = [
     "diff_sources",
     "exposures",
     "metadata",
+    "run_tiles",
     "runs",
     "schema_version",
     "upgrade",
@@ -72,6 +73,8 @@ runs = sa.Table(
     sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("timings", JSONB, nullable=False, server_default="{}",
               comment="step name -> seconds"),
+    sa.Column("errors", JSONB, nullable=False, server_default="{}",
+              comment="input or tile -> error text (what was skipped and why)"),
     sa.CheckConstraint(f"run_id ~ '{RUN_ID_PATTERN}'", name="run_id_form"),
     sa.CheckConstraint(f"split_part(run_id, '-', 1) IN ({_RUN_TYPES_SQL})", name="run_type"),
     sa.CheckConstraint(f"status IN ({_STATUSES_SQL})", name="run_status"),
@@ -158,6 +161,19 @@ def _view_of(table: sa.Table) -> sa.Table:
                     *(sa.Column(c.name, c.type) for c in table.columns))
 
 
+run_tiles = sa.Table(
+    "run_tiles",
+    metadata,
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("stage", sa.Text, primary_key=True, comment="e.g. detect-coadd, detect-diff"),
+    sa.Column("tile_id", sa.Text, primary_key=True),
+    sa.Column("rows", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    comment="tiles a run has finished, per stage: what a resumed run skips",
+)
+
 #: Source tables by short and full name, and their production-only views.
 SOURCE_TABLES: dict[str, sa.Table] = {
     "coadd": coadd_sources,
@@ -171,6 +187,12 @@ SOURCE_TABLES: dict[str, sa.Table] = {
 
 def _v1_create(conn: sa.Connection) -> None:
     metadata.create_all(conn, tables=[runs, exposures, coadd_sources, diff_sources])
+    # v1 as it was: no errors column, three statuses (v2 brings both)
+    conn.execute(sa.text("ALTER TABLE runs DROP COLUMN errors"))
+    conn.execute(sa.text("ALTER TABLE runs DROP CONSTRAINT run_status"))
+    conn.execute(sa.text(
+        "ALTER TABLE runs ADD CONSTRAINT run_status "
+        "CHECK (status IN ('running', 'done', 'failed'))"))
     for table in (runs, coadd_sources, diff_sources):
         join = "" if table is runs else " JOIN runs r USING (run_id)"
         alias = "r" if table is runs else "t"
@@ -179,6 +201,19 @@ def _v1_create(conn: sa.Connection) -> None:
             f"CREATE VIEW {table.name}_prod AS SELECT {alias}.* FROM {frm} "
             f"WHERE r.run_type = 'prod'"
         ))
+
+
+def _v2_run_errors_and_tiles(conn: sa.Connection) -> None:
+    conn.execute(sa.text(
+        "ALTER TABLE runs ADD COLUMN errors JSONB NOT NULL DEFAULT '{}'::jsonb"))
+    conn.execute(sa.text("COMMENT ON COLUMN runs.errors IS "
+                         "'input or tile -> error text (what was skipped and why)'"))
+    conn.execute(sa.text("ALTER TABLE runs DROP CONSTRAINT run_status"))
+    conn.execute(sa.text(
+        f"ALTER TABLE runs ADD CONSTRAINT run_status CHECK (status IN ({_STATUSES_SQL}))"))
+    conn.execute(sa.text(
+        "CREATE OR REPLACE VIEW runs_prod AS SELECT r.* FROM runs r WHERE r.run_type = 'prod'"))
+    run_tiles.create(conn)
 
 
 @dataclass(frozen=True)
@@ -194,6 +229,8 @@ class Migration:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, exposures, coadd and difference sources, production views",
               _v1_create),
+    Migration(2, "runs: errors and status done_with_errors; run_tiles for resumable runs",
+              _v2_run_errors_and_tiles),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 LOCK_KEY = 0x6C617A79  # 'lazy': the advisory lock serialising upgrades
