@@ -22,6 +22,20 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
+def __getattr__(name: str) -> object:
+    """``lazysky.run`` and ``lazysky.connect``, imported on first use (they pull dask)."""
+    if name == "run":
+        from lazysky.runner import run
+
+        return run
+    if name == "connect":
+        from lazysky.cluster import connect
+
+        return connect
+    msg = f"module 'lazysky' has no attribute {name!r}"
+    raise AttributeError(msg)
+
+
 __all__ = [
     "ConfigError",
     "FitsFormatError",
@@ -30,4 +44,6 @@ __all__ = [
     "OutputError",
     "ParameterError",
     "__version__",
+    "connect",
+    "run",
 ]

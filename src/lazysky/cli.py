@@ -278,6 +278,34 @@ def _add_pipeline_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
 # --- end of pipeline commands ----------------------------------------------------------
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from lazysky.config import load_settings
+    from lazysky.runconfig import load_run_config
+    from lazysky.runner import run
+
+    cfg = load_run_config(args.config)
+    if args.run_id:
+        cfg = cfg.model_copy(update={"run_id": args.run_id})
+    settings = load_settings(args.settings) if args.settings else load_settings()
+
+    def started(run_id: str, dashboard: str) -> None:
+        print(f"run {run_id}" + (f"; dashboard {dashboard}" if dashboard else ""), flush=True)
+
+    summary = run(cfg, settings=settings, show_progress=not args.no_progress,
+                  on_start=started)
+    print(summary)
+    return 0 if summary.status == "done" else 3
+
+
+def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", help="one processing run end to end, from a YAML configuration")
+    p.add_argument("config", help="run configuration (YAML; see docs/run.md)")
+    p.add_argument("--run-id", help="resume this run (skips the tiles already complete)")
+    p.add_argument("--settings", help="lazysky settings YAML (default: $LAZYSKY_CONFIG)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_cmd_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lazysky`` command."""
     parser = argparse.ArgumentParser(
@@ -319,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_catalog_parsers(sub)  # catalog commands (issue 7)
     _add_pipeline_parsers(sub)  # pipeline commands (issue 5)
+    _add_run_parser(sub)  # end to end (issue 8)
     return parser
 
 
