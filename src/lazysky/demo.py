@@ -215,7 +215,7 @@ def _point_noise(out: Path, summary: Any) -> dict[str, float]:
 
 
 def _field(summary: Any) -> str:
-    return str(summary.field)
+    return str(summary.field_name)
 
 
 def _pictures(out: Path, summary: Any, dia: Any, settings: Any) -> list[Path]:

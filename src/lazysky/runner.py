@@ -63,7 +63,7 @@ class RunSummary:
     run_id: str
     status: str
     store: str
-    field: str
+    field_name: str
     reference: tuple[str, ...]
     epochs: Mapping[str, tuple[str, ...]]
     tiles: int
@@ -366,7 +366,7 @@ def run(
 
         diff_names = {epoch: f"{name}-{epoch}" for epoch in sel.epochs}
         with _stage("difference", timings):
-            writes = []
+            writes: list[Any] = []
             for epoch, ids in sel.epochs.items():
                 have = set(complete_tiles(store, run_id, "diff", diff_names[epoch],
                                           settings=settings))
@@ -417,7 +417,7 @@ def run(
         done_dia = done_tiles(run_id, "detect-diff", catalog=catalog)
         status = "done_with_errors" if errors else "done"
         return RunSummary(
-            run_id=run_id, status=status, store=str(store), field=name,
+            run_id=run_id, status=status, store=str(store), field_name=name,
             reference=tuple(sel.reference),
             epochs={k: tuple(v) for k, v in sel.epochs.items()}, tiles=len(tiles),
             sources=sum(done_co.values()), dia_sources=sum(done_dia.values()),
