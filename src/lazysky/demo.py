@@ -43,7 +43,9 @@ class DemoResult:
     pictures: tuple[str, ...]
 
     def __str__(self) -> str:
-        pct = (lambda k, n: f"{100.0 * k / n:.0f} %" if n else "n/a")
+        def pct(k: int, n: int) -> str:
+            return f"{100.0 * k / n:.0f} %" if n else "n/a"
+
         lines = [
             str(self.summary),
             "",

@@ -33,7 +33,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -183,9 +183,9 @@ def _compute(client: Any, collection: Any, *, label: str, show: bool) -> Any:
     if show:
         from distributed import progress
 
-        print(f"[{label}]", flush=True)  # noqa: T201 - the progress the user asked for
+        print(f"[{label}]", flush=True)
         progress(futures)
-        print(flush=True)  # noqa: T201
+        print(flush=True)
     return client.gather(futures)
 
 
@@ -359,9 +359,10 @@ def run(
                     if t not in set(complete_tiles(store, run_id, "coadd", name,
                                                    settings=settings))]
             if todo:
-                writes = write_product(store, run_id, "coadd", name, coadd_of(sel.reference),
-                                       tiles=todo, compute=False, settings=settings)
-                _compute(client, writes, label="reference coadd", show=show_progress)
+                ref_writes = write_product(store, run_id, "coadd", name,
+                                           coadd_of(sel.reference), tiles=todo, compute=False,
+                                           settings=settings)
+                _compute(client, ref_writes, label="reference coadd", show=show_progress)
             reference = open_product(store, run_id, "coadd", name, settings=settings)
 
         diff_names = {epoch: f"{name}-{epoch}" for epoch in sel.epochs}
@@ -424,10 +425,8 @@ def run(
             timings=dict(timings), errors=dict(errors), dashboard=dashboard,
         )
     finally:
-        try:
+        with suppress(LazySkyError):  # a run never registered (bad configuration)
             finish_run(run_id, status=status, timings=timings, errors=errors, catalog=catalog)
-        except LazySkyError:  # the run never got registered (bad configuration)
-            pass
         if own_client:
             client.close()
 
