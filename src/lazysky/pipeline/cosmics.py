@@ -142,7 +142,10 @@ def _lacosmic(
         invar=np.ascontiguousarray(var, dtype=np.float32),
         gain=1.0,
         readnoise=0.0,
-        satlevel=np.inf,
+        # saturation is masked by the caller; np.inf here makes astroscrappy several
+        # times slower than any finite level above every pixel (measured: 1.5 s vs 0.4 s
+        # on 300 x 300 px with hits), with identical results
+        satlevel=float(np.finfo(np.float32).max),
         sepmed=True,
         cleantype="meanmask",
         fsmode="median",
