@@ -21,9 +21,12 @@ Results are :class:`Sources`: per-tile dask ``Delayed`` astropy Tables (nothing 
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -35,7 +38,7 @@ from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 from numpy.typing import NDArray
 
-from lazysky.errors import ParameterError
+from lazysky.errors import FitsFormatError, OutputError, ParameterError
 from lazysky.pipeline._sep import (
     DEFAULT_KERNEL,
     FLAGS,
@@ -56,6 +59,7 @@ __all__ = [
     "configure_sep",
     "detect",
     "detect_difference",
+    "detect_file",
     "detect_pixels",
     "detect_score_pixels",
     "forced_photometry",
@@ -65,6 +69,7 @@ __all__ = [
 ]
 
 DEFAULT_HALO_PX = 32
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -430,3 +435,150 @@ class _ForcedSources(Sources):
             out.add_column(self.ra_deg[np.asarray(out["index"])], name="ra", index=1)
             out.add_column(self.dec_deg[np.asarray(out["index"])], name="dec", index=2)
         return out
+
+
+# --- files (what ``lazysky detect`` calls) -----------------------------------------------
+FORMATS = {".fits": "fits", ".csv": "ascii.csv", ".parquet": "parquet", ".ecsv": "ascii.ecsv"}
+BACKGROUNDS = ("auto", "subtract", "keep")
+
+
+def _images_of(path: Path) -> list[dict[str, Any]]:
+    """The images of a FITS file, each with its variance (or None), mask and WCS.
+
+    A lazysky coadd (PRIMARY + VARIANCE + MASK HDUs) is read directly; anything else
+    (calibrated MEFs with ``<DET>_VAR``/``<DET>_MASK``, plain images) through
+    :func:`~lazysky.pipeline.fitsio.read_calibrated`.
+    """
+    import warnings
+
+    from astropy.io import fits
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    from lazysky.pipeline.fitsio import _open, read_calibrated
+
+    with _open(path, "input") as hdul:
+        names = [h.name for h in hdul]
+        if "VARIANCE" in names and hdul[0].data is not None and hdul[0].data.ndim == 2:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FITSFixedWarning)
+                wcs = WCS(hdul[0].header, naxis=2)
+            if not wcs.has_celestial:
+                msg = f"input {path}, HDU PRIMARY: no celestial WCS (ra/dec need one)"
+                raise FitsFormatError(msg)
+            history = "\n".join(str(v) for v in hdul[0].header.get("HISTORY", []))
+            return [{
+                "name": "PRIMARY", "image": np.asarray(hdul[0].data, dtype=np.float64),
+                "variance": np.asarray(hdul["VARIANCE"].data, dtype=np.float64),
+                "mask": (np.asarray(hdul["MASK"].data).astype(np.uint16)
+                         if "MASK" in names else None),
+                "wcs": wcs.celestial, "subtracted": "lazysky coadd" in history,
+                "header": fits.Header(hdul[0].header),
+            }]  # fmt: skip
+        history = "\n".join(str(v) for v in hdul[0].header.get("HISTORY", []))
+    out = []
+    for ds in read_calibrated(path):
+        estimated = bool(ds.attrs["variance_estimated"])
+        for k, det in enumerate(ds.detector.values):
+            header = fits.Header.fromstring(str(ds.header.values[k]), sep="\n")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FITSFixedWarning)
+                wcs = WCS(header, naxis=2)
+            out.append({
+                "name": str(det), "image": np.asarray(ds.image.values[k], dtype=np.float64),
+                "variance": None if estimated else np.asarray(ds.variance.values[k]),
+                "mask": np.asarray(ds["mask"].values[k]), "wcs": wcs.celestial,
+                "subtracted": "background" in history.lower(), "header": header,
+            })  # fmt: skip
+    return out
+
+
+def _pixel_scale_arcsec(wcs: Any) -> float:
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    return float(3600.0 * np.mean(proj_plane_pixel_scales(wcs)))
+
+
+def detect_file(
+    path: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    threshold: float = 5.0,
+    min_area: int = 5,
+    aperture_radius_arcsec: float = 2.0,
+    background: str = "auto",
+    overwrite: bool = False,
+) -> Table:
+    """Detect the sources of a calibrated FITS image and write the catalogue.
+
+    Parameters
+    ----------
+    path
+        A lazysky coadd (``VARIANCE``/``MASK`` HDUs), a calibrated MEF (``<DET>_VAR``,
+        ``<DET>_MASK``) or any image with a celestial WCS (variance from a SEP background
+        rms when there is no variance plane).
+    out
+        ``.fits``, ``.csv``, ``.parquet`` or ``.ecsv``; refused if it exists unless
+        ``overwrite``.
+    threshold, min_area
+        Matched-filter S/N threshold and minimum area (:func:`detect_pixels`).
+    aperture_radius_arcsec
+        Radius of ``flux_aper``.
+    background
+        ``"auto"`` subtracts a SEP background (64 px mesh) unless the file says its sky is
+        already subtracted (a lazysky coadd, a calibration with the background step);
+        ``"subtract"`` always, ``"keep"`` never.
+
+    Returns
+    -------
+    astropy.table.Table
+        What was written: the columns of ``coadd_sources`` with ``tile_id`` the HDU name.
+
+    Examples
+    --------
+    >>> detect_file("coadd.fits", "coadd.cat.parquet", threshold=5.0)  # doctest: +SKIP
+    """
+    src, target = Path(path), Path(out)
+    fmt = FORMATS.get(target.suffix.lower())
+    if fmt is None:
+        msg = (f"cannot write {target}: unknown catalogue format {target.suffix!r}; use one "
+               f"of {sorted(FORMATS)}")  # fmt: skip
+        raise OutputError(msg)
+    if background not in BACKGROUNDS:
+        msg = f"background must be one of {list(BACKGROUNDS)}, got {background!r}"
+        raise ParameterError(msg)
+    if target.exists() and not overwrite:
+        msg = f"{target} exists: pass --overwrite to replace it"
+        raise OutputError(msg)
+    if not target.parent.is_dir():
+        msg = f"cannot write {target}: directory {target.parent} does not exist"
+        raise OutputError(msg)
+    if not (math.isfinite(aperture_radius_arcsec) and aperture_radius_arcsec > 0):
+        msg = f"the aperture radius must be > 0 arcsec, got {aperture_radius_arcsec}"
+        raise ParameterError(msg)
+    parts = []
+    for im in _images_of(src):
+        configure_sep(**dict(zip(("pixstack", "sub_object_limit"),
+                                 sep_settings_for(im["image"].shape), strict=True)))  # fmt: skip
+        subtract = background == "subtract" or (background == "auto" and not im["subtracted"])
+        cat = detect_pixels(
+            im["image"], im["variance"], im["mask"], wcs=im["wcs"], threshold=threshold,
+            min_area=min_area, subtract_background=subtract, tile_id=im["name"],
+            aperture_radius_px=aperture_radius_arcsec / _pixel_scale_arcsec(im["wcs"]),
+        )  # fmt: skip
+        parts.append(cat)
+        logger.info("%s[%s]: %d sources", src, im["name"], len(cat))
+    table = vstack(parts, metadata_conflicts="silent") if len(parts) > 1 else parts[0]
+    table.meta.update({"source_file": src.name, "threshold": float(threshold),
+                       "aperture_radius_arcsec": float(aperture_radius_arcsec),
+                       "flags": {k: v for k, v in FLAGS.items()}})  # fmt: skip
+    if fmt in ("fits", "parquet", "ascii.csv"):
+        table.meta = {k: v for k, v in table.meta.items() if not isinstance(v, dict)}
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        table.write(tmp, format=fmt, overwrite=True)
+        os.replace(tmp, target)
+    except (OSError, ImportError) as exc:
+        tmp.unlink(missing_ok=True)
+        msg = f"cannot write the catalogue to {target}: {exc}"
+        raise OutputError(msg) from exc
+    return table
