@@ -40,6 +40,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from distributed.diagnostics.plugin import WorkerPlugin
 from numpy.typing import NDArray
+from scipy import ndimage
 
 from lazysky.errors import ParameterError
 from lazysky.pipeline.stack import DEFAULT_BAD_BITS
@@ -446,7 +447,8 @@ def detect_score_pixels(
     (in σ of the score), once on ``score`` (``sign`` +1) and once on ``-score`` (−1).
     ``flux_aper`` is a circular aperture on the difference ``D`` with its ``variance``;
     ``flux_psf`` the PSF-weighted flux ``Σ P D / V / Σ P² / V`` (``psf`` a centred,
-    sum-normalised odd-sided stamp, placed at the nearest pixel; NaN without a PSF).
+    sum-normalised odd-sided stamp, shifted to the source's sub-pixel position; NaN without
+    a PSF).
     ``snr`` is the score at the detection's peak (signed). Columns: ``diff_sources``'.
 
     Examples
@@ -462,6 +464,8 @@ def detect_score_pixels(
     ([-1], 12)
     """
     _check(threshold, min_area, aperture_radius_px)
+    if psf is not None:
+        _check_psf(psf)
     img, var, bad = _prepare(difference, variance, mask, bad_bits, False, 64)
     sc = np.array(score, dtype=np.float64, order="C")
     if sc.shape != img.shape:
@@ -502,6 +506,14 @@ def detect_score_pixels(
     return _table(cols, _DIFF_COLUMNS)
 
 
+def _check_psf(psf: NDArray[Any]) -> NDArray[np.float64]:
+    p = np.asarray(psf, dtype=np.float64)
+    if p.ndim != 2 or p.shape[0] % 2 == 0 or p.shape[1] % 2 == 0 or not p.sum() > 0:
+        msg = f"psf must be a 2-d stamp of odd sides with a positive sum, got shape {p.shape}"
+        raise ParameterError(msg)
+    return p / p.sum()
+
+
 def _psf_flux(
     img: NDArray[Any], var: NDArray[Any], bad: NDArray[Any], x: NDArray[Any], y: NDArray[Any],
     psf: NDArray[Any] | None,
@@ -511,18 +523,17 @@ def _psf_flux(
     flux, err = np.full(n, np.nan), np.full(n, np.nan)
     if psf is None:
         return flux, err
-    p = np.asarray(psf, dtype=np.float64)
-    if p.ndim != 2 or p.shape[0] % 2 == 0 or p.shape[1] % 2 == 0 or not p.sum() > 0:
-        msg = f"psf must be a 2-d stamp of odd sides with a positive sum, got shape {p.shape}"
-        raise ParameterError(msg)
-    p = p / p.sum()
+    p = _check_psf(psf)
     hy, hx = p.shape[0] // 2, p.shape[1] // 2
     ny, nx = img.shape
     for i in range(n):
         cx, cy = int(np.floor(x[i] + 0.5)), int(np.floor(y[i] + 0.5))
         y0, y1, x0, x1 = cy - hy, cy + hy + 1, cx - hx, cx + hx + 1
         sy, sx = slice(max(y0, 0), min(y1, ny)), slice(max(x0, 0), min(x1, nx))
-        pp = p[sy.start - y0 : sy.stop - y0, sx.start - x0 : sx.stop - x0]
+        # the stamp moved to the source's sub-pixel position (cubic spline), renormalised
+        shifted = ndimage.shift(p, (y[i] - cy, x[i] - cx), order=3, mode="constant")
+        shifted /= shifted.sum()
+        pp = shifted[sy.start - y0 : sy.stop - y0, sx.start - x0 : sx.stop - x0]
         good = ~bad[sy, sx]
         w = np.where(good, pp / var[sy, sx], 0.0)
         den = float((w * pp).sum())
