@@ -17,8 +17,14 @@ from scipy.ndimage import gaussian_filter
 from scipy.signal import fftconvolve
 
 from lazysky.errors import ParameterError
-from lazysky.pipeline import MaskBit, SepSettings, SkyGrid, detect, detect_difference
-from lazysky.pipeline import forced_photometry
+from lazysky.pipeline import (
+    MaskBit,
+    SepSettings,
+    SkyGrid,
+    detect,
+    detect_difference,
+    forced_photometry,
+)
 from lazysky.pipeline._sep import (
     DEFAULT_PIXSTACK,
     DEFAULT_SUB_OBJECT_LIMIT,
@@ -98,7 +104,8 @@ def test_kernel_finds_and_measures_isolated_stars() -> None:
     np.testing.assert_allclose(c["fluxerr_aper"], 2.0 * math.sqrt(math.pi) * 4.0, rtol=1e-6)
     # Kron: most of the light (>= 94 % for a Gaussian in 2.5 Kron radii) and <= all of it
     ratio = np.asarray(c["flux_kron"] / fs)
-    assert np.all(ratio > 0.93) and np.all(ratio < 1.02), ratio
+    assert np.all(ratio > 0.93), ratio
+    assert np.all(ratio < 1.02), ratio
     np.testing.assert_allclose(c["snr"], c["flux_aper"] / c["fluxerr_aper"])
     # a, b ~ sigma for a round Gaussian (isophotal moments of pixels: ~ sqrt(sigma² + 1/12)
     # and a little more for the brighter ones)
@@ -134,7 +141,7 @@ def test_kernel_honours_the_mask_and_flags_apertures() -> None:
 
 def test_kernel_estimates_variance_and_background_when_asked() -> None:
     shape = (256, 256)
-    img, var, xs, ys, _ = _scene(shape, 6, seed=3, flux=(3000, 6000))
+    img, var, _xs, _ys, _ = _scene(shape, 6, seed=3, flux=(3000, 6000))
     sky = 100.0 + 0.01 * np.mgrid[:256, :256][1]  # a gentle gradient
     with_var = detect_pixels(img, var)
     no_var = detect_pixels(img + sky, None, subtract_background=True)
@@ -149,7 +156,8 @@ def test_kernel_estimates_variance_and_background_when_asked() -> None:
 def test_kernel_empty_and_bad_input() -> None:
     z = np.zeros((10, 14))
     empty = detect_pixels(z, z + 1)
-    assert len(empty) == 0 and "flux_kron" in empty.colnames
+    assert len(empty) == 0
+    assert "flux_kron" in empty.colnames
     assert len(detect_pixels(z, z + 1, np.full(z.shape, 16, np.uint16))) == 0  # all NODATA
     with pytest.raises(ParameterError, match="variance has shape"):
         detect_pixels(z, np.ones((3, 3)))
@@ -193,7 +201,7 @@ def test_crowded_field_never_overflows_sep() -> None:
         # sized up front from the image: no retry needed
         sep.set_extract_pixstack(DEFAULT_PIXSTACK)
         sep.set_sub_object_limit(DEFAULT_SUB_OBJECT_LIMIT)
-        pixstack, limit = sep_settings_for(img.shape)
+        pixstack, _limit = sep_settings_for(img.shape)
         assert pixstack >= img.size
         SepSettings.for_shape(img.shape).setup(worker=None)
         assert sep.get_extract_pixstack() == pixstack
@@ -245,7 +253,7 @@ def test_detect_is_lazy_one_named_task_per_tile(field: tuple[xr.Dataset, Any, An
 
 
 def test_tiled_catalogue_equals_the_whole_image(field: tuple[xr.Dataset, Any, Any, Any]) -> None:
-    ds, xs, ys, _ = field
+    ds, _xs, _ys, _ = field
     src = detect(ds, aperture_radius_px=4.0, psf_fwhm_px=2.355 * SIGMA)
     tiled = src.to_table(scheduler="sync")
     grid = SkyGrid(**{**ds.attrs["grid"], "shape": tuple(ds.attrs["grid"]["shape"])})
@@ -297,7 +305,7 @@ def test_detect_rejects_bad_input(field: tuple[xr.Dataset, Any, Any, Any]) -> No
         detect(ds, threshold=-2.0)
     with pytest.raises(ParameterError, match="tile id"):
         detect(ds, tiles=["nope"])
-    with pytest.raises(ParameterError, match="xarray.Dataset"):
+    with pytest.raises(ParameterError, match=r"xarray\.Dataset"):
         detect(ds.image)  # type: ignore[arg-type]
 
 
@@ -337,7 +345,8 @@ def test_detect_difference_finds_both_signs(difference: tuple[Any, ...]) -> None
     cat = src.to_table(scheduler="sync")
     assert len(cat) == 12  # nothing else at 5 sigma
     m = _match(cat["x"], cat["y"], xs, ys, 0.3)
-    assert np.all(m >= 0) and len(set(m)) == 12
+    assert np.all(m >= 0)
+    assert len(set(m)) == 12
     c = cat[m]
     np.testing.assert_array_equal(c["sign"], np.sign(fs).astype(int))
     assert np.all(np.sign(c["snr"]) == np.sign(fs))
@@ -372,14 +381,14 @@ def test_detect_difference_tiled_equals_whole_and_no_psf_gives_nan(
 
 # --- forced photometry -------------------------------------------------------------------
 def test_forced_photometry_at_sky_positions(field: tuple[xr.Dataset, Any, Any, Any]) -> None:
-    ds, xs, ys, fs = field
+    ds, xs, ys, _fs = field
     grid = SkyGrid(**{**ds.attrs["grid"], "shape": tuple(ds.attrs["grid"]["shape"])})
     ra, dec = grid.wcs.pixel_to_world_values(xs[:5], ys[:5])
     ra = np.append(ra, [grid.ra_deg + 1.0, ra[0]])  # one far off the grid; one masked
     dec = np.append(dec, [grid.dec_deg, dec[0]])
     masked = ds.copy()
     m = np.zeros(grid.shape, np.uint16)
-    m[int(round(ys[0])), int(round(xs[0]))] = MaskBit.NODATA
+    m[round(ys[0]), round(xs[0])] = MaskBit.NODATA
     masked["mask"] = (("y", "x"), da.from_array(m, chunks=TILE))
     with raise_if_dask_computes():
         lc = forced_photometry(masked, ra, dec, radius_arcsec=2.0)
@@ -392,9 +401,11 @@ def test_forced_photometry_at_sky_positions(field: tuple[xr.Dataset, Any, Any, A
     ref, referr, _ = sep.sum_circle(img, xs[1:5], ys[1:5], 4.0, var=var, subpix=0)
     np.testing.assert_allclose(t["flux"][1:5], ref, rtol=1e-6)
     np.testing.assert_allclose(t["fluxerr"][1:5], referr, rtol=1e-6)
-    assert np.isnan(t["flux"][5]) and t["flags"][5] & FLAGS["OFF_IMAGE"]
+    assert np.isnan(t["flux"][5])
+    assert t["flags"][5] & FLAGS["OFF_IMAGE"]
     assert t["tile_id"][5] == ""
-    assert np.isnan(t["flux"][0]) and t["flags"][0] & FLAGS["MASKED"]
+    assert np.isnan(t["flux"][0])
+    assert t["flags"][0] & FLAGS["MASKED"]
     # a SkyCoord works the same
     t2 = forced_photometry(ds, SkyCoord(ra[1:3], dec[1:3], unit="deg")).to_table()
     np.testing.assert_allclose(t2["flux"], ref[:2], rtol=1e-6)
@@ -412,6 +423,7 @@ def test_forced_photometry_bad_input(field: tuple[xr.Dataset, Any, Any, Any]) ->
         forced_photometry(ds, [150.0], [2.0], radius_arcsec=0.0)
     with pytest.raises(ParameterError, match="SkyCoord alone"):
         forced_photometry(ds, SkyCoord(150.0, 2.0, unit="deg"), [2.0])
-    f, e, fl = forced_pixels(np.ones((5, 5)), np.ones((5, 5)), None, [np.nan], [1.0],
+    f, _e, fl = forced_pixels(np.ones((5, 5)), np.ones((5, 5)), None, [np.nan], [1.0],
                              radius_px=1.0)  # fmt: skip
-    assert np.isnan(f[0]) and fl[0] == FLAGS["OFF_IMAGE"]
+    assert np.isnan(f[0])
+    assert fl[0] == FLAGS["OFF_IMAGE"]
