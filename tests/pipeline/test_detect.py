@@ -171,6 +171,8 @@ def test_kernel_empty_and_bad_input() -> None:
         detect_pixels(z, z + 1, aperture_radius_px=-1)
     with pytest.raises(ParameterError, match="odd sides"):
         detect_pixels(z, z + 1, filter_kernel=np.ones((2, 2)))
+    with pytest.raises(ParameterError, match=r"filter_type must be one of \['matched', 'conv'\]"):
+        detect_pixels(z, z + 1, filter_type="gauss")
     with pytest.raises(ParameterError, match="2-d"):
         detect_pixels(np.zeros(5))
 

@@ -75,6 +75,7 @@ SOURCE_COLUMNS = ("number", "tile_id", "x", "y", "ra", "dec", "flux_aper", "flux
 _DIFF_COLUMNS = ("number", "tile_id", "x", "y", "ra", "dec", "flux_aper", "fluxerr_aper",
                  "flux_psf", "fluxerr_psf", "snr", "a", "b", "theta", "flags", "sign",
                  "npix", "peak")  # fmt: skip
+FILTER_TYPES = ("matched", "conv")
 DEFAULT_PIXSTACK = 300_000  # SEP's defaults
 DEFAULT_SUB_OBJECT_LIMIT = 1024
 _LOCK = threading.Lock()
@@ -314,6 +315,7 @@ def detect_pixels(
     threshold: float = 5.0,
     min_area: int = 5,
     filter_kernel: NDArray[Any] | None = DEFAULT_KERNEL,
+    filter_type: str = "matched",
     deblend_nthresh: int = 32,
     deblend_cont: float = 0.005,
     clean: bool = True,
@@ -347,6 +349,10 @@ def detect_pixels(
     filter_kernel
         Detection filter (default: the 3 × 3 pyramid of SEP and Source Extractor);
         None: no filtering.
+    filter_type
+        ``"matched"`` (default, ``threshold`` is the matched-filter S/N, right for
+        images of varying depth) or ``"conv"`` (Source Extractor's convention:
+        ``threshold`` in per-pixel σ on the filtered image, i.e. DETECT_THRESH).
     deblend_nthresh, deblend_cont, clean
         SEP's deblending and cleaning parameters.
     aperture_radius_px
@@ -381,10 +387,13 @@ def detect_pixels(
     img, var, bad = _prepare(image, variance, mask, bad_bits, subtract_background,
                              background_box_px)  # fmt: skip
     kernel = _kernel(filter_kernel)
+    if filter_type not in FILTER_TYPES:
+        msg = f"filter_type must be one of {list(FILTER_TYPES)}, got {filter_type!r}"
+        raise ParameterError(msg)
     if img.size == 0 or bool(bad.all()):
         return _empty(SOURCE_COLUMNS)
     obj = _extract(img, float(threshold), var=var, mask=bad, minarea=int(min_area),
-                   filter_kernel=kernel, filter_type="matched",
+                   filter_kernel=kernel, filter_type=filter_type,
                    deblend_nthresh=int(deblend_nthresh), deblend_cont=float(deblend_cont),
                    clean=bool(clean))  # fmt: skip
     obj = obj[_owned(obj, core)]

@@ -201,6 +201,7 @@ def detect(
     aperture_radius_arcsec: float | None = None,
     aperture_radius_px: float | None = None,
     filter_kernel: NDArray[Any] | None = DEFAULT_KERNEL,
+    filter_type: str = "matched",
     deblend_nthresh: int = 32,
     deblend_cont: float = 0.005,
     clean: bool = True,
@@ -216,9 +217,9 @@ def detect(
     ds
         A grid Dataset (``image``, ``variance``, optional ``mask`` on ``(y, x)``,
         ``attrs["grid"]``), background-subtracted (coadds are).
-    threshold, min_area, filter_kernel, deblend_nthresh, deblend_cont, clean, bad_bits
+    threshold, min_area, filter_kernel, filter_type, deblend_nthresh, deblend_cont, clean, bad_bits
         As in :func:`~lazysky.pipeline._sep.detect_pixels` (``threshold`` is the
-        matched-filter S/N).
+        matched-filter S/N; ``filter_type="conv"`` for Source Extractor's DETECT_THRESH).
     aperture_radius_arcsec, aperture_radius_px
         Radius of ``flux_aper`` (one of them; default 2 arcsec).
     halo_px, psf_fwhm_px
@@ -239,7 +240,8 @@ def detect(
     radius = _radius_px(grid, aperture_radius_arcsec, aperture_radius_px, 2.0)
     halo = _halo(ds, halo_px, radius, psf_fwhm_px)
     options: dict[str, Any] = {"threshold": float(threshold), "min_area": int(min_area),
-               "filter_kernel": filter_kernel, "deblend_nthresh": int(deblend_nthresh),
+               "filter_kernel": filter_kernel, "filter_type": filter_type,
+               "deblend_nthresh": int(deblend_nthresh),
                "deblend_cont": float(deblend_cont), "clean": bool(clean),
                "aperture_radius_px": radius, "bad_bits": int(bad_bits)}  # fmt: skip
     # validate eagerly on a tiny array (errors now, not inside a task)
@@ -465,13 +467,15 @@ def _images_of(path: Path) -> list[dict[str, Any]]:
             if not wcs.has_celestial:
                 msg = f"input {path}, HDU PRIMARY: no celestial WCS (ra/dec need one)"
                 raise FitsFormatError(msg)
-            history = "\n".join(str(v) for v in hdul[0].header.get("HISTORY", []))
             return [{
                 "name": "PRIMARY", "image": np.asarray(hdul[0].data, dtype=np.float64),
                 "variance": np.asarray(hdul["VARIANCE"].data, dtype=np.float64),
                 "mask": (np.asarray(hdul["MASK"].data).astype(np.uint16)
                          if "MASK" in names else None),
-                "wcs": wcs.celestial, "subtracted": "lazysky coadd" in history,
+                "wcs": wcs.celestial,
+                # a lazysky coadd (write_coadd_fits writes COMBINET) stacks sky-subtracted
+                # frames (unless made with --no-subtract-background: pass "subtract")
+                "subtracted": "COMBINET" in hdul[0].header,
                 "header": fits.Header(hdul[0].header),
             }]  # fmt: skip
         history = "\n".join(str(v) for v in hdul[0].header.get("HISTORY", []))
@@ -568,11 +572,10 @@ def detect_file(
         parts.append(cat)
         logger.info("%s[%s]: %d sources", src, im["name"], len(cat))
     table = vstack(parts, metadata_conflicts="silent") if len(parts) > 1 else parts[0]
-    table.meta.update({"source_file": src.name, "threshold": float(threshold),
-                       "aperture_radius_arcsec": float(aperture_radius_arcsec),
-                       "flags": {k: v for k, v in FLAGS.items()}})  # fmt: skip
-    if fmt in ("fits", "parquet", "ascii.csv"):
-        table.meta = {k: v for k, v in table.meta.items() if not isinstance(v, dict)}
+    table.meta = {"SRCFILE": src.name, "THRESH": float(threshold),
+                  "APERTURE": float(aperture_radius_arcsec)}  # FITS-safe keys
+    if fmt == "ascii.ecsv":
+        table.meta["flags"] = dict(FLAGS)
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
         table.write(tmp, format=fmt, overwrite=True)
