@@ -296,7 +296,8 @@ def _add_detect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--out", required=True, metavar="CAT.{fits,csv,parquet,ecsv}",
                    help="output catalogue; the format follows the extension")
     p.add_argument("--threshold", type=float, default=5.0, metavar="SIGMA",
-                   help="detection threshold: S/N of the matched-filtered image (default 5)")
+                   help="detection threshold: S/N of the filtered image (default 5; "
+                        "Source Extractor's DETECT_THRESH is 0.375 times this)")
     p.add_argument("--min-area", type=int, default=5, metavar="N",
                    help="minimum pixels above the threshold (default 5)")
     p.add_argument("--aperture-arcsec", type=float, default=2.0, metavar="R",

@@ -171,7 +171,7 @@ def test_kernel_empty_and_bad_input() -> None:
         detect_pixels(z, z + 1, aperture_radius_px=-1)
     with pytest.raises(ParameterError, match="odd sides"):
         detect_pixels(z, z + 1, filter_kernel=np.ones((2, 2)))
-    with pytest.raises(ParameterError, match=r"filter_type must be one of \['matched', 'conv'\]"):
+    with pytest.raises(ParameterError, match=r"filter_type must be one of \['conv', 'matched'\]"):
         detect_pixels(z, z + 1, filter_type="gauss")
     with pytest.raises(ParameterError, match="2-d"):
         detect_pixels(np.zeros(5))
@@ -200,12 +200,13 @@ def test_crowded_field_never_overflows_sep() -> None:
         cat = detect_pixels(img, var)  # grows the limits and retries, with a warning
         assert len(cat) > 0
         assert sep.get_extract_pixstack() > DEFAULT_PIXSTACK
-        # sized up front from the image: no retry needed
+        # sized up front (here for a 2048-px tile): no retry needed
         sep.set_extract_pixstack(DEFAULT_PIXSTACK)
         sep.set_sub_object_limit(DEFAULT_SUB_OBJECT_LIMIT)
-        pixstack, _limit = sep_settings_for(img.shape)
-        assert pixstack >= img.size
-        SepSettings.for_shape(img.shape).setup(worker=None)
+        pixstack, limit = sep_settings_for((2048, 2048))
+        assert pixstack == 2048 * 2048 // 8
+        assert limit == 2048 * 2048 // 256
+        SepSettings.for_shape((2048, 2048)).setup(worker=None)
         assert sep.get_extract_pixstack() == pixstack
         again = detect_pixels(img, var)
         assert len(again) == len(cat)

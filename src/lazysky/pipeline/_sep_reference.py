@@ -1,7 +1,7 @@
 """Source Extractor, configured like :func:`lazysky.pipeline.detect`: the reference that the
 detection tests and ``benchmarks/bench_detect.py`` compare against.
 
-Same threshold (our matched-filter S/N ``t`` is Source Extractor's per-pixel
+Same threshold (our filtered-image S/N ``t`` is Source Extractor's per-pixel
 ``DETECT_THRESH = t · sqrt(Σk²) / Σk`` on the same filter ``k``), same minimum area,
 deblending and cleaning, our variance plane as ``WEIGHT_TYPE MAP_VAR``, the sky taken as
 already subtracted (``BACK_TYPE MANUAL``, 0).
@@ -37,7 +37,7 @@ def find_source_extractor() -> str | None:
 
 
 def sextractor_threshold(threshold: float, kernel: NDArray[Any] = DEFAULT_KERNEL) -> float:
-    """Source Extractor's DETECT_THRESH equivalent to our matched-filter ``threshold``.
+    """Source Extractor's DETECT_THRESH equivalent to our ``threshold`` (filtered S/N).
 
     Examples
     --------

@@ -201,7 +201,7 @@ def detect(
     aperture_radius_arcsec: float | None = None,
     aperture_radius_px: float | None = None,
     filter_kernel: NDArray[Any] | None = DEFAULT_KERNEL,
-    filter_type: str = "matched",
+    filter_type: str = "conv",
     deblend_nthresh: int = 32,
     deblend_cont: float = 0.005,
     clean: bool = True,
@@ -218,8 +218,9 @@ def detect(
         A grid Dataset (``image``, ``variance``, optional ``mask`` on ``(y, x)``,
         ``attrs["grid"]``), background-subtracted (coadds are).
     threshold, min_area, filter_kernel, filter_type, deblend_nthresh, deblend_cont, clean, bad_bits
-        As in :func:`~lazysky.pipeline._sep.detect_pixels` (``threshold`` is the
-        matched-filter S/N; ``filter_type="conv"`` for Source Extractor's DETECT_THRESH).
+        As in :func:`~lazysky.pipeline._sep.detect_pixels` (``threshold``: S/N of the
+        filtered image; Source Extractor's DETECT_THRESH ``= threshold · 0.375`` for the
+        default 3 × 3 kernel).
     aperture_radius_arcsec, aperture_radius_px
         Radius of ``flux_aper`` (one of them; default 2 arcsec).
     halo_px, psf_fwhm_px
