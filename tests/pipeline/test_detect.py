@@ -430,3 +430,15 @@ def test_forced_photometry_bad_input(field: tuple[xr.Dataset, Any, Any, Any]) ->
                              radius_px=1.0)  # fmt: skip
     assert np.isnan(f[0])
     assert fl[0] == FLAGS["OFF_IMAGE"]
+
+
+@pytest.mark.parametrize(
+    "name", ["lazysky.pipeline._sep", "lazysky.pipeline.detect", "lazysky.pipeline._sep_reference"]
+)
+def test_docstring_examples_run(name: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
