@@ -376,6 +376,19 @@ def test_detect_difference_tiled_equals_whole_and_no_psf_gives_nan(
     whole.sort(["y", "x"])
     for col in ("x", "y", "flux_aper", "sign", "snr"):
         np.testing.assert_allclose(tiled[col], whole[col], rtol=1e-9, err_msg=col)
+    # per-tile PSF stamps (tile_y, tile_x, v, u), lazy: the same as one fixed stamp
+    psf = difference[4]
+    nty, ntx = 3, 3
+    stamps = xr.DataArray(da.from_array(np.broadcast_to(psf, (nty, ntx, *psf.shape)).copy(),
+                                        chunks=(1, 1, *psf.shape)),
+                          dims=("tile_y", "tile_x", "v", "u"))  # fmt: skip
+    with raise_if_dask_computes():
+        lazy = detect_difference(ds, psf=stamps, aperture_radius_px=4.0)
+    a = lazy.to_table(scheduler="sync")
+    b = detect_difference(ds, psf=psf, aperture_radius_px=4.0).to_table(scheduler="sync")
+    np.testing.assert_allclose(a["flux_psf"], b["flux_psf"], rtol=1e-12)
+    with pytest.raises(ParameterError, match="per-tile psf"):
+        detect_difference(ds, psf=stamps[:2])
     with pytest.raises(ParameterError, match="lacks variables"):
         detect_difference(ds.drop_vars("score"))
     with pytest.raises(ParameterError, match="odd sides"):

@@ -49,7 +49,7 @@ from lazysky.pipeline._sep import (
     forced_pixels,
     sep_settings_for,
 )
-from lazysky.pipeline.grid import SkyGrid, tiles_of
+from lazysky.pipeline.grid import SkyGrid, parse_tile, tiles_of
 from lazysky.pipeline.stack import DEFAULT_BAD_BITS
 
 __all__ = [
@@ -183,7 +183,9 @@ def _run_detect(image: NDArray[Any], variance: NDArray[Any], mask: NDArray[Any],
 
 
 def _run_score(d: NDArray[Any], v: NDArray[Any], s: NDArray[Any], m: NDArray[Any],
-               grid: SkyGrid, options: dict[str, Any]) -> Table:  # fmt: skip
+               grid: SkyGrid, options: dict[str, Any], psf: Any = None) -> Table:  # fmt: skip
+    if psf is not None:
+        options = {**options, "psf": np.asarray(psf, dtype=np.float64)}
     return detect_score_pixels(d, v, s, m, wcs=grid.wcs, **options)
 
 
@@ -267,7 +269,7 @@ def detect_difference(
     min_area: int = 3,
     aperture_radius_arcsec: float | None = None,
     aperture_radius_px: float | None = None,
-    psf: NDArray[Any] | None = None,
+    psf: NDArray[Any] | xr.DataArray | None = None,
     deblend_nthresh: int = 32,
     deblend_cont: float = 0.005,
     bad_bits: int = DEFAULT_BAD_BITS,
@@ -287,7 +289,8 @@ def detect_difference(
     diff
         Grid Dataset with ``image`` (D), ``variance`` (of D), ``score``, optional ``mask``.
     psf
-        PSF stamp for ``flux_psf`` (odd sides; normalised here).
+        PSF for ``flux_psf``: one stamp (odd sides; normalised here), or per-tile stamps as
+        a DataArray ``(tile_y, tile_x, v, u)`` (e.g. the difference step's PSF of D).
     (others)
         As in :func:`detect`.
 
@@ -305,6 +308,15 @@ def detect_difference(
     radius = _radius_px(grid, aperture_radius_arcsec, aperture_radius_px, 2.0)
     if psf is None and "psf" in diff.attrs:
         psf = np.asarray(diff.attrs["psf"], dtype=float)
+    per_tile = None
+    if isinstance(psf, xr.DataArray):
+        if psf.ndim != 4 or tuple(psf.shape[:2]) != grid.n_tiles:
+            msg = (f"a per-tile psf must be (tile_y, tile_x, v, u) with {grid.n_tiles} tiles, "
+                   f"got dims {psf.dims} shape {psf.shape}")  # fmt: skip
+            raise ParameterError(msg)
+        per_tile = psf
+        psf = np.zeros(psf.shape[2:])
+        psf[psf.shape[0] // 2, psf.shape[1] // 2] = 1.0  # stands in for validation
     if psf_fwhm_px is None and psf is None and "psf_fwhm_px" not in diff.attrs:
         halo = _halo(diff, halo_px, radius, None)
     else:
@@ -315,15 +327,21 @@ def detect_difference(
                "aperture_radius_px": radius, "bad_bits": int(bad_bits), "psf": psf}  # fmt: skip
     z = np.zeros((1, 1))
     detect_score_pixels(z, z + 1, z, **options)  # validate now
+    if per_tile is not None:
+        options["psf"] = None
     out: dict[str, Delayed] = {}
     for tile in tiles_of(grid, tiles):
         wy, wx, kw = _window(grid, tile, halo)
         arrays = [diff["image"].data[wy, wx], diff["variance"].data[wy, wx],
                   diff["score"].data[wy, wx], _mask_or_zeros(diff, wy, wx)]  # fmt: skip
         opts = {**options, **kw}
-        token = tokenize(*arrays, grid, opts)
+        stamp = None
+        if per_tile is not None:
+            iy, ix = parse_tile(tile)
+            stamp = per_tile.data[iy, ix]
+        token = tokenize(*arrays, grid, opts, stamp)
         out[tile] = delayed(_run_score, pure=True)(
-            *arrays, grid, opts, dask_key_name=f"detect-{tile}-{token}"
+            *arrays, grid, opts, stamp, dask_key_name=f"detect-{tile}-{token}"
         )
     return Sources(out, "diff", halo)
 
