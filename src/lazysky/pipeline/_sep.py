@@ -175,9 +175,12 @@ def _extract(data: NDArray[Any], thresh: float, **kw: Any) -> NDArray[Any]:
 def _prepare(
     image: NDArray[Any], variance: NDArray[Any] | None, mask: NDArray[Any] | None,
     bad_bits: int, subtract_background: bool, background_box_px: int,
-) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
-    """C-contiguous float64 image, finite variance, boolean bad-pixel mask."""
-    img = np.array(image, dtype=np.float64, order="C")
+) -> tuple[NDArray[Any], NDArray[Any], NDArray[np.bool_]]:
+    """C-contiguous native image and finite variance (float32 stays float32: half the
+    memory, SEP sums in double anyway; anything else float64), boolean bad-pixel mask."""
+    raw = np.asarray(image)
+    dt = np.float32 if raw.dtype.kind == "f" and raw.dtype.itemsize == 4 else np.float64
+    img: NDArray[Any] = np.array(raw, dtype=dt, order="C")
     if img.ndim != 2:
         msg = f"image must be 2-d (y, x), got shape {img.shape}"
         raise ParameterError(msg)
@@ -187,9 +190,11 @@ def _prepare(
         if m.shape != img.shape:
             msg = f"mask has shape {m.shape}, the image {img.shape}"
             raise ParameterError(msg)
-        bad |= (m.astype(np.int64) & int(bad_bits)) != 0
+        if m.dtype.kind not in "iu":
+            m = m.astype(np.int64)
+        bad |= (m & int(bad_bits)) != 0
     if variance is not None:
-        var = np.array(variance, dtype=np.float64, order="C")
+        var: NDArray[Any] = np.array(variance, dtype=dt, order="C")
         if var.shape != img.shape:
             msg = f"variance has shape {var.shape}, the image {img.shape}"
             raise ParameterError(msg)
@@ -198,14 +203,13 @@ def _prepare(
     if subtract_background or variance is None:
         bkg = sep.Background(img, mask=bad, bw=background_box_px, bh=background_box_px)
         if subtract_background:
-            img -= bkg.back()
+            img -= bkg.back(dtype=dt)
             img[bad] = 0.0
         if variance is None:
-            var = np.asarray(bkg.rms(), dtype=np.float64) ** 2
-    good = var[~bad]
-    fill = float(np.median(good)) if good.size else 1.0
-    var[bad] = fill if fill > 0 else 1.0
-    return img, np.ascontiguousarray(var), bad
+            var = np.asarray(bkg.rms(dtype=dt)) ** 2
+    # masked pixels carry no weight in SEP; their variance only has to be finite > 0
+    var[bad] = 1.0
+    return img, var, bad
 
 
 def _kernel(filter_kernel: NDArray[Any] | None) -> NDArray[Any] | None:

@@ -487,8 +487,8 @@ def _images_of(path: Path) -> list[dict[str, Any]]:
                 msg = f"input {path}, HDU PRIMARY: no celestial WCS (ra/dec need one)"
                 raise FitsFormatError(msg)
             return [{
-                "name": "PRIMARY", "image": np.asarray(hdul[0].data, dtype=np.float64),
-                "variance": np.asarray(hdul["VARIANCE"].data, dtype=np.float64),
+                "name": "PRIMARY", "image": np.asarray(hdul[0].data, dtype=np.float32),
+                "variance": np.asarray(hdul["VARIANCE"].data, dtype=np.float32),
                 "mask": (np.asarray(hdul["MASK"].data).astype(np.uint16)
                          if "MASK" in names else None),
                 "wcs": wcs.celestial,
@@ -507,7 +507,7 @@ def _images_of(path: Path) -> list[dict[str, Any]]:
                 warnings.simplefilter("ignore", FITSFixedWarning)
                 wcs = WCS(header, naxis=2)
             out.append({
-                "name": str(det), "image": np.asarray(ds.image.values[k], dtype=np.float64),
+                "name": str(det), "image": np.asarray(ds.image.values[k], dtype=np.float32),
                 "variance": None if estimated else np.asarray(ds.variance.values[k]),
                 "mask": np.asarray(ds["mask"].values[k]), "wcs": wcs.celestial,
                 "subtracted": "background" in history.lower(), "header": header,
