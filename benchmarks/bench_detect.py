@@ -7,7 +7,7 @@ the plain image + variance files Source Extractor takes. Both tools run as child
 processes, one at a time, ``--repeat`` times each (alternating); reported: median wall
 time, peak RSS of the child (``/usr/bin/time -v``, else ``RUSAGE_CHILDREN`` of a wrapper),
 completeness of stars with S/N >= 10 and purity (detections within 1" of a truth source),
-and the lazysky / Source Extractor ratios. Same threshold (our matched-filter S/N 5 is
+and the lazysky / Source Extractor ratios. Same threshold (our filtered-image S/N 5 is
 Source Extractor's DETECT_THRESH 1.875 on the same 3 × 3 filter), minimum area 5,
 deblending 32 / 0.005, cleaning, our variance as MAP_VAR, one thread each.
 
