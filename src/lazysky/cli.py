@@ -275,6 +275,40 @@ def _add_pipeline_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.set_defaults(handler=_cmd_coadd)
 
 
+# --- detect (issue 6) --------------------------------------------------------------------
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from lazysky.pipeline.detect import detect_file
+
+    table = detect_file(args.image, args.out, threshold=args.threshold,
+                        min_area=args.min_area, aperture_radius_arcsec=args.aperture_arcsec,
+                        background=args.background, overwrite=args.overwrite)  # fmt: skip
+    print(f"{len(table)} sources -> {args.out}")
+    return 0
+
+
+def _add_detect_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("detect", help="detect and measure sources on a calibrated FITS image "
+                       "(SEP): a catalogue in FITS, CSV, Parquet or ECSV")
+    p.add_argument("image", metavar="IMAGE.fits",
+                   help="a lazysky coadd or calibrated MEF, or any image with a celestial WCS")
+    p.add_argument("--out", required=True, metavar="CAT.{fits,csv,parquet,ecsv}",
+                   help="output catalogue; the format follows the extension")
+    p.add_argument("--threshold", type=float, default=5.0, metavar="SIGMA",
+                   help="detection threshold: S/N of the filtered image (default 5; "
+                        "Source Extractor's DETECT_THRESH is 0.375 times this)")
+    p.add_argument("--min-area", type=int, default=5, metavar="N",
+                   help="minimum pixels above the threshold (default 5)")
+    p.add_argument("--aperture-arcsec", type=float, default=2.0, metavar="R",
+                   help="radius of the circular aperture flux (default 2 arcsec)")
+    p.add_argument("--background", choices=["auto", "subtract", "keep"], default="auto",
+                   help="subtract a SEP sky background: auto (unless the file says it is "
+                        "already subtracted), subtract, keep (default auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(handler=_cmd_detect)
+
+
 # --- end of pipeline commands ----------------------------------------------------------
 
 
@@ -348,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_catalog_parsers(sub)  # catalog commands (issue 7)
     _add_pipeline_parsers(sub)  # pipeline commands (issue 5)
     _add_run_parser(sub)  # end to end (issue 8)
+    _add_detect_parser(sub)  # detect (issue 6)
     return parser
 
 

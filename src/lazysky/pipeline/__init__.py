@@ -72,3 +72,14 @@ __all__ = [
     "subtract_background",
     "write_coadd_fits",
 ]
+
+# source detection (issue 6)
+from lazysky.pipeline.detect import (
+    SepSettings,
+    Sources,
+    detect,
+    detect_difference,
+    forced_photometry,
+)
+
+__all__ += ["SepSettings", "Sources", "detect", "detect_difference", "forced_photometry"]
