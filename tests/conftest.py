@@ -1,13 +1,21 @@
-"""Shared fixtures: a real S3 endpoint (moto server on 127.0.0.1), simulated surveys."""
+"""Shared fixtures: a real S3 endpoint (moto server on 127.0.0.1), the embedded catalog.
+
+The catalog is a real PostgreSQL + pgSphere that lazysky starts itself, in a fresh
+directory under /tmp (reachable by the ``postgres`` user when the tests run as root),
+stopped at the end of the session.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from lazysky.catalog import Catalog
 
 REAL_DATA = Path(
     os.environ.get(
@@ -46,3 +54,26 @@ def s3_bucket(s3_endpoint: str) -> tuple[str, dict[str, Any]]:
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(**opts).mkdir(bucket)
     return bucket, opts
+
+
+@pytest.fixture(scope="session")
+def catalog_dir() -> Iterator[Path]:
+    import shutil
+    import tempfile
+
+    from lazysky.catalog import server as catalog_server
+
+    path = Path(tempfile.mkdtemp(prefix="lazysky-test-catalog-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    catalog_server.stop(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def catalog(catalog_dir: Path) -> Catalog:
+    """The opened test catalog (embedded server, pgSphere, schema)."""
+    from lazysky.catalog import open_catalog
+    from lazysky.config import load_settings
+
+    return open_catalog(load_settings(catalog_dir=catalog_dir, catalog_dsn=None))

@@ -1,39 +1,15 @@
-"""A real embedded PostgreSQL + pgSphere for the catalog tests, started by lazysky itself.
-
-The server lives in a fresh directory under /tmp (reachable by the ``postgres`` user
-when the tests run as root) and is stopped at the end of the session.
-"""
+"""Catalog test helpers; the embedded server itself (``catalog``) is in tests/conftest.py."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from lazysky.catalog import Catalog, open_catalog, register_run
-from lazysky.catalog import server as catalog_server
-from lazysky.config import load_settings
+from lazysky.catalog import Catalog, register_run
 from lazysky.runs import Run, new_run_id
-
-
-@pytest.fixture(scope="session")
-def catalog_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="lazysky-test-catalog-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    catalog_server.stop(path)
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def catalog(catalog_dir: Path) -> Catalog:
-    """The opened test catalog (embedded server, pgSphere, schema)."""
-    return open_catalog(load_settings(catalog_dir=catalog_dir, catalog_dsn=None))
 
 
 @pytest.fixture
