@@ -158,9 +158,9 @@ def _candidates(
     for y, x in zip(ys, xs, strict=True):
         if smooth[y, x] < snr_min or not (half <= y < ny - half and half <= x < nx - half):
             continue
-        near = (np.abs(ys - y) <= 2 * half) & (np.abs(xs - x) <= 2 * half)
-        # a neighbour above 1 % of this peak's S/N within two radii spoils the cut-out
-        if np.count_nonzero(near & (smooth[ys, xs] > 0.01 * smooth[y, x])) > 1:
+        near = np.hypot(ys - y, xs - x) <= 1.5 * half
+        # a neighbour above 5 % of this peak's S/N within 1.5 stamp radii spoils the cut-out
+        if np.count_nonzero(near & (smooth[ys, xs] > 0.05 * smooth[y, x])) > 1:
             continue
         if bad[y - half : y + half + 1, x - half : x + half + 1].any():
             continue
