@@ -92,7 +92,7 @@ def test_score_has_unit_variance_and_d_matches_its_predicted_variance() -> None:
     s = res.score[free]
     chi = res.image[free] / np.sqrt(res.variance[free])
     print(f"source-free pixels {free.sum()}: std(S_corr) {s.std():.4f}, std(D/sqrt(V)) "
-          f"{chi.std():.4f}; |S_corr| max over the stars {np.abs(res.score).max():.2f}")  # fmt: skip
+          f"{chi.std():.4f}; max |S_corr| {np.abs(res.score).max():.2f}")  # fmt: skip
     assert s.std() == pytest.approx(1.0, abs=0.05)
     assert chi.var() == pytest.approx(1.0, abs=0.05)
     # with the source noise in the denominator the stars leave no 5σ residual
