@@ -34,7 +34,7 @@ from scipy import fft, ndimage
 from lazysky.errors import ParameterError
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
 
-__all__ = ["DIFF_DTYPE", "ZogyResult", "zogy_pixels"]
+__all__ = ["DIFF_DTYPE", "ZogyResult", "partial_coverage", "zogy_pixels"]
 
 DIFF_DTYPE = np.dtype(
     [("image", np.float32), ("variance", np.float32), ("score", np.float32), ("mask", MASK_DTYPE)]
@@ -218,3 +218,31 @@ def zogy_pixels(
 
 def _median_or_one(v: NDArray[np.float64]) -> float:
     return float(np.median(v)) if v.size else 1.0
+
+
+def partial_coverage(
+    count: NDArray[Any], image: NDArray[Any], variance: NDArray[Any], *, size_px: int,
+    snr_min: float = 20.0,
+) -> NDArray[np.bool_]:  # fmt: skip
+    """Pixels within ``size_px // 2`` of a bright pixel (S/N ≥ ``snr_min``) of a coadd where
+    fewer exposures contributed than elsewhere within ``size_px`` (a saturated or clipped
+    core): there the coadd's PSF is that of a subset of its frames, not the tile's.
+
+    Examples
+    --------
+    >>> c = np.full((9, 9), 3); c[4, 4] = 1
+    >>> img = np.zeros((9, 9)); img[4, 4] = 100.0
+    >>> int(partial_coverage(c, img, np.ones((9, 9)), size_px=3).sum())
+    9
+    """
+    c = np.asarray(count)
+    if c.size == 0 or not np.any(c):
+        return np.zeros(c.shape, dtype=bool)
+    v = np.asarray(variance, dtype=np.float64)
+    ok = np.isfinite(v) & (v > 0)
+    snr = np.where(ok, np.asarray(image, dtype=np.float64) / np.sqrt(np.where(ok, v, 1.0)), 0)
+    fewer = (c < ndimage.maximum_filter(c, size=size_px)) & (c > 0) & (snr >= snr_min)
+    if not fewer.any():
+        return fewer
+    out: NDArray[np.bool_] = ndimage.binary_dilation(fewer, iterations=max(size_px // 2, 1))
+    return out

@@ -52,8 +52,8 @@ from dask.base import tokenize
 from numpy.typing import NDArray
 
 from lazysky.errors import LazySkyWarning, ParameterError
-from lazysky.pipeline._mask import MaskBit
-from lazysky.pipeline._zogy import DIFF_DTYPE, ZogyResult, zogy_pixels
+from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
+from lazysky.pipeline._zogy import DIFF_DTYPE, ZogyResult, partial_coverage, zogy_pixels
 from lazysky.pipeline.psf import (
     DEFAULT_BAD_BITS,
     MAX_STARS,
@@ -68,7 +68,9 @@ __all__ = [
     "FluxRatioWarning",
     "ZogyResult",
     "difference",
+    "difference_files",
     "fit_flux_ratio",
+    "write_difference_fits",
     "zogy_pixels",
 ]
 
@@ -168,8 +170,9 @@ def _mean_variance(ds: xr.Dataset, bad_bits: int) -> da.Array:
 
 def _diff_block(
     n: NDArray[Any], r: NDArray[Any], vn: NDArray[Any], vr: NDArray[Any], mn: NDArray[Any],
-    mr: NDArray[Any], pn: NDArray[Any], pr: NDArray[Any], ratio: NDArray[Any],
-    s2: NDArray[Any], *, trim: tuple[int, int, int, int], astro: tuple[float, float] | None,
+    mr: NDArray[Any], cn: NDArray[Any], cr: NDArray[Any], pn: NDArray[Any], pr: NDArray[Any],
+    ratio: NDArray[Any], s2: NDArray[Any], *, trim: tuple[int, int, int, int],
+    astro: tuple[float, float] | None,
 ) -> NDArray[Any]:  # fmt: skip
     t, b, left, right = trim
     shape = (n.shape[0] - t - b, n.shape[1] - left - right)
@@ -185,6 +188,9 @@ def _diff_block(
     core = (slice(t, t + shape[0]), slice(left, left + shape[1]))
     for k in ("image", "variance", "score", "mask"):
         out[k] = getattr(res, k)[core]
+    size = max(pn.shape[-1], pr.shape[-1])
+    partial = partial_coverage(cn, n, vn, size_px=size) | partial_coverage(cr, r, vr, size_px=size)
+    out["mask"][partial[core]] |= MASK_DTYPE.type(MaskBit.EDGE)
     return out
 
 
@@ -320,6 +326,8 @@ def difference(
     planes = [da.asarray(ds[k].data) for k in ("image",) for ds in (science, reference)]
     planes += [da.asarray(ds[k].data) for k in ("variance",) for ds in (science, reference)]
     planes += [da.asarray(ds[k].data) for k in ("mask",) for ds in (science, reference)]
+    planes += [da.asarray(ds["count"].data) if "count" in ds else da.zeros(grid.shape, np.uint16,
+               chunks=grid.chunks) for ds in (science, reference)]  # fmt: skip
     h, (ny, nx) = int(halo_px), grid.shape
     rows = []
     for iy in range(nty):
@@ -382,3 +390,6 @@ def difference(
         "star_fields": list(STAR_FIELDS),
     })  # fmt: skip
     return out
+
+
+from lazysky.pipeline._difffits import difference_files, write_difference_fits  # noqa: E402

@@ -292,11 +292,15 @@ def estimate_psf(
         ws.append(w)
         where.append((y, x))
     keep = list(range(len(fits)))
-    if len(keep) >= 3:  # reject galaxies and blends: FWHM far from the median
+    if keep:  # reject galaxies and blends: stars are the narrowest sources
         f = np.array([p[3] for p in fits])
+        low = float(np.median(np.sort(f)[: max((len(f) + 1) // 2, 1)]))
+        keep = [k for k in keep if f[k] <= 1.15 * low]
+    if len(keep) >= 3:  # and outliers either way from the median of the rest
+        f = np.array([fits[k][3] for k in keep])
         med = float(np.median(f))
         mad = max(1.4826 * float(np.median(np.abs(f - med))), 0.03 * med)
-        keep = [k for k in keep if abs(f[k] - med) <= 3 * mad]
+        keep = [k for k, fk in zip(keep, f, strict=True) if abs(fk - med) <= 3 * mad]
     if not keep:
         if warn:
             msg = (f"no star fit for a PSF (min_stars={min_stars}): using a Moffat of FWHM "
