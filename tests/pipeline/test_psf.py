@@ -163,3 +163,15 @@ def test_psf_of_a_simulated_coadd_matches_the_seeing(
     # the coadd of Moffats of slightly different widths, bilinearly resampled (which
     # broadens a little): within 10 % of the frames' mean seeing
     assert np.median(fwhm) == pytest.approx(seeing, rel=0.1)
+
+
+@pytest.mark.parametrize(
+    "name", ["lazysky.pipeline.psf", "lazysky.pipeline._zogy", "lazysky.pipeline.difference"]
+)
+def test_docstring_examples_run(name: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0

@@ -224,7 +224,7 @@ def partial_coverage(
     count: NDArray[Any], image: NDArray[Any], variance: NDArray[Any], *, size_px: int,
     snr_min: float = 20.0,
 ) -> NDArray[np.bool_]:  # fmt: skip
-    """Pixels within ``size_px // 2`` of a bright pixel (S/N ≥ ``snr_min``) of a coadd where
+    """Pixels within ``size_px // 4`` of a bright pixel (S/N ≥ ``snr_min``) of a coadd where
     fewer exposures contributed than elsewhere within ``size_px`` (a saturated or clipped
     core): there the coadd's PSF is that of a subset of its frames, not the tile's.
 
@@ -232,8 +232,8 @@ def partial_coverage(
     --------
     >>> c = np.full((9, 9), 3); c[4, 4] = 1
     >>> img = np.zeros((9, 9)); img[4, 4] = 100.0
-    >>> int(partial_coverage(c, img, np.ones((9, 9)), size_px=3).sum())
-    9
+    >>> int(partial_coverage(c, img, np.ones((9, 9)), size_px=9).sum())  # 2 px around it
+    13
     """
     c = np.asarray(count)
     if c.size == 0 or not np.any(c):
@@ -244,5 +244,5 @@ def partial_coverage(
     fewer = (c < ndimage.maximum_filter(c, size=size_px)) & (c > 0) & (snr >= snr_min)
     if not fewer.any():
         return fewer
-    out: NDArray[np.bool_] = ndimage.binary_dilation(fewer, iterations=max(size_px // 2, 1))
+    out: NDArray[np.bool_] = ndimage.binary_dilation(fewer, iterations=max(size_px // 4, 1))
     return out
