@@ -62,7 +62,7 @@ def make_pair(size: int, tile: int) -> tuple[xr.Dataset, xr.Dataset]:
                              seed=seed, kind=k, chunks=grid.chunks, dtype=np.float32)
             for k in ("image", "variance")
         }  # fmt: skip
-        planes["mask"] = da.zeros(grid.shape, np.uint16, chunks=grid.chunks)
+        planes["mask"] = da.zeros(grid.shape, dtype=np.uint16, chunks=grid.chunks)
         return xr.Dataset({k: (("y", "x"), v) for k, v in planes.items()},
                           attrs={"grid": grid.to_dict(), "units": "electron"})  # fmt: skip
 

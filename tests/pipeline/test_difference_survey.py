@@ -135,24 +135,44 @@ def test_transients_with_snr_8_are_recovered(pair: Pair) -> None:
 
 
 def test_few_false_detections(pair: Pair) -> None:
-    """Connected 5σ footprints of |S_corr| (unflagged pixels) that hold no transient,
-    variable or mover (within 2 px): ≤ 2 per Mpix of unflagged area."""
-    s = np.where(pair.diff["mask"].values & BAD, 0.0, np.abs(pair.diff.score.values))
-    labels, n = ndimage.label(s >= THRESH)
+    """Connected (8-neighbour) 5σ footprints of |S_corr| on unflagged pixels that belong
+    to no transient, variable or mover: ≤ 2 per Mpix of unflagged area.
+
+    A footprint belongs to a source when one of its pixels lies within the source's reach:
+    the radius out to which its own matched-filter response, ``S_peak · A(r)`` (A the PSF's
+    autocorrelation, 1 at the centre; S_peak its observed peak), stays above 3σ, plus
+    2 px. A bright transient (S/N of hundreds) still reaches 5σ two FWHM out, in islands a
+    plain labelling splits off; a detector's deblending assigns them to it."""
+    score = pair.diff.score.values
+    s = np.where(pair.diff["mask"].values & BAD, 0.0, np.abs(score))
+    labels, n = ndimage.label(s >= THRESH, structure=np.ones((3, 3)))
+    psf = pair.diff.psf_science.values[0, 0]
+    auto = ndimage.correlate(psf, psf, mode="constant")
+    auto /= auto.max()
+    c = len(psf) // 2
+    r_pix = np.hypot(*np.mgrid[-c : c + 1, -c : c + 1])
     keep = pair.truth[np.isin(pair.truth["kind"], ["transient", "variable"])]
     xs = np.concatenate([np.asarray(keep["gx"]), np.asarray(pair.movers["gx"])])
     ys = np.concatenate([np.asarray(keep["gy"]), np.asarray(pair.movers["gy"])])
-    near = np.zeros(s.shape, bool)
-    inside = (ys > -0.5) & (ys < s.shape[0] - 0.5) & (xs > -0.5) & (xs < s.shape[1] - 0.5)
-    near[np.round(ys[inside]).astype(int), np.round(xs[inside]).astype(int)] = True
-    near = ndimage.binary_dilation(near, iterations=2)
-    real = set(np.unique(labels[near & (labels > 0)]).tolist())
-    false = [k for k in range(1, n + 1) if k not in real]
-    where = ndimage.center_of_mass(s >= THRESH, labels, false) if false else []
+    reach = []
+    for x, y in zip(xs, ys, strict=True):
+        iy, ix = round(y), round(x)
+        box = np.abs(score[max(iy - 2, 0) : iy + 3, max(ix - 2, 0) : ix + 3])
+        peak = float(box.max()) if box.size else 0.0
+        inside = r_pix[auto * peak >= 3.0]
+        reach.append((float(inside.max()) if inside.size else 0.0) + 2.0)
+    reach_a = np.array(reach)
+    false = []
+    for k, sl in enumerate(ndimage.find_objects(labels), 1):
+        py, px = np.nonzero(labels[sl] == k)
+        py, px = py + sl[0].start, px + sl[1].start
+        d = np.hypot(xs[:, None] - px[None], ys[:, None] - py[None]).min(axis=1)
+        if not np.any(d <= reach_a):
+            false.append((int(py[0]), int(px[0]), float(score[py[0], px[0]])))
     area = float(np.mean((pair.diff["mask"].values & BAD) == 0)) * s.size / 1e6
     print(f"{n} footprints at {THRESH}σ, {len(false)} false in {area:.3f} Mpix unflagged "
           f"({100 * area * 1e6 / s.size:.1f} % of the grid; {len(false) / area:.2f} per "
-          f"Mpix); false at {np.round(where, 1).tolist()}")  # fmt: skip
+          f"Mpix); false (y, x, S) {false}")  # fmt: skip
     assert len(false) / area <= 2.0
 
 

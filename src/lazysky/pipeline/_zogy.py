@@ -76,7 +76,7 @@ def _otf(stamp: NDArray[Any], shape: tuple[int, int]) -> NDArray[np.complex128]:
     return out
 
 
-def _conv(a_hat: NDArray[Any], k_hat: NDArray[Any], shape: tuple[int, int]) -> NDArray[np.float64]:
+def _conv(a_hat: NDArray[Any], k_hat: Any, shape: tuple[int, int]) -> NDArray[np.float64]:
     out: NDArray[np.float64] = fft.irfft2(a_hat * k_hat, s=shape)
     return out
 
@@ -188,15 +188,18 @@ def zogy_pixels(
         return out
 
     core = (slice(pad, pad + ny), slice(pad, pad + nx))
-    d = _conv(nh, kdn, shape) - _conv(rh, kdr, shape)
-    var_d = _conv(vnh, sq_kernel(kdn), shape) + _conv(vrh, sq_kernel(kdr), shape)
-    s_n, s_r = _conv(nh, ksn, shape), _conv(rh, ksr, shape)
-    v_s = _conv(vnh, sq_kernel(ksn), shape) + _conv(vrh, sq_kernel(ksr), shape)
+    # sums are taken in Fourier space: one inverse transform per output plane
+    d = _conv(nh * kdn - rh * kdr, 1.0, shape)
+    var_d = _conv(vnh * sq_kernel(kdn) + vrh * sq_kernel(kdr), 1.0, shape)
+    v_s = _conv(vnh * sq_kernel(ksn) + vrh * sq_kernel(ksr), 1.0, shape)
     if sx > 0 or sy > 0:
+        s_n, s_r = _conv(nh, ksn, shape), _conv(rh, ksr, shape)
+        score = s_n - s_r
         for s_img in (s_n, s_r):
             gy, gx = np.gradient(s_img)
             v_s = v_s + sx**2 * gx**2 + sy**2 * gy**2
-    score = s_n - s_r
+    else:
+        score = _conv(nh * ksn - rh * ksr, 1.0, shape)
     image = d[core] / flux_d
     variance = np.maximum(var_d[core], 0.0) / flux_d**2
     v_s = v_s[core]

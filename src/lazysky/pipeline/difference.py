@@ -326,8 +326,9 @@ def difference(
     planes = [da.asarray(ds[k].data) for k in ("image",) for ds in (science, reference)]
     planes += [da.asarray(ds[k].data) for k in ("variance",) for ds in (science, reference)]
     planes += [da.asarray(ds[k].data) for k in ("mask",) for ds in (science, reference)]
-    planes += [da.asarray(ds["count"].data) if "count" in ds else da.zeros(grid.shape, np.uint16,
-               chunks=grid.chunks) for ds in (science, reference)]  # fmt: skip
+    no_count = da.zeros(grid.shape, dtype=np.uint16, chunks=grid.chunks)
+    planes += [da.asarray(ds["count"].data) if "count" in ds else no_count
+               for ds in (science, reference)]  # fmt: skip
     h, (ny, nx) = int(halo_px), grid.shape
     rows = []
     for iy in range(nty):

@@ -72,7 +72,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 STAR_FIELDS = ("x", "y", "flux", "flux_err")
-MAX_STARS = 40  # brightest stars fitted per tile (and stored)
+MAX_STARS = 40  # stars stored per tile
+MAX_FITS = 20  # brightest candidates fitted per tile (the cost of the PSF step)
 _OVERSAMPLE = 5
 DEFAULT_BAD_BITS = int(MaskBit.BAD | MaskBit.SAT | MaskBit.CR | MaskBit.NODATA)
 _N_PARAMS = 4  # fwhm, beta, n_stars, fallback
@@ -166,7 +167,7 @@ def _candidates(
             continue
         out.append((int(y), int(x), float(smooth[y, x])))
     out.sort(key=lambda t: -t[2])
-    return out[:MAX_STARS]
+    return out[:MAX_FITS]
 
 
 def _fit_one(
