@@ -283,3 +283,21 @@ def test_difference_rejects_bad_input() -> None:
     z = np.zeros((8, 8))
     with pytest.raises(ParameterError, match="one shape"):
         zogy_pixels(z, np.zeros((8, 9)), z, z, P_NEW[:5, :5], P_NEW[:5, :5])
+
+
+def test_difference_takes_psf_per_tile_datasets() -> None:
+    from lazysky.pipeline.psf import psf_per_tile
+
+    sci, ref, transients = _scene((200, 260), 128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sparse tiles borrow their neighbours' PSF
+        psf_n = psf_per_tile(sci).compute()
+        diff = difference(sci, ref, psf_science=psf_n, psf_reference=P_REF,
+                          flux_ratio=RATIO).compute()  # fmt: skip
+    np.testing.assert_allclose(diff.psf_science.values, psf_n.psf.values)
+    assert float(diff.flux_ratio) == RATIO
+    good = (diff["mask"].values & (MaskBit.NODATA | MaskBit.EDGE)) == 0
+    assert len(peaks(np.where(good, diff.score.values, 0), 5.0)) == len(transients)
+    wrong = psf_per_tile(_scene((200, 260), 64)[0])
+    with pytest.raises(ParameterError, match="psf_per_tile Dataset of this grid"):
+        difference(sci, ref, psf_science=wrong)
