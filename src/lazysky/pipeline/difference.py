@@ -26,6 +26,12 @@ sources' Poisson noise). ``score`` is ZOGY's ``S_corr``: unit variance on empty 
 the source noise and astrometric noise in its denominator; a point source is a peak of
 ``|score|`` (positive: brighter in the science image).
 
+**Mask.** The OR of the inputs' masks; NODATA where either has no data; EDGE within half a
+stamp of NODATA, and (when the inputs carry a coadd's ``count``) within a quarter stamp of
+a bright pixel where fewer frames contributed than around it — a saturated or clipped
+core, where the coadd's PSF is that of a subset of its frames
+(:func:`~lazysky.pipeline._zogy.partial_coverage`).
+
 **Halo.** ZOGY's kernels reach about one stamp width (the PSFs' support, and the ratio of
 their transforms), and the score's matched filter and the variance propagation reach
 another; the halo defaults to ``2 × psf_size_px`` pixels, cut from the neighbouring tiles
