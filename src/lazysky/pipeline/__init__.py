@@ -27,6 +27,7 @@ from lazysky.pipeline.masters import (
     master_dark,
     master_flat,
 )
+from lazysky.pipeline.register import Registration, RegistrationError, register_frames
 from lazysky.pipeline.resample import (
     NoOverlapWarning,
     ResampledTile,
@@ -42,6 +43,8 @@ __all__ = [
     "CalibratedPixels",
     "MaskBit",
     "NoOverlapWarning",
+    "Registration",
+    "RegistrationError",
     "ResampledTile",
     "SkyGrid",
     "bad_pixel_mask",
@@ -64,6 +67,7 @@ __all__ = [
     "overscan_level",
     "parse_exposure",
     "parse_section",
+    "register_frames",
     "resample_exposure",
     "resample_pixels",
     "smooth_mesh",
