@@ -346,8 +346,8 @@ def read_calibrated(
                 warnings.simplefilter("ignore", FITSFixedWarning)
                 w = WCS(h.header, naxis=2)
             if not w.has_celestial and require_wcs:
-                msg = (f"input {p}, HDU {h.name or 'PRIMARY'}: no celestial WCS; register "
-                       "frames without one by their stars (--register stars)")  # fmt: skip
+                msg = (f"input {p}, HDU {h.name or 'PRIMARY'}: no celestial WCS; frames "
+                       "without one need registration (--register stars)")  # fmt: skip
                 raise FitsFormatError(msg)
             img = np.asarray(h.data, dtype=np.float32)
             var_h, msk_h = named.get(f"{h.name}_VAR"), named.get(f"{h.name}_MASK")
