@@ -3,7 +3,10 @@ laziness and bad input, on local disk and on S3 (moto on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,7 @@ from lazysky.pipeline.resample import RESAMPLED_DTYPE, ResampledTile
 from lazysky.pipeline.testing import synthetic_exposure
 from lazysky.runs import new_run_id
 from lazysky.zarr_store._layout import parse_store
+from lazysky.zarr_store._s3 import close_s3_filesystems
 from lazysky.zarr_store.products import (
     complete_tiles,
     list_products,
@@ -35,13 +39,20 @@ RUN = new_run_id("test", date="2026-11-24")
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     """The same tests on a local directory and on a bucket of the moto server."""
     if request.param == "local":
-        return tmp_path / "store"
+        yield tmp_path / "store"
+        return
     endpoint = request.getfixturevalue("s3_endpoint")
     bucket = request.getfixturevalue("s3_bucket")
-    return parse_store(f"s3://{bucket}/survey", storage_options=s3_options(endpoint))
+    yield parse_store(f"s3://{bucket}/survey", storage_options=s3_options(endpoint))
+    # close the S3 sessions now: a socket left for the garbage collector would warn
+    # (ResourceWarning -> error) inside whichever later test happens to collect it
+    close_s3_filesystems()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
 
 
 def _coadd(seed: int = 0, n_exposures: int = 3) -> xr.Dataset:
