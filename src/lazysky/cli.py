@@ -238,7 +238,8 @@ def _cmd_coadd(args: argparse.Namespace) -> int:
 
     print(coadd_files(args.inputs, args.out, pixel_scale_arcsec=args.pixel_scale,
                       method=args.method, tile_px=args.tile_px, overwrite=args.overwrite,
-                      subtract_background=args.subtract_background))
+                      subtract_background=args.subtract_background,
+                      register=args.register))
     return 0
 
 
@@ -272,6 +273,9 @@ def _add_pipeline_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
                    action="store_false",
                    help="keep each input's sky (default: subtract it first, like SWarp)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--register", choices=["stars"], default=None,
+                   help="register the frames to the first one by matching stars (frames "
+                   "may then lack a WCS)")
     p.set_defaults(handler=_cmd_coadd)
 
 

@@ -36,6 +36,7 @@ from lazysky.pipeline.masters import (
     master_flat,
 )
 from lazysky.pipeline.psf import PSF, PsfFallbackWarning, estimate_psf, moffat_stamp, psf_per_tile
+from lazysky.pipeline.register import Registration, RegistrationError, register_frames
 from lazysky.pipeline.resample import (
     NoOverlapWarning,
     ResampledTile,
@@ -54,6 +55,8 @@ __all__ = [
     "MaskBit",
     "NoOverlapWarning",
     "PsfFallbackWarning",
+    "Registration",
+    "RegistrationError",
     "ResampledTile",
     "SkyGrid",
     "bad_pixel_mask",
@@ -82,6 +85,7 @@ __all__ = [
     "parse_exposure",
     "parse_section",
     "psf_per_tile",
+    "register_frames",
     "resample_exposure",
     "resample_pixels",
     "smooth_mesh",
