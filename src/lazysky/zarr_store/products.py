@@ -40,6 +40,7 @@ import numpy as np
 import xarray as xr
 from dask.base import tokenize
 
+from lazysky._dask import window_delayed
 from lazysky.errors import ParameterError, StoreError
 from lazysky.runs import validate_run_id
 from lazysky.zarr_store._layout import GROUP_META, StoreLike, StoreRoot, parse_store
@@ -689,7 +690,7 @@ def write_product(
     tasks = []
     for tile in todo:
         sy, sx = grid.tile_slices(tile)
-        blocks = [da.asarray(ds[n].data)[sy, sx] if ds[n].chunks is not None
+        blocks = [window_delayed(da.asarray(ds[n].data)[sy, sx]) if ds[n].chunks is not None
                   else ds[n].data[sy, sx] for n in names]  # fmt: skip
         token = tokenize(root.url, parts, tile, *blocks)
         tasks.append(
