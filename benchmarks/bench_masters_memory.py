@@ -17,8 +17,9 @@ store. Each configuration then runs in its **own child process**:
 
 Both reject at 3 robust σ around the median, one pass (lazysky ``max_iters=0``, as
 ccdproc's combine clips once), so the results must agree to float32 rounding.
-Reported per run: wall and CPU seconds, peak RSS of the process (``VmHWM``, reset with ``clear_refs`` once the imports are
-done: ``ru_maxrss`` would carry the parent's peak across ``exec``) and its growth, the agreement with ccdproc (max |diff| and
+Reported per run: wall and CPU seconds, peak RSS of the process (``VmHWM``, reset
+with ``clear_refs`` once the imports are done: ``ru_maxrss`` would carry the parent's
+peak across ``exec``) and its growth, the agreement with ccdproc (max |diff| and
 robust rms in ADU) and ccdproc's peak against its ``mem_limit``.
 
 Usage::
@@ -113,8 +114,9 @@ def child_lazysky(store: Path, n: int, budget: int, out: Path, distributed: bool
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
             return _vm("VmHWM")
 
-        with LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as client:  # fmt: skip
+        cluster = LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                               dashboard_address=None)  # fmt: skip
+        with cluster, Client(cluster) as client:
             client.run(lambda: __import__("lazysky.pipeline"))
             (worker_base,) = client.run(reset_peak).values()
             values = bias.values
