@@ -238,7 +238,8 @@ def _cmd_coadd(args: argparse.Namespace) -> int:
 
     print(coadd_files(args.inputs, args.out, pixel_scale_arcsec=args.pixel_scale,
                       method=args.method, tile_px=args.tile_px, overwrite=args.overwrite,
-                      subtract_background=args.subtract_background))
+                      subtract_background=args.subtract_background,
+                      register=args.register))
     return 0
 
 
@@ -272,6 +273,9 @@ def _add_pipeline_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParse
                    action="store_false",
                    help="keep each input's sky (default: subtract it first, like SWarp)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--register", choices=["stars"], default=None,
+                   help="register the frames to the first one by matching stars (frames "
+                   "may then lack a WCS)")
     p.set_defaults(handler=_cmd_coadd)
 
 
@@ -340,6 +344,54 @@ def _add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(handler=_cmd_run)
 
 
+# --- difference imaging (issue 6): diff ------------------------------------------------
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    from lazysky.errors import ParameterError
+    from lazysky.pipeline.difference import difference_files
+
+    text = args.astrometric_sigma.strip()
+    astro: str | tuple[float, ...] = "auto"
+    if text != "auto":
+        try:
+            astro = tuple(float(v) for v in text.split(","))
+        except ValueError:
+            astro = ()
+        astro = astro * 2 if len(astro) == 1 else astro
+        if len(astro) != 2:
+            msg = f"--astrometric-sigma must be 'auto', SX or SX,SY in pixels; got {text!r}"
+            raise ParameterError(msg)
+    diff = difference_files(args.science, args.reference, args.out, overwrite=args.overwrite,
+                            tile_px=args.tile_px, psf_size_px=args.psf_size,
+                            flux_ratio=args.flux_ratio, astrometric_sigma_px=astro)  # fmt: skip
+    print(f"{args.out}: flux ratio {float(diff.flux_ratio):.4f}")
+    return 0
+
+
+def _add_diff_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("diff", help="ZOGY difference image of a science and a reference FITS")
+    p.add_argument("science", metavar="SCIENCE.fits", help="science image (e.g. lazysky coadd)")
+    p.add_argument("reference", metavar="REFERENCE.fits",
+                   help="reference image; the output is on its pixel grid")
+    p.add_argument("--out", required=True, metavar="DIFF.fits",
+                   help="output: D (primary, WCS), SCORR, VARIANCE, MASK")
+    p.add_argument("--psf-size", type=int, default=25, metavar="N",
+                   help="PSF stamp side in pixels, odd (default 25)")
+    p.add_argument("--flux-ratio", type=float, metavar="R",
+                   help="reference/science flux ratio (default: fitted on matched stars)")
+    p.add_argument("--astrometric-sigma", default="0", metavar="SX[,SY]|auto",
+                   help="registration noise in pixels, or 'auto' from matched stars "
+                   "(default 0)")
+    p.add_argument("--tile-px", type=int, default=2048, metavar="N",
+                   help="tile size in pixels (default 2048)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(handler=_cmd_diff)
+
+
+# --- end of difference imaging ------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lazysky`` command."""
     parser = argparse.ArgumentParser(
@@ -383,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_parsers(sub)  # pipeline commands (issue 5)
     _add_run_parser(sub)  # end to end (issue 8)
     _add_detect_parser(sub)  # detect (issue 6)
+    _add_diff_parser(sub)  # difference imaging (issue 6)
     return parser
 
 

@@ -17,6 +17,14 @@ from lazysky.pipeline.background import (
 )
 from lazysky.pipeline.calibrate import CalibratedPixels, calibrate_exposure, calibrate_pixels
 from lazysky.pipeline.cosmics import cosmic_ray_mask, flag_cosmic_rays, lacosmic_halo_px
+from lazysky.pipeline.difference import (
+    FluxRatioWarning,
+    difference,
+    difference_files,
+    fit_flux_ratio,
+    write_difference_fits,
+    zogy_pixels,
+)
 from lazysky.pipeline.grid import SkyGrid
 from lazysky.pipeline.masters import (
     DEFAULT_MAX_BLOCK_BYTES,
@@ -27,6 +35,8 @@ from lazysky.pipeline.masters import (
     master_dark,
     master_flat,
 )
+from lazysky.pipeline.psf import PSF, PsfFallbackWarning, estimate_psf, moffat_stamp, psf_per_tile
+from lazysky.pipeline.register import Registration, RegistrationError, register_frames
 from lazysky.pipeline.resample import (
     NoOverlapWarning,
     ResampledTile,
@@ -39,9 +49,14 @@ from lazysky.pipeline.stack import stack, stack_pixels, write_coadd_fits
 __all__ = [
     "DEFAULT_MAX_BLOCK_BYTES",
     "MASK_DTYPE",
+    "PSF",
     "CalibratedPixels",
+    "FluxRatioWarning",
     "MaskBit",
     "NoOverlapWarning",
+    "PsfFallbackWarning",
+    "Registration",
+    "RegistrationError",
     "ResampledTile",
     "SkyGrid",
     "bad_pixel_mask",
@@ -52,7 +67,11 @@ __all__ = [
     "combine_chunks",
     "cosmic_ray_mask",
     "detector_footprints",
+    "difference",
+    "difference_files",
     "estimate_background",
+    "estimate_psf",
+    "fit_flux_ratio",
     "flag_cosmic_rays",
     "interpolate_mesh",
     "lacosmic_halo_px",
@@ -61,9 +80,12 @@ __all__ = [
     "master_dark",
     "master_flat",
     "mesh_levels",
+    "moffat_stamp",
     "overscan_level",
     "parse_exposure",
     "parse_section",
+    "psf_per_tile",
+    "register_frames",
     "resample_exposure",
     "resample_pixels",
     "smooth_mesh",
@@ -71,6 +93,8 @@ __all__ = [
     "stack_pixels",
     "subtract_background",
     "write_coadd_fits",
+    "write_difference_fits",
+    "zogy_pixels",
 ]
 
 # source detection (issue 6)

@@ -23,6 +23,7 @@ __all__ = [
     "clipped_mean_variance",
     "combine_chunks",
     "combine_frames",
+    "split_reads",
 ]
 
 # Peak bytes the kernel holds per input value (float32 frames): the input, a sorted
@@ -105,7 +106,8 @@ def clipped_mean_variance(
 ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """:func:`clipped_mean` and the variance of that mean, ``Σ var_kept / n_kept²``.
 
-    ``variance`` is each frame's per-pixel variance (same shape as ``stack``).
+    ``variance`` is each frame's per-pixel variance: the shape of ``stack``, or one that
+    broadcasts to it (e.g. ``(frames, 1, 1)``: one value per frame).
 
     Examples
     --------
@@ -180,6 +182,39 @@ def _pair_block(values: NDArray[Any], variance: NDArray[Any], **options: Any) ->
     return out
 
 
+def split_reads(x: da.Array, chunks: tuple[int, ...]) -> da.Array:
+    """``x`` in ``chunks``, read from its source in those pieces when it can be.
+
+    A plain ``da.from_array``/``da.from_zarr`` array (one getter layer over one source
+    array, as :func:`lazysky.zarr_store.open_exposure` makes) is opened again on that
+    source with the new chunks, so a small block is a small read: nothing holds a whole
+    source chunk to cut it up. Anything else is rechunked (each source chunk is then in
+    memory until all its pieces are used).
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da
+    >>> split_reads(da.zeros((1, 64, 64), chunks=(1, 64, 64)), (1, 16, 64)).chunks[1]
+    (16, 16, 16, 16)
+    """
+    layers = x.dask.layers
+    original = layers.get(f"original-{x.name}")
+    if len(layers) == 2 and original is not None and len(original) == 1:
+        source = next(iter(original.values()))
+        if getattr(source, "shape", None) == x.shape and getattr(source, "dtype", None) == x.dtype:
+            name = f"{x.name}-split-{tokenize(x.name, chunks)}"
+            return da.from_array(source, chunks=chunks, name=name, meta=x._meta)
+    return x.rechunk(chunks)
+
+
+def combine_tile(stack: da.Array, *, with_variance: bool, max_block_bytes: int) -> tuple[int, int]:
+    """The ``(rows, cols)`` tile :func:`combine_frames` uses for a ``(frame, det, y, x)`` stack."""
+    ny, nx = stack.chunks[2][0], stack.chunks[3][0]  # the frames' tiles
+    per_value = WORK_BYTES_PER_VALUE + (16 if with_variance else 0)
+    return combine_chunks(int(stack.shape[0]), (int(ny), int(nx)),
+                          max_block_bytes=max_block_bytes, bytes_per_value=per_value)  # fmt: skip
+
+
 def combine_frames(
     stack: da.Array,
     variance: da.Array | None = None,
@@ -195,14 +230,11 @@ def combine_frames(
     (the tile from :func:`combine_chunks`, within the frames' own chunks), then
     :func:`clipped_mean` runs per block.
     With ``variance`` (per frame), the variance of the mean comes too (else None).
+    ``variance`` may be ``(frame, detector, 1, 1)`` (one value per frame and detector):
+    it is then broadcast inside each block, never materialised as full frames.
     """
-    n_frames = stack.shape[0]
-    ny, nx = stack.chunks[2][0], stack.chunks[3][0]  # the frames' tiles
-    per_value = WORK_BYTES_PER_VALUE if variance is None else WORK_BYTES_PER_VALUE + 16
-    ty, tx = combine_chunks(
-        int(n_frames), (int(ny), int(nx)), max_block_bytes=max_block_bytes,
-        bytes_per_value=per_value,
-    )  # fmt: skip
+    ty, tx = combine_tile(stack, with_variance=variance is not None,
+                          max_block_bytes=max_block_bytes)  # fmt: skip
     blocks = stack.astype(np.float32).rechunk({0: -1, 1: 1, 2: ty, 3: tx})
     options = {"sigma": sigma, "max_iters": max_iters}
     if variance is None:
@@ -212,10 +244,13 @@ def combine_frames(
             meta=np.empty((0, 0, 0), dtype=np.float32), name=f"{name}-{token}", **options,
         )  # fmt: skip
         return mean, None
-    var = variance.astype(np.float32).rechunk(blocks.chunks)
+    if variance.shape[2:] == (1, 1):  # per frame and detector: broadcast in the kernel
+        var = variance.astype(np.float32).rechunk({0: -1, 1: 1, 2: 1, 3: 1})
+    else:
+        var = variance.astype(np.float32).rechunk(blocks.chunks)
     token = tokenize(blocks, var, options)
     packed = da.map_blocks(
-        _pair_block, blocks, var, drop_axis=0, dtype=_PACKED,
+        _pair_block, blocks, var, drop_axis=0, dtype=_PACKED, chunks=blocks.chunks[1:],
         meta=np.empty((0, 0, 0), dtype=_PACKED), name=f"{name}-{token}", **options,
     )  # fmt: skip
     return packed["mean"], packed["variance"]

@@ -35,7 +35,13 @@ from numpy.typing import NDArray
 from lazysky.errors import ParameterError
 from lazysky.pipeline._isr import overscan, trimmed
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
-from lazysky.pipeline._sections import detector_values, exposure_name, parse_exposure, scalar_value
+from lazysky.pipeline._sections import (
+    detector_values,
+    exposure_name,
+    parse_exposure,
+    scalar_value,
+    sections,
+)
 
 __all__ = ["CalibratedPixels", "calibrate_exposure", "calibrate_pixels"]
 
@@ -256,8 +262,41 @@ def calibrate_exposure(
     return _as_dataset(sci, packed, step={"step": "calibrate", **params})
 
 
+def _trimmed_headers(sci: xr.DataArray) -> xr.DataArray | None:
+    """The ``header`` coordinate with CRPIX moved to the DATASEC origin (None: unchanged).
+
+    The calibrated pixels start at DATASEC's first pixel, so their WCS is the raw one
+    shifted by its offset, as :func:`lazysky.pipeline.fitsio.calibrate_files` writes it.
+    """
+    import re
+
+    from astropy.io import fits
+
+    if "header" not in sci.coords or sci.coords["header"].dims != ("detector",):
+        return None
+    origins = [(s[0].start, s[1].start) for s in sections(sci, "datasec")]
+    if all(o == (0, 0) for o in origins):
+        return None
+    crpix = re.compile(r"^CRPIX([12])[A-Z]?$")
+    texts = []
+    for text, (y0, x0) in zip(sci.coords["header"].values, origins, strict=True):
+        text = str(text)
+        sep = "\n" if "\n" in text else ""  # the store keeps unseparated card images
+        h = fits.Header.fromstring(text, sep=sep)
+        for card in list(h.cards):
+            m = crpix.match(card.keyword)
+            if m and isinstance(card.value, int | float):
+                h[card.keyword] = card.value - (x0 if m.group(1) == "1" else y0)
+        texts.append(h.tostring(sep=sep) if sep else h.tostring())
+    out = sci.coords["header"].copy(data=np.array(texts))
+    return out
+
+
 def _as_dataset(sci: xr.DataArray, packed: da.Array, *, step: dict[str, Any]) -> xr.Dataset:
     coords = {k: v for k, v in sci.coords.items() if set(v.dims) <= {"detector"}}
+    headers = _trimmed_headers(sci)
+    if headers is not None:
+        coords["header"] = headers
     dims = ("detector", "y", "x")
     ds = xr.Dataset(
         {

@@ -38,6 +38,7 @@ from dask.base import tokenize
 from dask.delayed import Delayed, delayed
 from numpy.typing import NDArray
 
+from lazysky._dask import window_delayed
 from lazysky.errors import FitsFormatError, OutputError, ParameterError
 from lazysky.pipeline._sep import (
     DEFAULT_KERNEL,
@@ -252,8 +253,8 @@ def detect(
     out: dict[str, Delayed] = {}
     for tile in tiles_of(grid, tiles):
         wy, wx, kw = _window(grid, tile, halo)
-        arrays = [ds["image"].data[wy, wx], ds["variance"].data[wy, wx],
-                  _mask_or_zeros(ds, wy, wx)]  # fmt: skip
+        arrays = [window_delayed(a) for a in (ds["image"].data[wy, wx],
+                  ds["variance"].data[wy, wx], _mask_or_zeros(ds, wy, wx))]  # fmt: skip
         opts = {**options, **kw}
         token = tokenize(*arrays, grid, opts)
         out[tile] = delayed(_run_detect, pure=True)(
@@ -332,13 +333,14 @@ def detect_difference(
     out: dict[str, Delayed] = {}
     for tile in tiles_of(grid, tiles):
         wy, wx, kw = _window(grid, tile, halo)
-        arrays = [diff["image"].data[wy, wx], diff["variance"].data[wy, wx],
-                  diff["score"].data[wy, wx], _mask_or_zeros(diff, wy, wx)]  # fmt: skip
+        arrays = [window_delayed(a) for a in (diff["image"].data[wy, wx],
+                  diff["variance"].data[wy, wx], diff["score"].data[wy, wx],
+                  _mask_or_zeros(diff, wy, wx))]  # fmt: skip
         opts = {**options, **kw}
         stamp = None
         if per_tile is not None:
             iy, ix = parse_tile(tile)
-            stamp = per_tile.data[iy, ix]
+            stamp = window_delayed(per_tile.data[iy, ix])
         token = tokenize(*arrays, grid, opts, stamp)
         out[tile] = delayed(_run_score, pure=True)(
             *arrays, grid, opts, stamp, dask_key_name=f"detect-{tile}-{token}"
@@ -428,8 +430,8 @@ def forced_photometry(
         tile = grid.tile_id(int(key // 10**6), int(key % 10**6))
         idx = np.flatnonzero(tile_of == key)
         wy, wx, kw = _window(grid, tile, halo)
-        arrays = [ds["image"].data[wy, wx], ds["variance"].data[wy, wx],
-                  _mask_or_zeros(ds, wy, wx)]  # fmt: skip
+        arrays = [window_delayed(a) for a in (ds["image"].data[wy, wx],
+                  ds["variance"].data[wy, wx], _mask_or_zeros(ds, wy, wx))]  # fmt: skip
         args = (idx, x[idx], y[idx], kw["offset"], radius, int(bad_bits), tile)
         token = tokenize(*arrays, *args)
         out[tile] = delayed(_forced_tile, pure=True)(

@@ -43,12 +43,13 @@ from lazysky.errors import FitsFormatError, OutputError, ParameterError
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
 from lazysky.pipeline._sections import parse_section
 
-__all__ = ["calibrate_files", "coadd_files", "read_calibrated", "read_raw"]
+__all__ = ["REGISTER", "calibrate_files", "coadd_files", "read_calibrated", "read_raw"]
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 METHODS = ("clipped-mean", "median")
+REGISTER = (None, "stars")
 MASK_MEANING = {
     "BAD": "defective pixel (hot or low response)",
     "SAT": "saturated in the raw frame",
@@ -316,14 +317,18 @@ def _sky_variance(image: np.ndarray) -> float:
     return float(np.var(v))
 
 
-def read_calibrated(path: PathLike, *, tile_px: int = 1024) -> list[xr.Dataset]:
+def read_calibrated(
+    path: PathLike, *, tile_px: int = 1024, require_wcs: bool = True
+) -> list[xr.Dataset]:
     """A calibrated FITS file as calibrated Datasets (``image``, ``variance``, ``mask``).
 
     Image HDUs are the 2-d HDUs not named ``*_VAR``/``*_MASK``; ``<NAME>_VAR`` and
     ``<NAME>_MASK`` are their planes when present. Without a variance plane the variance
     is the image's sky noise² (uniform; ``attrs["variance_estimated"]`` says so); without
-    a mask, non-finite pixels are NODATA. Every image needs a celestial WCS (registering
-    frames without one is not implemented yet). One Dataset per set of same-shaped images.
+    a mask, non-finite pixels are NODATA. Every image needs a celestial WCS unless
+    ``require_wcs=False`` (then an image without one gets an empty ``header``, for
+    :func:`lazysky.pipeline.register.register_frames` to fill). One Dataset per set of
+    same-shaped images.
     """
     p = Path(path)
     with _open(p, "input") as hdul:
@@ -340,10 +345,9 @@ def read_calibrated(path: PathLike, *, tile_px: int = 1024) -> list[xr.Dataset]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FITSFixedWarning)
                 w = WCS(h.header, naxis=2)
-            if not w.has_celestial:
+            if not w.has_celestial and require_wcs:
                 msg = (f"input {p}, HDU {h.name or 'PRIMARY'}: no celestial WCS; frames "
-                       "without a WCS need registration (--register stars), which is not "
-                       "implemented yet")  # fmt: skip
+                       "without one need registration (--register stars)")  # fmt: skip
                 raise FitsFormatError(msg)
             img = np.asarray(h.data, dtype=np.float32)
             var_h, msk_h = named.get(f"{h.name}_VAR"), named.get(f"{h.name}_MASK")
@@ -361,7 +365,8 @@ def read_calibrated(path: PathLike, *, tile_px: int = 1024) -> list[xr.Dataset]:
             img[bad], var[bad] = 0.0, np.inf
             groups.setdefault(img.shape, []).append({
                 "name": h.name or "PRIMARY", "image": img, "variance": var, "mask": msk,
-                "header": w.celestial.to_header(relax=True).tostring(sep="\n"),
+                "header": (w.celestial.to_header(relax=True).tostring(sep="\n")
+                           if w.has_celestial else ""),
                 "units": str(h.header.get("BUNIT", "")).strip(),
                 "estimated": estimated})  # fmt: skip
     out = []
@@ -398,6 +403,8 @@ def coadd_files(
     tile_px: int = 2048,
     overwrite: bool = False,
     subtract_background: bool = True,
+    register: str | None = None,
+    reference: int = 0,
 ) -> Path:
     """Resample calibrated FITS files onto a covering grid, stack them, write the coadd.
 
@@ -407,6 +414,12 @@ def coadd_files(
     input's sky background is subtracted first unless ``subtract_background=False``:
     frames taken under different skies would otherwise leave steps wherever the set of
     contributing frames changes (dither edges, masked columns, cosmic rays).
+
+    ``register="stars"`` registers every image to the reference (the first image of
+    input ``reference``) by matching stars (:func:`lazysky.pipeline.register.register_frames`)
+    and uses the resulting WCS instead of the headers': inputs may then lack a WCS. If the
+    reference has a celestial WCS the coadd is on the sky; if not, on a pseudo-celestial
+    TAN WCS of 1″ per reference pixel (relative positions only; ``WCSNAME`` says so).
 
     Examples
     --------
@@ -423,6 +436,12 @@ def coadd_files(
         raise ParameterError(msg)
     if not inputs:
         raise ParameterError("no input files given")
+    if register not in REGISTER:
+        msg = f"register must be one of {list(REGISTER)}, got {register!r}"
+        raise ParameterError(msg)
+    if not 0 <= reference < len(inputs):
+        msg = f"reference must index the {len(inputs)} inputs, got {reference}"
+        raise ParameterError(msg)
     target = Path(out)
     if target.exists() and not overwrite:
         msg = f"{target} exists: pass --overwrite to replace it"
@@ -430,11 +449,16 @@ def coadd_files(
     if not target.parent.is_dir():
         msg = f"cannot write {target}: directory {target.parent} does not exist"
         raise OutputError(msg)
-    cals = [ds for p in inputs for ds in read_calibrated(p, tile_px=tile_px)]
+    per_input = [read_calibrated(p, tile_px=tile_px, require_wcs=register is None)
+                 for p in inputs]  # fmt: skip
+    first_of_ref = sum(len(x) for x in per_input[:reference])
+    cals = [ds for x in per_input for ds in x]
     if subtract_background:
         from lazysky.pipeline.background import subtract_background as _subtract
 
         cals = [c if "background" in c else _subtract(c) for c in cals]
+    if register == "stars":
+        cals = _register_stars(cals, first_of_ref)
     seen: dict[str, int] = {}
     for i, ds in enumerate(cals):  # one layer group per input file, even with equal EXPIDs
         name = str(ds.exposure.values)
@@ -464,9 +488,54 @@ def coadd_files(
             for c in cals:
                 h.add_history(f"lazysky coadd input: {Path(c.attrs['path']).name}")
             h.add_history(f"lazysky coadd: method={method} tile_px={tile_px}")
+            if register is not None:
+                h["REGISTER"] = (register, "inputs registered to the reference by stars")
+                for c in cals:
+                    for r in c.attrs.get("registration", []):
+                        h.add_history(f"lazysky register: {Path(r['name']).name} "
+                                      f"n={r['n_matched']} rms={r['rms_px']:.3f}px")  # fmt: skip
+                if not str(cals[first_of_ref].header.values[0]).strip() or any(
+                    "pseudo-celestial" in str(t) for c in cals for t in c.header.values
+                ):
+                    h["WCSNAME"] = ("lazysky pseudo-celestial", "relative positions only")
             if estimated:
                 h["VAREST"] = (True, "some input variances estimated from sky noise")
                 for name in sorted(set(estimated)):
                     h.add_comment(f"variance of {name} estimated from its sky noise (uniform)")
     logger.info("coadd of %d inputs -> %s", len(inputs), target)
     return target
+
+
+def _register_stars(cals: list[xr.Dataset], reference: int) -> list[xr.Dataset]:
+    """Every image's WCS from matching its stars to the reference image (in memory)."""
+    from lazysky.pipeline.register import register_frames
+
+    images, masks, names, where = [], [], [], []
+    for n, ds in enumerate(cals):
+        for i, det in enumerate(map(str, ds.detector.values)):
+            images.append(np.asarray(ds.image.values[i]))
+            masks.append(np.asarray(ds.mask.values[i]) != 0)
+            names.append(f"{ds.attrs['path']}[{det}]")
+            where.append((n, i))
+    ref_text = str(cals[reference].header.values[0])
+    ref_wcs = None
+    if ref_text:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            ref_wcs = WCS(fits.Header.fromstring(ref_text, sep="\n"), naxis=2).celestial
+    k_ref = [w[0] for w in where].index(reference)
+    regs = register_frames(images, reference=k_ref, reference_wcs=ref_wcs, names=names,
+                           masks=masks)  # fmt: skip
+    headers: dict[int, list[str]] = {}
+    for (n, _i), reg in zip(where, regs, strict=True):
+        headers.setdefault(n, []).append(reg.wcs.to_header(relax=True).tostring(sep="\n"))
+    out = []
+    for n, ds in enumerate(cals):
+        ds = ds.assign_coords(header=("detector", headers[n]))
+        ds.attrs["registration"] = [
+            {"name": r.name, "n_matched": r.n_matched, "rms_px": r.rms_px,
+             "centre_error_px": r.centre_error_px}
+            for (m, _), r in zip(where, regs, strict=True) if m == n
+        ]  # fmt: skip
+        out.append(ds)
+    return out

@@ -32,11 +32,17 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from dask.base import tokenize
+from dask.graph_manipulation import bind
 from numpy.typing import NDArray
 from scipy import ndimage
 
 from lazysky.errors import ParameterError
-from lazysky.pipeline._combine import combine_frames
+from lazysky.pipeline._combine import (
+    WORK_BYTES_PER_VALUE,
+    combine_chunks,
+    combine_frames,
+    split_reads,
+)
 from lazysky.pipeline._isr import overscan, trimmed
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
 from lazysky.pipeline._sections import detector_values, exposure_name, parse_exposure, scalar_value
@@ -75,6 +81,20 @@ def _frames(frames: Frames, kind: str) -> list[xr.DataArray]:
                 msg = f"{kind} frame {i} ({exposure_name(sci)}) has IMAGETYP {typ!r}"
                 raise ParameterError(msg)
     return out
+
+
+def _read_in_tiles(scis: list[xr.DataArray], max_block_bytes: int) -> list[xr.DataArray]:
+    """The frames re-read in the combine's tiles, so no task holds more than its tile.
+
+    The tile (:func:`combine_chunks` for this many frames, within the frames' own
+    chunks) bounds a combine task; reading in those tiles (:func:`split_reads`) keeps
+    the whole graph's peak independent of the number of frames.
+    """
+    data = da.asarray(scis[0].data)
+    ty, tx = combine_chunks(len(scis), (int(data.chunks[1][0]), int(data.chunks[2][0])),
+                            max_block_bytes=max_block_bytes,
+                            bytes_per_value=WORK_BYTES_PER_VALUE + 16)  # fmt: skip
+    return [s.copy(data=split_reads(da.asarray(s.data), (1, ty, tx))) for s in scis]
 
 
 def _adu(sci: xr.DataArray, window_rows: int) -> da.Array:
@@ -120,14 +140,14 @@ def _combine(
     if not sigma > 0:
         msg = f"sigma must be > 0, got {sigma}"
         raise ParameterError(msg)
+    if all(v.shape[1:] == (1, 1) for v in variances):  # per detector: broadcast per block
+        stacked_var = da.stack([da.asarray(v) for v in variances])
+    else:
+        stacked_var = da.stack([da.broadcast_to(v, f.shape, chunks=f.chunks)
+                                for f, v in zip(frames, variances, strict=True)])  # fmt: skip
     mean, var = combine_frames(
         da.stack(frames),
-        da.stack(
-            [
-                da.broadcast_to(v, f.shape, chunks=f.chunks)
-                for f, v in zip(frames, variances, strict=True)
-            ]
-        ),
+        stacked_var,
         sigma=sigma,
         max_iters=max_iters,
         max_block_bytes=max_block_bytes,
@@ -158,7 +178,7 @@ def master_bias(
     >>> sorted(bias.data_vars), float(bias["bias"].mean())
     (['bias', 'bias_variance'], 3.0)
     """
-    scis = _frames(frames, "bias")
+    scis = _read_in_tiles(_frames(frames, "bias"), max_block_bytes)
     adus = [_adu(s, overscan_window_rows) for s in scis]
     variances = [(detector_values(s, "rdnoise") / detector_values(s, "gain")) ** 2 for s in scis]
     data, var = _combine(adus, variances, kind="bias", sigma=sigma, max_iters=max_iters,
@@ -178,7 +198,7 @@ def master_dark(
     overscan_window_rows: int = 1,
 ) -> xr.Dataset:
     """Master dark current (e⁻/s per pixel) from dark exposures and the master bias (lazy)."""
-    scis = _frames(frames, "dark")
+    scis = _read_in_tiles(_frames(frames, "dark"), max_block_bytes)
     per_s, variances = [], []
     for s in scis:
         adu = _adu(s, overscan_window_rows)
@@ -195,11 +215,17 @@ def master_dark(
     return _master_array(scis[0], data, var, name="dark", units="electron/s", step=step)
 
 
-def _mosaic_level(x: da.Array) -> da.Array:
-    """Mean over the mosaic of the pixels within [0.5, 1.5] × the plain mean (lazy scalar)."""
+def _mosaic_level(x: da.Array, *, shared: Sequence[da.Array] = ()) -> da.Array:
+    """Mean over the mosaic of the pixels within [0.5, 1.5] × the plain mean (lazy scalar).
+
+    Each of the two passes computes ``x`` afresh (:func:`dask.graph_manipulation.bind`:
+    the second pass starts only once the plain mean is known), so no block of ``x`` waits
+    in memory for a mosaic-wide number. ``shared`` (e.g. the master bias) is not recomputed.
+    """
     plain = da.nanmean(x)
-    good = (x > 0.5 * plain) & (x < 1.5 * plain)
-    return da.where(good, x, 0).sum() / good.sum()
+    again = bind(x, plain, omit=list(shared)) if shared else bind(x, plain)
+    good = (again > 0.5 * plain) & (again < 1.5 * plain)
+    return da.where(good, again, 0).sum() / good.sum()
 
 
 def master_flat(
@@ -213,7 +239,8 @@ def master_flat(
     overscan_window_rows: int = 1,
 ) -> xr.Dataset:
     """Master flat (relative response, mean 1 over the mosaic) from flat exposures (lazy)."""
-    scis = _frames(frames, "flat")
+    scis = _read_in_tiles(_frames(frames, "flat"), max_block_bytes)
+    masters = [da.asarray(bias.data)] + ([] if dark is None else [da.asarray(dark.data)])
     scaled, variances = [], []
     for s in scis:
         adu = _adu(s, overscan_window_rows)
@@ -221,7 +248,10 @@ def master_flat(
         e = collected
         if dark is not None:
             e = e - da.asarray(dark.data).rechunk(adu.chunks) * scalar_value(s, "exptime")
-        level = _mosaic_level(e)
+        level = _mosaic_level(e, shared=masters)
+        # the frame again once its level is known, so its blocks do not wait for it in
+        # memory (the scaled frames still wait for the last frame's level: see the docs)
+        e, collected = bind((e, collected), level, omit=masters)
         scaled.append(e / level)
         rn2 = detector_values(s, "rdnoise") ** 2
         variances.append((da.maximum(collected, 0) + rn2) / level**2)

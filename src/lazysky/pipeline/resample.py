@@ -295,7 +295,8 @@ def resample_exposure(
     calibrated
         ``image``, ``variance``, ``mask`` ``(detector, y, x)`` (e.g.
         :func:`lazysky.pipeline.calibrate_exposure`), with per-detector ``header``
-        coordinates holding the WCS (the raw array's; DATASEC starts at pixel 1).
+        coordinates holding the WCS of these pixels (calibrate_exposure moves CRPIX to the
+        DATASEC origin, as calibrate_files does).
     grid
         The sky grid.
     tiles

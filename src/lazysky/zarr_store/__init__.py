@@ -23,6 +23,15 @@ from lazysky.zarr_store.open import (
     open_exposure,
     primary_header,
 )
+from lazysky.zarr_store.products import (
+    complete_tiles,
+    list_products,
+    open_masters,
+    open_product,
+    product_grid,
+    write_masters,
+    write_product,
+)
 from lazysky.zarr_store.select import NoExposuresWarning, find_exposures, open_exposures
 
 __all__ = [
@@ -32,6 +41,7 @@ __all__ = [
     "StoreLike",
     "StoreRoot",
     "cards_to_header",
+    "complete_tiles",
     "expand_sources",
     "exposure_header",
     "exposure_metadata",
@@ -40,9 +50,15 @@ __all__ = [
     "header_to_cards",
     "ingest",
     "list_exposures",
+    "list_products",
     "open_exposure",
     "open_exposures",
+    "open_masters",
+    "open_product",
     "parse_iraf_section",
     "parse_store",
     "primary_header",
+    "product_grid",
+    "write_masters",
+    "write_product",
 ]

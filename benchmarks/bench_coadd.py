@@ -1,0 +1,262 @@
+"""Coadd: lazysky ``coadd_files`` vs SWarp on the same calibrated frames and output grid.
+
+* **Inputs**: ``simulate_survey`` with the ``ccdmosaic`` instrument (``--detectors``,
+  ``--exposures`` dithered exposures), calibrated once by
+  ``lazysky.pipeline.fitsio.calibrate_files`` **without** cosmic-ray flagging, so that the
+  cosmic rays are still in the inputs and the combine itself must reject them.
+* **lazysky**: ``coadd_files(cal, out, method="clipped-mean")`` (resample bilinear, each
+  frame's sky subtracted first), threaded scheduler with 2 threads, in a child process.
+* **SWarp** (``/usr/bin/SWarp``): one image and one weight file per detector
+  (``1/variance``, 0 where masked; written before the clock starts),
+  ``COMBINE_TYPE CLIPPED``, ``RESAMPLING_TYPE BILINEAR``, ``SUBTRACT_BACK Y``,
+  ``FSCALASTRO_TYPE NONE``, ``NTHREADS 2``; the output grid is forced to lazysky's (its
+  coadd's WCS and size written to ``swarp.head``).
+* **Photometry**: aperture flux (r = 2.5 × FWHM) of isolated (no other truth source
+  within 20 px), unsaturated truth stars with 2 × 10⁴–10⁶ e⁻, local sky from an annulus,
+  against the truth ``flux_e`` (mean over exposures): median ratio and robust scatter,
+  for both coadds.
+* **Cosmic rays**: every truth hit (``raw/<id>.cosmics.ecsv``) more than 15 px from any
+  truth source brighter than mag 25, mapped onto the coadd grid: a hit "survives" when the
+  coadd pixel there exceeds the local median (9 × 9) by 5 robust σ of the coadd noise.
+
+Usage::
+
+    python benchmarks/bench_coadd.py [--detectors 1] [--exposures 3] [--workdir DIR]
+                                     [--resampling BILINEAR] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SWARP = "/usr/bin/SWarp"
+
+
+def _vm(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def prepare(root: Path, detectors: int, exposures: int) -> list[Path]:
+    """Simulate and calibrate (reused when present); the calibrated files."""
+    from lazysky.pipeline.fitsio import calibrate_files
+    from lazysky.simulator import SurveySpec, simulate_survey
+
+    if not (root / "survey.json").exists():
+        spec = SurveySpec(instrument="ccdmosaic", n_epochs=1, n_dithers=exposures,
+                          detectors=tuple(f"CCD{i + 1:02d}" for i in range(detectors)),
+                          star_mag_range=(17.0, 24.5), n_transients=0, n_variables=0,
+                          n_movers=0, seed=7, n_bias=3, n_dark=0, n_flat=3)  # fmt: skip
+        simulate_survey(spec, root)
+    cal = root / "cal"
+    raws = sorted((root / "raw").glob("*.fits"))
+    if not cal.is_dir():
+        cal.mkdir()
+        calibrate_files(raws, cal, bias=sorted(root.glob("calib/*-bias-*.fits")),
+                        flat=sorted(root.glob("calib/*-flat-*.fits")), cosmics=False)  # fmt: skip
+    return sorted(cal.glob("*.cal.fits"))
+
+
+def swarp_inputs(cals: list[Path], work: Path) -> list[Path]:
+    from astropy.io import fits
+
+    work.mkdir(exist_ok=True)
+    images = []
+    for p in cals:
+        with fits.open(p) as hdul:
+            for h in hdul[1:]:
+                if h.name.endswith(("_VAR", "_MASK")):
+                    continue
+                var, mask = hdul[f"{h.name}_VAR"].data, hdul[f"{h.name}_MASK"].data
+                with np.errstate(divide="ignore"):
+                    w = np.where((mask == 0) & np.isfinite(var) & (var > 0), 1.0 / var, 0.0)
+                img = work / f"{p.name.removesuffix('.cal.fits')}-{h.name}.fits"
+                fits.PrimaryHDU(np.nan_to_num(h.data).astype(np.float32), h.header).writeto(
+                    img, overwrite=True)
+                fits.PrimaryHDU(w.astype(np.float32), h.header).writeto(
+                    img.with_suffix(".weight.fits"), overwrite=True)
+                images.append(img)
+    return images
+
+
+def child_lazysky(cals: list[Path], out: Path) -> dict[str, Any]:
+    import dask
+
+    from lazysky.pipeline.fitsio import coadd_files
+
+    Path("/proc/self/clear_refs").write_text("5")
+    base, t0 = _vm("VmRSS"), time.perf_counter()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    with dask.config.set(scheduler="threads", num_workers=2):
+        coadd_files(cals, out, method="clipped-mean", overwrite=True)
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return {"wall_s": time.perf_counter() - t0, "peak_mib": _vm("VmHWM"), "base_mib": base,
+            "cpu_s": r.ru_utime + r.ru_stime - r0.ru_utime - r0.ru_stime}  # fmt: skip
+
+
+def run_swarp(images: list[Path], lazysky_coadd: Path, out: Path, resampling: str) -> dict:
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    h = fits.getheader(lazysky_coadd)
+    head = WCS(h).to_header()
+    head["NAXIS1"], head["NAXIS2"] = h["NAXIS1"], h["NAXIS2"]
+    out.with_suffix(".head").write_text(
+        "".join(f"{c.image:<80}" for c in head.cards) + f"{'END':<80}")
+    resample_dir = out.parent / "swarp-resamp"
+    resample_dir.mkdir(exist_ok=True)
+    cmd = [SWARP, *map(str, images), "-IMAGEOUT_NAME", str(out),
+           "-WEIGHTOUT_NAME", str(out.with_suffix(".weight.fits")),
+           "-COMBINE_TYPE", "CLIPPED", "-RESAMPLING_TYPE", resampling, "-SUBTRACT_BACK", "Y",
+           "-WEIGHT_TYPE", "MAP_WEIGHT", "-WEIGHT_SUFFIX", ".weight.fits",
+           "-FSCALASTRO_TYPE", "NONE", "-NTHREADS", "2", "-RESAMPLE_DIR", str(resample_dir),
+           "-VERBOSE_TYPE", "QUIET", "-WRITE_XML", "N", "-HEADER_SUFFIX", ".head"]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
+                          check=False, cwd=out.parent)  # fmt: skip
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"SWarp failed: {proc.stderr[-2000:]}")
+    stats = {line.split(":")[0].strip(): line.split(":")[-1].strip()
+             for line in proc.stderr.splitlines() if ":" in line}  # fmt: skip
+    return {"wall_s": wall, "peak_mib": float(stats.get("Maximum resident set size (kbytes)",
+                                                        "nan")) / 1024,
+            "cpu_s": float(stats.get("User time (seconds)", "nan"))
+            + float(stats.get("System time (seconds)", "nan"))}  # fmt: skip
+
+
+def measure(coadd: Path, root: Path) -> dict[str, Any]:
+    """Star photometry vs truth, and surviving cosmic rays, on one coadd image."""
+    from astropy.io import fits
+    from astropy.table import Table, vstack
+    from astropy.wcs import WCS
+    from photutils.aperture import CircularAnnulus, CircularAperture, aperture_photometry
+    from scipy import ndimage
+
+    with fits.open(coadd) as hdul:
+        img = np.asarray(hdul[0].data, dtype=np.float64)
+        wcs = WCS(hdul[0].header)
+    truth = vstack([Table.read(p) for p in sorted((root / "raw").glob("*.truth.ecsv"))])
+    stars: dict[int, list[Any]] = {}
+    for row in truth:
+        stars.setdefault(int(row["id"]), []).append(row)
+    ids = list(stars)
+    ra = np.array([stars[i][0]["ra"] for i in ids])
+    dec = np.array([stars[i][0]["dec"] for i in ids])
+    flux = np.array([np.mean([r["flux_e"] for r in stars[i]]) for i in ids])
+    kind = np.array([str(stars[i][0]["kind"]) for i in ids])
+    mag = np.array([stars[i][0]["mag"] for i in ids])
+    sat = np.array([any(bool(r["saturated"]) for r in stars[i]) for i in ids])
+    x, y = wcs.world_to_pixel_values(ra, dec)
+    inside = (x > 30) & (y > 30) & (x < img.shape[1] - 30) & (y < img.shape[0] - 30)
+    bright_any = mag < 25
+    pick = []
+    for k in np.flatnonzero(inside & (kind == "star") & ~sat & (flux > 2e4) & (flux < 1e6)):
+        d = np.hypot(x - x[k], y - y[k])
+        if np.sum((d < 20) & bright_any) == 1:
+            pick.append(k)
+    pick_a = np.array(pick, dtype=int)
+    fwhm_px = 0.95 / 0.26
+    pos = np.column_stack([x[pick_a], y[pick_a]])
+    good = np.nan_to_num(img)
+    ap = aperture_photometry(good, CircularAperture(pos, r=2.5 * fwhm_px))
+    ann = CircularAnnulus(pos, r_in=4 * fwhm_px, r_out=6 * fwhm_px)
+    sky = np.array([np.median(m.get_values(good)) for m in ann.to_mask(method="center")])
+    phot = np.asarray(ap["aperture_sum"]) - sky * np.pi * (2.5 * fwhm_px) ** 2
+    ratio = phot / flux[pick_a]
+    # cosmic rays
+    noise = 1.4826 * np.median(np.abs(good - np.median(good)))
+    local = ndimage.median_filter(good, size=9)
+    hits = survived = 0
+    bx, by = x[inside & bright_any], y[inside & bright_any]
+    for p in sorted((root / "raw").glob("*.cosmics.ecsv")):
+        cr = Table.read(p)
+        raw_name = p.name.replace(".cosmics.ecsv", ".fits")
+        for det in set(map(str, cr["detector"])):
+            rows = cr[cr["detector"] == det]
+            rw = WCS(fits.getheader(root / "raw" / raw_name, det))
+            cra, cdec = rw.pixel_to_world_values(np.asarray(rows["x"], float),
+                                                 np.asarray(rows["y"], float))  # fmt: skip
+            cx, cy = wcs.world_to_pixel_values(cra, cdec)
+            for u, v in zip(np.round(cx).astype(int), np.round(cy).astype(int), strict=True):
+                if not (10 <= u < img.shape[1] - 10 and 10 <= v < img.shape[0] - 10):
+                    continue
+                if np.any(np.hypot(bx - u, by - v) < 15):
+                    continue
+                hits += 1
+                survived += int(good[v, u] - local[v, u] > 5 * noise)
+    scatter = 1.4826 * np.median(np.abs(ratio - np.median(ratio)))
+    return {"n_stars": len(pick_a), "flux_ratio_median": float(np.median(ratio)),
+            "flux_ratio_robust_scatter": float(scatter),
+            "cr_hits_checked": hits, "cr_surviving_5sigma": survived,
+            "noise_robust_sigma": float(noise), "phot": phot.tolist(),
+            "ids": pick_a.tolist()}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--detectors", type=int, default=1)
+    parser.add_argument("--exposures", type=int, default=3)
+    parser.add_argument("--resampling", default="BILINEAR", choices=["BILINEAR", "LANCZOS3"])
+    parser.add_argument("--workdir", help="keep the simulated data here (reused if present)")
+    parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        cal_dir, out = args.child
+        print(json.dumps(child_lazysky(sorted(Path(cal_dir).glob("*.cal.fits")), Path(out))))
+        return
+    if not Path(SWARP).exists():
+        raise SystemExit(f"{SWARP} not found: apt-get install swarp")
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="lazysky-bench-coadd-"))
+    print(f"# {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}  ({os.cpu_count()} cores)")
+    try:
+        t0 = time.perf_counter()
+        cals = prepare(root, args.detectors, args.exposures)
+        images = swarp_inputs(cals, root / "swarp-in")
+        print(f"# simulated + calibrated + SWarp inputs in {time.perf_counter() - t0:.0f} s")
+        out_l = root / "lazysky-coadd.fits"
+        proc = subprocess.run([sys.executable, __file__, "--child", str(root / "cal"),
+                               str(out_l)], capture_output=True, text=True, check=True)  # fmt: skip
+        lz = json.loads(proc.stdout.strip().splitlines()[-1])
+        sw = run_swarp(images, out_l, root / "swarp-coadd.fits", args.resampling)
+        res: dict[str, Any] = {"lazysky": lz, "swarp": sw}
+        res["lazysky"].update(measure(out_l, root))
+        res["swarp"].update(measure(root / "swarp-coadd.fits", root))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+    for tool in ("lazysky", "swarp"):
+        r = res[tool]
+        print(f"{tool:<8} wall {r['wall_s']:6.1f} s  cpu {r['cpu_s']:6.1f} s  peak "
+              f"{r['peak_mib']:6.0f} MiB  stars {r['n_stars']}  flux/truth median "
+              f"{r['flux_ratio_median']:.4f} scatter {r['flux_ratio_robust_scatter']:.4f}  "
+              f"CR surviving {r['cr_surviving_5sigma']}/{r['cr_hits_checked']}")  # fmt: skip
+    both = np.array(res["lazysky"]["phot"]) / np.array(res["swarp"]["phot"])
+    res["lazysky_over_swarp_flux_median"] = float(np.median(both))
+    res["throughput_ratio_lazysky_over_swarp"] = res["swarp"]["wall_s"] / res["lazysky"]["wall_s"]
+    print(f"throughput ratio lazysky / SWarp (wall): "
+          f"{res['throughput_ratio_lazysky_over_swarp']:.2f}; "
+          f"star flux lazysky / SWarp median {res['lazysky_over_swarp_flux_median']:.4f}")
+    if args.json:
+        for tool in ("lazysky", "swarp"):
+            res[tool].pop("phot")
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Masters: the combine's memory does not grow with the number of frames.
+
+Memory is measured without timing anything: a dask callback adds up the bytes of the
+results the synchronous scheduler holds after every task (its cache), so the number is
+deterministic. Frames are Zarr-backed, as ``open_exposure`` gives them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from conftest import assert_same
+from dask.callbacks import Callback
+
+from lazysky.pipeline import clipped_mean, combine_chunks, master_bias
+from lazysky.pipeline._combine import (
+    WORK_BYTES_PER_VALUE,
+    clipped_mean_variance,
+    combine_frames,
+    split_reads,
+)
+
+SHAPE = (128, 96)  # DATASEC rows, cols
+OVERSCAN = 8
+
+
+def _frames(n: int, *, kind: str, seed: int = 0, level: float = 0.0) -> list[xr.DataArray]:
+    """``n`` one-detector raw frames in an in-memory Zarr store, read lazily like a store."""
+    rng = np.random.default_rng(seed)
+    ny, nx = SHAPE
+    out = []
+    for i in range(n):
+        raw = rng.normal(1000.0, 3.0, (1, ny, nx + OVERSCAN))
+        raw[:, :, :nx] += level * (1 + 0.05 * rng.random())
+        raw[0, rng.integers(ny), rng.integers(nx)] += 5000.0  # a cosmic ray
+        arr = zarr.create_array(store={}, shape=raw.shape, chunks=(1, 64, 64), dtype="uint16")
+        arr[:] = np.round(raw).astype(np.uint16)
+        out.append(xr.DataArray(
+            da.from_zarr(arr), dims=("detector", "y", "x"),
+            coords={"detector": ["CCD01"], "gain": ("detector", [2.0]),
+                    "rdnoise": ("detector", [5.0]), "saturate": ("detector", [65535.0]),
+                    "datasec": ("detector", [f"[1:{nx},1:{ny}]"]),
+                    "biassec": ("detector", [f"[{nx + 1}:{nx + OVERSCAN},1:{ny}]"]),
+                    "exptime": 10.0, "imagetyp": kind, "exposure": f"{kind}{i}"}))  # fmt: skip
+    return out
+
+
+def _peak_held_bytes(x: da.Array) -> tuple[np.ndarray, int]:
+    """Compute ``x`` with the sync scheduler; the most bytes of results held at once."""
+    peak = [0]
+
+    def posttask(key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        held = sum(v.nbytes for v in state["cache"].values() if isinstance(v, np.ndarray))
+        peak[0] = max(peak[0], held)
+
+    with Callback(posttask=posttask), dask.config.set(scheduler="sync"):
+        out = x.compute()
+    return np.asarray(out), peak[0]
+
+
+@pytest.mark.parametrize("n_frames", [64, 256, 1000])
+def test_chunking_keeps_frames_times_block_under_the_budget(n_frames: int) -> None:
+    budget = 16 * 2**20
+    per_value = WORK_BYTES_PER_VALUE + 16
+    ty, tx = combine_chunks(n_frames, (1024, 1024), max_block_bytes=budget,
+                            bytes_per_value=per_value)  # fmt: skip
+    assert n_frames * ty * tx * per_value <= budget
+    assert 1024 % ty == 0
+    assert 1024 % tx == 0
+    # and the masters use that tile for every frame, whatever their own chunks
+    frames = _frames(3, kind="bias")
+    bias = master_bias(frames, max_block_bytes=3 * 40 * 96 * per_value)["bias"].data
+    assert bias.chunks[1][0] * bias.chunks[2][0] * 3 * per_value <= 3 * 40 * 96 * per_value
+
+
+def test_peak_memory_does_not_grow_with_the_number_of_frames() -> None:
+    budget = 2**20
+    peaks = {}
+    for n in (4, 12, 36):
+        frames = _frames(n, kind="bias", seed=n)
+        out, peaks[n] = _peak_held_bytes(master_bias(frames, max_block_bytes=budget)["bias"].data)
+        assert out.shape == (1, *SHAPE)
+    output = SHAPE[0] * SHAPE[1] * 8  # mean + variance, float32
+    for n, peak in peaks.items():
+        # inputs of one combine block (≤ budget), the output, and a few small pieces
+        assert peak <= budget + output, (n, peaks)
+    # 9× the frames, about the same peak (the whole input of 36 frames is 0.9 MB raw)
+    assert peaks[36] < 1.5 * peaks[4] + budget / 4, peaks
+
+
+def test_split_reads_reads_small_pieces_of_a_zarr_source() -> None:
+    arr = zarr.create_array(store={}, shape=(2, 64, 48), chunks=(1, 64, 48), dtype="int32")
+    arr[:] = np.arange(arr.size, dtype=np.int32).reshape(arr.shape)
+    x = da.from_zarr(arr)
+    small = split_reads(x, (1, 16, 24))
+    assert small.chunks == ((1, 1), (16,) * 4, (24, 24))
+    assert not any("rechunk" in str(k) for k in small.dask.layers)  # read, not cut up
+    assert_same(small.compute(), arr[:])
+    derived = split_reads(x + 1, (1, 16, 24))  # not a plain source: rechunked, same values
+    assert any("rechunk" in str(k) for k in derived.dask.layers)
+    assert_same(derived.compute(), arr[:] + 1)
+
+
+def test_master_bias_from_zarr_equals_the_in_memory_clipped_mean() -> None:
+    frames = _frames(7, kind="bias", seed=3)
+    lazy = master_bias(frames, max_block_bytes=7 * 16 * 32 * 56)["bias"]
+    assert lazy.data.chunks[1][0] < SHAPE[0]  # really chunked
+    raws = np.stack([np.asarray(f.values, dtype=np.float32) for f in frames])
+    nx = SHAPE[1]
+    adus = raws[:, :, :, :nx] - np.median(raws[:, :, :, nx:], axis=-1, keepdims=True)
+    assert_same(lazy.values, clipped_mean(adus))
+
+
+def test_per_frame_variance_broadcasts_like_the_full_one() -> None:
+    rng = np.random.default_rng(2)
+    stack = rng.normal(10.0, 1.0, (6, 1, 20, 30)).astype(np.float32)
+    stack[2, 0, 5, 5] = 100.0
+    per_frame = rng.uniform(1.0, 2.0, (6, 1, 1, 1)).astype(np.float32)
+    full = np.broadcast_to(per_frame, stack.shape)
+    m1, v1 = clipped_mean_variance(stack, per_frame)
+    m2, v2 = clipped_mean_variance(stack, full)
+    assert_same(m1, m2)
+    assert_same(v1, v2)
+    lazy_m, lazy_v = combine_frames(da.from_array(stack, chunks=(1, 1, 10, 10)),
+                                    da.from_array(per_frame), sigma=3.0, max_iters=5,
+                                    max_block_bytes=2**20, name="t")  # fmt: skip
+    assert lazy_v is not None
+    assert_same(lazy_m.compute(), m2)
+    assert_same(lazy_v.compute(), v2)
