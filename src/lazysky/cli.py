@@ -45,10 +45,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from lazysky.simulator import demo
+    from lazysky.demo import demo
 
-    print(demo(args.out))
-    return 0
+    result = demo(args.out, seed=args.seed, echo=lambda line: print(line, flush=True))
+    print()
+    print(result)
+    return 0 if result.summary.status == "done" else 3
 
 
 def _cmd_instruments(args: argparse.Namespace) -> int:
@@ -420,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the main job: a small survey, end to end")
     p.add_argument("--out", default="demo-output", help="where to write (default demo-output)")
+    p.add_argument("--seed", type=int, default=42, help="the survey's random seed")
     p.set_defaults(handler=_cmd_demo)
 
     p = sub.add_parser("instruments", help="list the simulator's instruments")

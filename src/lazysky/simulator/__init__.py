@@ -17,7 +17,7 @@ from lazysky.simulator.detector import DetectorModel, detector_model, read_out
 from lazysky.simulator.exposure import Pointing, detector_wcs, render_detector
 from lazysky.simulator.instruments import Instrument, list_instruments, load_instrument
 from lazysky.simulator.scene import Scene, make_scene, transient_flux_fraction
-from lazysky.simulator.simulate import calibration_pointings, demo, simulate_survey
+from lazysky.simulator.simulate import calibration_pointings, simulate_survey
 from lazysky.simulator.survey import (
     ExposureInfo,
     SimulatedSurvey,
@@ -35,7 +35,6 @@ __all__ = [
     "SimulatedSurvey",
     "SurveySpec",
     "calibration_pointings",
-    "demo",
     "detector_model",
     "detector_wcs",
     "list_instruments",

@@ -38,7 +38,7 @@ from lazysky.simulator.survey import (
     table_bytes,
 )
 
-__all__ = ["calibration_pointings", "demo", "simulate_survey"]
+__all__ = ["calibration_pointings", "simulate_survey"]
 
 logger = logging.getLogger(__name__)
 
@@ -355,20 +355,3 @@ def _assemble(
         },
         checksums=checksums,
     )
-
-
-def demo(out: str | os.PathLike[str] = "demo-output") -> str:
-    """The main job until the pipeline lands: simulate a small survey and describe it."""
-    spec = SurveySpec(instrument="tiny", n_epochs=4, n_dithers=2, n_transients=8, seed=42)
-    survey = simulate_survey(spec, out, overwrite=True)
-    from astropy.table import Table
-
-    lines = [survey.summary(), "", "transients in the truth tables, per epoch (on a detector):"]
-    for e in range(spec.n_epochs):
-        ids: set[int] = set()
-        for x in survey.exposures:
-            if x.epoch == e:
-                t = Table.read(os.path.join(os.fspath(out), x.files["truth"]), format="ascii.ecsv")
-                ids.update(int(i) for i in t["id"][t["kind"] == "transient"])
-        lines.append(f"  epoch {e}: {len(ids)} transient(s) shining")
-    return "\n".join(lines)
