@@ -364,10 +364,24 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         if len(astro) != 2:
             msg = f"--astrometric-sigma must be 'auto', SX or SX,SY in pixels; got {text!r}"
             raise ParameterError(msg)
+    if args.sources:
+        from pathlib import Path
+
+        from lazysky.pipeline.detect import check_catalog_path
+
+        check_catalog_path(Path(args.sources), overwrite=args.overwrite)  # before any work
     diff = difference_files(args.science, args.reference, args.out, overwrite=args.overwrite,
                             tile_px=args.tile_px, psf_size_px=args.psf_size,
                             flux_ratio=args.flux_ratio, astrometric_sigma_px=astro)  # fmt: skip
     print(f"{args.out}: flux ratio {float(diff.flux_ratio):.4f}")
+    if args.sources:
+        from lazysky.pipeline.detect import detect_difference, write_catalog
+
+        found = detect_difference(diff, threshold=args.threshold).to_table()
+        write_catalog(found, args.sources, overwrite=args.overwrite)
+        n_pos = int((found["sign"] > 0).sum()) if len(found) else 0
+        print(f"{args.sources}: {len(found)} sources ({n_pos} brighter, "
+              f"{len(found) - n_pos} fainter than the reference)")
     return 0
 
 
@@ -387,7 +401,11 @@ def _add_diff_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    "(default 0)")
     p.add_argument("--tile-px", type=int, default=2048, metavar="N",
                    help="tile size in pixels (default 2048)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--sources", metavar="DIA.{csv,fits,parquet,ecsv}",
+                   help="also detect the difference's sources (both signs) into this file")
+    p.add_argument("--threshold", type=float, default=5.0, metavar="SIGMA",
+                   help="detection threshold on S_corr for --sources (default 5)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(handler=_cmd_diff)
 
 

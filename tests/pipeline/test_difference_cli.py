@@ -106,3 +106,29 @@ def test_lazysky_diff_refuses_existing_output_and_names_missing_files(
     assert main(["diff", str(sci), str(ref), "--out", str(tmp_path / "d.fits"),
                  "--astrometric-sigma", "x"]) == 1  # fmt: skip
     assert "--astrometric-sigma" in capsys.readouterr().err
+
+
+def test_lazysky_diff_sources_lists_the_transient(
+    pair: tuple[Path, Path, WCS], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from astropy.table import Table
+
+    sci, ref, ref_wcs = pair
+    out, cat = tmp_path / "diff.fits", tmp_path / "dia.csv"
+    assert main(["diff", str(sci), str(ref), "--out", str(out), "--sources", str(cat),
+                 "--astrometric-sigma", "auto"]) == 0  # fmt: skip
+    assert "1 sources (1 brighter, 0 fainter" in capsys.readouterr().out
+    found = Table.read(cat, format="ascii.csv")
+    x, y, _ = TRANSIENT
+    assert len(found) == 1
+    assert int(found["sign"][0]) == 1
+    assert (found["x"][0], found["y"][0]) == (pytest.approx(x, abs=0.3), pytest.approx(y, abs=0.3))
+    ra, dec = ref_wcs.pixel_to_world_values(x, y)
+    assert (found["ra"][0], found["dec"][0]) == (pytest.approx(ra, abs=1e-4),
+                                                 pytest.approx(dec, abs=1e-4))  # fmt: skip
+    # an unknown catalogue format is refused before any work, nothing written
+    bad = tmp_path / "d2.fits"
+    assert main(["diff", str(sci), str(ref), "--out", str(bad), "--sources",
+                 str(tmp_path / "dia.txt")]) == 1  # fmt: skip
+    assert "unknown catalogue format" in capsys.readouterr().err
+    assert not bad.exists()

@@ -57,6 +57,7 @@ __all__ = [
     "FLAGS",
     "SepSettings",
     "Sources",
+    "check_catalog_path",
     "configure_sep",
     "detect",
     "detect_difference",
@@ -67,6 +68,7 @@ __all__ = [
     "forced_pixels",
     "halo_for",
     "sep_settings_for",
+    "write_catalog",
 ]
 
 DEFAULT_HALO_PX = 32
@@ -563,20 +565,10 @@ def detect_file(
     >>> detect_file("coadd.fits", "coadd.cat.parquet", threshold=5.0)  # doctest: +SKIP
     """
     src, target = Path(path), Path(out)
-    fmt = FORMATS.get(target.suffix.lower())
-    if fmt is None:
-        msg = (f"cannot write {target}: unknown catalogue format {target.suffix!r}; use one "
-               f"of {sorted(FORMATS)}")  # fmt: skip
-        raise OutputError(msg)
+    check_catalog_path(target, overwrite=overwrite)
     if background not in BACKGROUNDS:
         msg = f"background must be one of {list(BACKGROUNDS)}, got {background!r}"
         raise ParameterError(msg)
-    if target.exists() and not overwrite:
-        msg = f"{target} exists: pass --overwrite to replace it"
-        raise OutputError(msg)
-    if not target.parent.is_dir():
-        msg = f"cannot write {target}: directory {target.parent} does not exist"
-        raise OutputError(msg)
     if not (math.isfinite(aperture_radius_arcsec) and aperture_radius_arcsec > 0):
         msg = f"the aperture radius must be > 0 arcsec, got {aperture_radius_arcsec}"
         raise ParameterError(msg)
@@ -595,6 +587,30 @@ def detect_file(
     table = vstack(parts, metadata_conflicts="silent") if len(parts) > 1 else parts[0]
     table.meta = {"SRCFILE": src.name, "THRESH": float(threshold),
                   "APERTURE": float(aperture_radius_arcsec)}  # FITS-safe keys
+    write_catalog(table, target, overwrite=overwrite)
+    return table
+
+
+def check_catalog_path(target: Path, *, overwrite: bool) -> str:
+    """The astropy format of a catalogue path; errors before any work is done."""
+    fmt = FORMATS.get(target.suffix.lower())
+    if fmt is None:
+        msg = (f"cannot write {target}: unknown catalogue format {target.suffix!r}; use one "
+               f"of {sorted(FORMATS)}")  # fmt: skip
+        raise OutputError(msg)
+    if target.exists() and not overwrite:
+        msg = f"{target} exists: pass --overwrite to replace it"
+        raise OutputError(msg)
+    if not target.parent.is_dir():
+        msg = f"cannot write {target}: directory {target.parent} does not exist"
+        raise OutputError(msg)
+    return fmt
+
+
+def write_catalog(table: Table, out: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write a catalogue as FITS, CSV, Parquet or ECSV (by extension), atomically."""
+    target = Path(out)
+    fmt = check_catalog_path(target, overwrite=overwrite)
     if fmt == "ascii.ecsv":
         table.meta["flags"] = dict(FLAGS)
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
@@ -605,4 +621,4 @@ def detect_file(
         tmp.unlink(missing_ok=True)
         msg = f"cannot write the catalogue to {target}: {exc}"
         raise OutputError(msg) from exc
-    return table
+    return target
