@@ -201,18 +201,26 @@ def demo(
 
 
 def _point_noise(out: Path, summary: Any) -> dict[str, float]:
-    """1σ flux noise of a point source in each epoch's difference (e⁻ per frame)."""
+    """1σ flux noise of a point source in each epoch's difference (e⁻ per frame).
+
+    ``sqrt(var_D · N_eff)`` with the median predicted variance of D and the
+    noise-equivalent area ``4π σ²`` of a Gaussian of the epoch's mean seeing (the
+    simulator's SEEING keyword).
+    """
+    from astropy.io import fits
+
     from lazysky.zarr_store.products import open_product
 
     noise = {}
-    for epoch in summary.epochs:
+    for epoch, ids in summary.epochs.items():
         diff = open_product(summary.store, summary.run_id, "diff",
                             f"{_field(summary)}-{epoch}")
         var = float(np.nanmedian(diff["variance"].values))
-        fwhm_px = float(diff.attrs.get("psf_fwhm_px", 0.0)) or 2.5
-        sigma = fwhm_px / 2.3548
-        n_eff = 4.0 * np.pi * sigma**2  # the noise-equivalent area of a Gaussian PSF
-        noise[epoch] = float(np.sqrt(var * n_eff))
+        scale = float(diff.attrs["grid"]["pixel_scale_arcsec"])
+        seeing = np.mean([float(fits.getheader(out / "survey" / "raw" / f"{e}.fits")["SEEING"])
+                          for e in ids])
+        sigma = seeing / scale / 2.3548
+        noise[epoch] = float(np.sqrt(var * 4.0 * np.pi * sigma**2))
     return noise
 
 
