@@ -25,6 +25,8 @@ __all__ = ["DemoResult", "demo", "score_transients"]
 logger = logging.getLogger(__name__)
 
 MATCH_ARCSEC = 1.5
+#: detection flags that say the measurement touches masked pixels (lazysky.pipeline.detect)
+MASKED_FLAGS = 32 | 64 | 512 | 2048
 SNR_RECOVER = 8.0
 
 
@@ -38,6 +40,7 @@ class DemoResult:
     injected_bright: int
     recovered_bright: int
     false_positives: int
+    false_positives_unflagged: int
     dia_sources: int
     cone: Any
     pictures: tuple[str, ...]
@@ -55,7 +58,9 @@ class DemoResult:
             f"  all shining transients: recovered {self.recovered} of {self.injected} "
             f"({pct(self.recovered, self.injected)})",
             f"  false positives: {self.false_positives} of {self.dia_sources} difference "
-            "sources match no transient, variable or mover",
+            "sources match no transient, variable or mover "
+            f"({self.false_positives_unflagged} without flags: the others touch masked "
+            "pixels, e.g. a saturated star)",
         ]
         if self.cone is not None and len(self.cone):
             lines += ["", "cone search (3 arcsec) around a recovered transient:"]
@@ -103,7 +108,7 @@ def score_transients(
     from astropy.coordinates import SkyCoord
 
     counts = dict.fromkeys(("injected", "recovered", "injected_bright", "recovered_bright",
-                            "false_positives"), 0)
+                            "false_positives", "false_positives_unflagged"), 0)
     for epoch, t in truth.items():
         sel = np.asarray(dia["exposure_id"]) == epoch_exposure[epoch]
         d = dia[sel]
@@ -127,9 +132,13 @@ def score_transients(
             if len(real):
                 _, sep, _ = c_d.match_to_catalog_sky(SkyCoord(real["ra"], real["dec"],
                                                               unit="deg"))
-                counts["false_positives"] += int((sep >= MATCH_ARCSEC * u.arcsec).sum())
+                false = np.asarray(sep >= MATCH_ARCSEC * u.arcsec)
             else:
-                counts["false_positives"] += len(d)
+                false = np.ones(len(d), bool)
+            flagged = (np.asarray(d["flags"], dtype=np.int64) & MASKED_FLAGS) != 0 \
+                if "flags" in d.colnames else np.zeros(len(d), bool)
+            counts["false_positives"] += int(false.sum())
+            counts["false_positives_unflagged"] += int((false & ~flagged).sum())
     return counts
 
 
@@ -183,7 +192,7 @@ def demo(
             diff_sources.c.run_id == summary.run_id)).mappings().all()
     from astropy.table import Table
 
-    cols = ("ra", "dec", "sign", "exposure_id", "snr", "flux_aper", "tile_id")
+    cols = ("ra", "dec", "sign", "exposure_id", "snr", "flux_aper", "tile_id", "flags")
     dia = Table({c: [r[c] for r in rows] for c in cols}) if rows else Table(
         {c: [] for c in cols})
     truth = _truth_per_epoch(out / "survey", dict(summary.epochs))

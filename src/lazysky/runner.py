@@ -380,7 +380,10 @@ def run(
                 science.attrs.update(epoch=epoch)
                 writes.append(write_product(store, run_id, "coadd", diff_names[epoch], science,
                                             tiles=todo, compute=False, settings=settings))
-                diff = difference(science, reference, method=steps.difference.method)
+                sigma = steps.difference.astrometric_sigma_px
+                diff = difference(science, reference, method=steps.difference.method,
+                                  astrometric_sigma_px=sigma if sigma == "auto"
+                                  else (float(sigma), float(sigma)))
                 keep = diff[["image", "variance", "score", "mask"]]
                 keep.attrs.update(run_id=run_id, epoch=epoch, exposures=list(ids))
                 writes.append(write_product(store, run_id, "diff", diff_names[epoch], keep,

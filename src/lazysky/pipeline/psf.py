@@ -377,25 +377,46 @@ def _fill_block(
     own: NDArray[np.float64], every: NDArray[np.float64], *, size_px: int,
     min_stars: int, fallback_fwhm_px: float, tile: str,
 ) -> NDArray[np.float64]:  # fmt: skip
-    """A tile without enough stars takes the median FWHM and β of the tiles that have
-    (else those of every tile with a star, weighted by their numbers of stars)."""
+    """Fill a tile's PSF from the field where its own stars cannot be trusted.
+
+    The field's PSF is the median FWHM and β over every star of every tile (each tile's
+    fit weighted by its number of stars). A tile without enough stars takes the median of
+    at least three tiles that have enough, else the field's, else the fallback Moffat. A
+    tile with few stars (< 3 × ``min_stars``) whose FWHM is more than 25 % from the
+    field's — a galaxy or a blend taken for a star — takes the field's too.
+    """
     out = own.copy()
-    if own.size == 0 or not own[0, 0, 0, 3]:
+    if own.size == 0:
         return out
     params = every[..., :_N_PARAMS].reshape(-1, _N_PARAMS)
+    some = params[(params[:, 2] >= 1) & np.isfinite(params[:, 0])]
+    field = None
+    if len(some) and some[:, 2].sum() >= min_stars:
+        w = np.repeat(np.arange(len(some)), some[:, 2].astype(int))
+        field = np.median(some[w, :2], axis=0)
+    n_own = int(own[0, 0, 0, 2])
+    if not own[0, 0, 0, 3]:
+        fwhm = float(own[0, 0, 0, 0])
+        if field is None or n_own >= 3 * min_stars or abs(fwhm / field[0] - 1.0) <= 0.25:
+            return out
+        out[0, 0, 0, :2] = field
+        out[0, 0, 0, 3] = 1.0
+        msg = (f"tile {tile}: its {n_own} star(s) give a FWHM of {fwhm:.2f} px, more than "
+               f"25 % from the field's {field[0]:.2f} px over {int(some[:, 2].sum())} "
+               "stars; using the field's")  # fmt: skip
+        warnings.warn(msg, PsfFallbackWarning, stacklevel=2)
+        return out
     good = params[(params[:, 3] == 0) & (params[:, 2] >= min_stars)]
-    some = params[params[:, 2] >= 1]
-    if len(good):
+    if len(good) >= 3:
         out[0, 0, 0, :2] = np.median(good[:, :2], axis=0)
         how = f"the median of {len(good)} tile(s) with enough stars"
-    elif some[:, 2].sum() >= min_stars:
-        w = np.repeat(np.arange(len(some)), some[:, 2].astype(int))
-        out[0, 0, 0, :2] = np.median(some[w, :2], axis=0)
+    elif field is not None:
+        out[0, 0, 0, :2] = field
         how = f"the median over {int(some[:, 2].sum())} stars of {len(some)} tile(s)"
     else:
         out[0, 0, 0, :2] = [fallback_fwhm_px, 3.0]
         how = f"a Moffat of FWHM {fallback_fwhm_px:.2f} px, beta 3 (no tile has enough)"
-    msg = f"tile {tile}: only {int(own[0, 0, 0, 2])} star(s) for its PSF; using {how}"
+    msg = f"tile {tile}: only {n_own} star(s) for its PSF; using {how}"
     warnings.warn(msg, PsfFallbackWarning, stacklevel=2)
     return out
 
@@ -425,9 +446,9 @@ def psf_per_tile(
         ``image``, ``variance``, ``mask`` on ``(y, x)``, one dask block per tile, with
         ``attrs["grid"]`` (e.g. :func:`lazysky.pipeline.stack`'s coadd).
     size_px, snr_min, min_stars, fallback_fwhm_px, bad_bits
-        As in :func:`estimate_psf`. A tile with fewer than ``min_stars`` stars takes the
-        median FWHM and β of the tiles that have enough (else the fallback), with a
-        :class:`PsfFallbackWarning` when computed.
+        As in :func:`estimate_psf`. A tile with fewer than ``min_stars`` stars, or with
+        few stars far from the field's PSF, takes the field's (see ``_fill_block``), with
+        a :class:`PsfFallbackWarning` when computed.
 
     Returns
     -------
