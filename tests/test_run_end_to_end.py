@@ -109,10 +109,16 @@ def test_clean_run_is_recorded(clean: RunSummary, catalog: Catalog, survey: Path
     assert row.inputs["deep1-r-e002-d00"] == hashlib.sha256(raw.read_bytes()).hexdigest()
     assert len(row.inputs) == 3 + 3 + 2 + 3  # bias, dark, flat, science
     # products carry the run
+    from lazysky import __version__
     from lazysky.zarr_store.products import open_product
 
     ref = open_product(clean.store, clean.run_id, "coadd", "deep1")
-    assert ref.attrs["run_id"] == clean.run_id
+    diff = open_product(clean.store, clean.run_id, "diff", "deep1-v2")
+    for product in (ref, diff):
+        assert product.attrs["run_id"] == clean.run_id
+        assert product.attrs["software_version"] == __version__
+        assert product.attrs["input_sha256"] == row.inputs
+        assert product.attrs["run_config"] == row.config
     assert clean.run_id in str(clean)
 
 

@@ -42,6 +42,7 @@ import numpy as np
 import xarray as xr
 from astropy.table import Table, vstack
 
+from lazysky import __version__
 from lazysky.config import Settings, load_settings
 from lazysky.errors import LazySkyError, ParameterError
 from lazysky.runconfig import RunConfig, load_run_config
@@ -314,10 +315,14 @@ def run(
         science_ids = [e for ids in sel.epochs.values() for e in ids]
         used = [*sel.bias, *sel.dark, *sel.flat, *sel.reference, *science_ids]
         inputs = {e: str(_sha(sel.meta[e])) for e in used if _sha(sel.meta[e])}
-        register_run(Run(run_id, config=cfg.model_dump(mode="json"), inputs=inputs,
+        recorded = cfg.model_dump(mode="json", exclude={"run_id"})
+        register_run(Run(run_id, config=recorded, inputs=inputs,
                          description=cfg.description), catalog=catalog)
         write_exposures([_exposure_row(Exposure, e, sel.meta[e])
                          for e in [*sel.reference, *science_ids]], catalog=catalog)
+        # what every product records of its run (status and timings: the catalog's runs row)
+        provenance = {"run_id": run_id, "run_config": recorded,
+                      "software_version": __version__, "input_sha256": inputs}
         dashboard = str(getattr(client, "dashboard_link", "") or "")
         if on_start is not None:
             on_start(run_id, dashboard)
@@ -351,7 +356,7 @@ def run(
         def coadd_of(ids: Sequence[str]) -> xr.Dataset:
             pieces = [p for e in ids for p in resample_exposure(cals[e], grid)]
             co = stack(pieces, grid, method=steps.stack.method, sigma=steps.stack.sigma)
-            co.attrs["run_id"] = run_id
+            co.attrs.update(provenance)
             return co
 
         with _stage("reference", timings):
@@ -385,7 +390,8 @@ def run(
                                   astrometric_sigma_px=sigma if sigma == "auto"
                                   else (float(sigma), float(sigma)))
                 keep = diff[["image", "variance", "score", "mask"]]
-                keep.attrs.update(run_id=run_id, epoch=epoch, exposures=list(ids))
+                keep.attrs.update(provenance)
+                keep.attrs.update(epoch=epoch, exposures=list(ids))
                 writes.append(write_product(store, run_id, "diff", diff_names[epoch], keep,
                                             tiles=todo, compute=False, settings=settings))
             if writes:
