@@ -247,3 +247,25 @@ def test_a_corrupt_exposure_is_skipped_and_recorded(
     assert row.status == "done_with_errors"
     assert list(row.errors) == [str(bad)]
     assert _rows(catalog, summary.run_id) == _rows(catalog, clean.run_id)
+
+
+def test_an_exposure_without_wcs_is_skipped_and_recorded(
+        clean: RunSummary, survey: Path, tmp_path: Path, client: Any, catalog: Catalog) -> None:
+    from astropy.io import fits
+
+    raw = tmp_path / "raw"
+    shutil.copytree(survey / "raw", raw)
+    with fits.open(raw / "deep1-r-e002-d00.fits") as hdul:
+        hdul[0].header["EXPID"] = "deep1-r-e002-d09"  # a second frame of epoch 2 ...
+        for key in ("CTYPE1", "CTYPE2"):  # ... whose CCD02 lost its WCS
+            del hdul["CCD02"].header[key]
+        hdul.writeto(raw / "deep1-r-e002-d09.fits", output_verify="silentfix", checksum=True)
+    cfg = _config(survey, tmp_path / "store").model_copy(
+        update={"ingest": [str(raw), str(survey / "calib")]})
+    summary = run(cfg, settings=load_settings(catalog_dsn=catalog.dsn), client=client,
+                  catalog=catalog)
+    assert summary.status == "done_with_errors"
+    assert list(summary.errors) == ["deep1-r-e002-d09"]
+    assert "detector CCD02 has no celestial WCS" in summary.errors["deep1-r-e002-d09"]
+    assert dict(summary.epochs) == {"v2": ("deep1-r-e002-d00",)}
+    assert _rows(catalog, summary.run_id) == _rows(catalog, clean.run_id)

@@ -146,7 +146,8 @@ def _select(cfg: RunConfig, store: str, settings: Settings, errors: dict[str, st
     bias = _matching(of_type(sets["bias"], filtered=False), cfg.calibrations.bias)
     dark = _matching(of_type(sets["dark"], filtered=False), cfg.calibrations.dark)
     flat = _matching(of_type(sets["flat"], filtered=True), cfg.calibrations.flat)
-    objects = of_type(SCIENCE_TYPES, filtered=True)
+    objects = [e for e in of_type(SCIENCE_TYPES, filtered=True)
+               if _usable(e, meta[e], errors)]
     reference = _matching(objects, cfg.reference)
     if not reference:
         msg = (
@@ -166,6 +167,25 @@ def _select(cfg: RunConfig, store: str, settings: Settings, errors: dict[str, st
         key = f"v{visit}" if visit not in (None, "") else eid
         epochs.setdefault(str(key), []).append(eid)
     return _Selection(bias, dark, flat, reference, epochs, meta)
+
+
+def _usable(eid: str, meta: Mapping[str, Any], errors: dict[str, str]) -> bool:
+    """Whether every detector of a science exposure has a celestial WCS (else recorded)."""
+    from lazysky.zarr_store._headers import cards_to_header, wcs_from_header
+
+    names = meta.get("detectors") or []
+    for k, cards in enumerate(meta.get("detector_headers") or []):
+        try:
+            wcs = wcs_from_header(cards_to_header(cards))
+        except (TypeError, ValueError):
+            wcs = None
+        if wcs is None or not wcs.has_celestial:
+            det = names[k] if k < len(names) else str(k)
+            errors[eid] = (f"skipped: detector {det} has no celestial WCS (register the "
+                           "exposure by its stars, e.g. lazysky coadd --register stars, "
+                           "or fix its header)")
+            return False
+    return True
 
 
 @contextmanager
