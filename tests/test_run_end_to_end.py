@@ -119,6 +119,8 @@ def test_clean_run_is_recorded(clean: RunSummary, catalog: Catalog, survey: Path
         assert product.attrs["software_version"] == __version__
         assert product.attrs["input_sha256"] == row.inputs
         assert product.attrs["run_config"] == row.config
+        assert product.attrs["run_status"] == "done"
+        assert product.attrs["run_timings"] == row.timings
     assert clean.run_id in str(clean)
 
 

@@ -454,8 +454,13 @@ def run(
             timings=dict(timings), errors=dict(errors), dashboard=dashboard,
         )
     finally:
-        with suppress(LazySkyError):  # a run never registered (bad configuration)
+        with suppress(LazySkyError, OSError):  # a run never registered (bad config)
             finish_run(run_id, status=status, timings=timings, errors=errors, catalog=catalog)
+            # the products say how their run ended, too
+            from lazysky.zarr_store.products import annotate_products
+
+            annotate_products(store, run_id, {"run_status": status, "run_timings": timings,
+                                              "run_errors": errors}, settings=settings)
         if own_client:
             client.close()
 

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MASTER_KINDS",
     "PRODUCT_KINDS",
+    "annotate_products",
     "complete_tiles",
     "list_products",
     "open_masters",
@@ -811,3 +812,27 @@ def list_products(
     for k in kinds:
         _check_choice("kind", k, PRODUCT_KINDS)
     return [(k, n) for k in kinds for n in _list_dirs(root, PRODUCTS, run_id, k)]
+
+
+def annotate_products(
+    store: StoreLike,
+    run_id: str,
+    values: Mapping[str, Any],
+    *,
+    storage_options: dict[str, Any] | None = None,
+    settings: Settings | None = None,
+) -> list[tuple[str, str]]:
+    """Record ``values`` (e.g. the run's final status and timings) in the attributes of
+    every product of ``run_id``; each group's metadata is replaced in one atomic write, so
+    a reader sees the old attributes or the new ones. Idempotent. Returns the products."""
+    root = parse_store(store, storage_options=storage_options, settings=settings)
+    done = []
+    for kind, name in list_products(root, run_id):
+        path = root.path(*_product_parts(run_id, kind, name), GROUP_META)
+        meta = _read_json(root, path)
+        if meta is None:
+            continue
+        meta.setdefault("attributes", {}).setdefault("lazysky", {}).update(_jsonable(values))
+        _put(root, path, json.dumps(meta).encode())
+        done.append((kind, name))
+    return done
