@@ -17,6 +17,7 @@ MODULES = [
     "lazysky.pipeline.cosmics",
     "lazysky.pipeline.background",
     "lazysky.pipeline.testing",
+    "lazysky.pipeline.grid",
 ]
 
 

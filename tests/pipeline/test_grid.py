@@ -44,6 +44,9 @@ def test_tiles_ids_slices_and_wcs() -> None:
     assert g.tile_ids()[5] == "t001_001"
     assert g.tile_slices("t001_003") == (slice(128, 256), slice(384, 500))
     assert g.tile_shape("t002_003") == (44, 116)
+    # the halo window grows inside the grid and is clipped at its edges
+    assert g.tile_window("t001_001", 10) == (slice(118, 266), slice(118, 266))
+    assert g.tile_window("t002_003", 10) == (slice(246, 300), slice(374, 500))
     tw = g.tile_wcs("t001_002")
     np.testing.assert_allclose(tw.pixel_to_world_values(3.0, 7.0),
                                g.wcs.pixel_to_world_values(256 + 3.0, 128 + 7.0))  # fmt: skip

@@ -32,6 +32,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 
 from lazysky.errors import FitsFormatError, OutputError
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
+from lazysky.pipeline.fitsio import check_output
 from lazysky.pipeline.grid import SkyGrid
 
 __all__ = ["difference_files", "write_difference_fits"]
@@ -192,14 +193,7 @@ def difference_files(
     """
     from lazysky.pipeline.difference import difference
 
-    target = Path(out) if out is not None else None
-    if target is not None:
-        if target.exists() and not overwrite:
-            msg = f"{target} exists: pass --overwrite to replace it"
-            raise OutputError(msg)
-        if not target.parent.is_dir():
-            msg = f"cannot write {target}: directory {target.parent} does not exist"
-            raise OutputError(msg)
+    target = check_output(out, overwrite=overwrite) if out is not None else None
     ref = _read_image(reference, "reference")
     sci = _read_image(science, "science")
     if ref["units"] and sci["units"] and ref["units"] != sci["units"]:

@@ -50,6 +50,7 @@ from lazysky.pipeline._sep import (
     forced_pixels,
     sep_settings_for,
 )
+from lazysky.pipeline.fitsio import check_output
 from lazysky.pipeline.grid import SkyGrid, parse_tile, tiles_of
 from lazysky.pipeline.stack import DEFAULT_BAD_BITS
 
@@ -172,8 +173,7 @@ def _window(grid: SkyGrid, tile: str, halo: int) -> tuple[slice, slice, dict[str
     """The tile + halo slices (clipped to the grid) and the kernel's tiling keywords."""
     sy, sx = grid.tile_slices(tile)
     ny, nx = grid.shape
-    wy = slice(max(sy.start - halo, 0), min(sy.stop + halo, ny))
-    wx = slice(max(sx.start - halo, 0), min(sx.stop + halo, nx))
+    wy, wx = grid.tile_window(tile, halo)
     core = (sy.start - wy.start, sy.stop - wy.start, sx.start - wx.start, sx.stop - wx.start)
     edges = (wy.start > 0, wy.stop < ny, wx.start > 0, wx.stop < nx)
     return wy, wx, {"offset": (wy.start, wx.start), "core": core, "open_edges": edges,
@@ -598,12 +598,7 @@ def check_catalog_path(target: Path, *, overwrite: bool) -> str:
         msg = (f"cannot write {target}: unknown catalogue format {target.suffix!r}; use one "
                f"of {sorted(FORMATS)}")  # fmt: skip
         raise OutputError(msg)
-    if target.exists() and not overwrite:
-        msg = f"{target} exists: pass --overwrite to replace it"
-        raise OutputError(msg)
-    if not target.parent.is_dir():
-        msg = f"cannot write {target}: directory {target.parent} does not exist"
-        raise OutputError(msg)
+    check_output(target, overwrite=overwrite)
     return fmt
 
 

@@ -335,15 +335,15 @@ def difference(
     no_count = da.zeros(grid.shape, dtype=np.uint16, chunks=grid.chunks)
     planes += [da.asarray(ds["count"].data) if "count" in ds else no_count
                for ds in (science, reference)]  # fmt: skip
-    h, (ny, nx) = int(halo_px), grid.shape
+    h = int(halo_px)
     rows = []
     for iy in range(nty):
         row = []
         for ix in range(ntx):
             tile = grid.tile_id(iy, ix)
             sy, sx = grid.tile_slices(tile)
-            y0, y1 = max(sy.start - h, 0), min(sy.stop + h, ny)
-            x0, x1 = max(sx.start - h, 0), min(sx.stop + h, nx)
+            wy, wx = grid.tile_window(tile, h)
+            (y0, y1), (x0, x1) = (wy.start, wy.stop), (wx.start, wx.stop)
             trim = (sy.start - y0, y1 - sy.stop, sx.start - x0, x1 - sx.stop)
             cuts = [p[y0:y1, x0:x1].rechunk(-1) for p in planes]
             pn, pr = stamps_n.blocks[iy, ix], stamps_r.blocks[iy, ix]

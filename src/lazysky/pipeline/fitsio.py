@@ -172,14 +172,20 @@ def _outputs(raw: Sequence[PathLike], out: PathLike, overwrite: bool) -> list[Pa
             msg = f"--out {out} must be an existing directory when calibrating {len(raw)} files"
             raise OutputError(msg)
         targets = [out / f"{Path(p).name.removesuffix('.fits')}.cal.fits" for p in raw]
-    for t in targets:
-        if t.exists() and not overwrite:
-            msg = f"{t} exists: pass --overwrite to replace it"
-            raise OutputError(msg)
-        if not t.parent.is_dir():
-            msg = f"cannot write {t}: directory {t.parent} does not exist"
-            raise OutputError(msg)
-    return targets
+    return [check_output(t, overwrite=overwrite) for t in targets]
+
+
+def check_output(path: PathLike, *, overwrite: bool) -> Path:
+    """``path`` as a Path, after refusing an existing file (unless ``overwrite``) or a
+    missing parent directory: before any work is done, nothing is touched."""
+    target = Path(path)
+    if target.exists() and not overwrite:
+        msg = f"{target} exists: pass --overwrite (overwrite=True) to replace it"
+        raise OutputError(msg)
+    if not target.parent.is_dir():
+        msg = f"cannot write {target}: directory {target.parent} does not exist"
+        raise OutputError(msg)
+    return target
 
 
 def _history(steps: Sequence[dict[str, Any]]) -> list[str]:
@@ -442,13 +448,7 @@ def coadd_files(
     if not 0 <= reference < len(inputs):
         msg = f"reference must index the {len(inputs)} inputs, got {reference}"
         raise ParameterError(msg)
-    target = Path(out)
-    if target.exists() and not overwrite:
-        msg = f"{target} exists: pass --overwrite to replace it"
-        raise OutputError(msg)
-    if not target.parent.is_dir():
-        msg = f"cannot write {target}: directory {target.parent} does not exist"
-        raise OutputError(msg)
+    target = check_output(out, overwrite=overwrite)
     per_input = [read_calibrated(p, tile_px=tile_px, require_wcs=register is None)
                  for p in inputs]  # fmt: skip
     first_of_ref = sum(len(x) for x in per_input[:reference])

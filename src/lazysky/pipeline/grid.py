@@ -176,6 +176,21 @@ class SkyGrid:
         t, (ny, nx) = self.tile_px, self.shape
         return slice(iy * t, min((iy + 1) * t, ny)), slice(ix * t, min((ix + 1) * t, nx))
 
+    def tile_window(self, tile: str, halo_px: int) -> tuple[slice, slice]:
+        """``(y, x)`` slices of ``tile`` grown by ``halo_px`` on every side, clipped to the grid.
+
+        Examples
+        --------
+        >>> g = SkyGrid(ra_deg=10.0, dec_deg=0.0, pixel_scale_arcsec=1.0, shape=(100, 100),
+        ...             tile_px=50)
+        >>> g.tile_window("t000_001", 8)
+        (slice(0, 58, None), slice(42, 100, None))
+        """
+        sy, sx = self.tile_slices(tile)
+        h, (ny, nx) = int(halo_px), self.shape
+        return (slice(max(sy.start - h, 0), min(sy.stop + h, ny)),
+                slice(max(sx.start - h, 0), min(sx.stop + h, nx)))
+
     def tile_shape(self, tile: str) -> tuple[int, int]:
         """``(ny, nx)`` of ``tile``."""
         sy, sx = self.tile_slices(tile)

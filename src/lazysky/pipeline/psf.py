@@ -469,7 +469,7 @@ def psf_per_tile(
                "fallback_fwhm_px": fb, "bad_bits": int(bad_bits)}  # fmt: skip
     arrays = [da.asarray(ds[k].data) for k in ("image", "variance", "mask")]
     nty, ntx = grid.n_tiles
-    h, (ny, nx) = int(size_px), grid.shape
+    h = int(size_px)
     n = _N_PARAMS + 4 * MAX_STARS
     rows = []
     for iy in range(nty):
@@ -477,8 +477,8 @@ def psf_per_tile(
         for ix in range(ntx):
             tile = grid.tile_id(iy, ix)
             sy, sx = grid.tile_slices(tile)
-            y0, y1 = max(sy.start - h, 0), min(sy.stop + h, ny)
-            x0, x1 = max(sx.start - h, 0), min(sx.stop + h, nx)
+            wy, wx = grid.tile_window(tile, h)
+            (y0, y1), (x0, x1) = (wy.start, wy.stop), (wx.start, wx.stop)
             blocks = [a[y0:y1, x0:x1].rechunk(-1) for a in arrays]
             token = tokenize(*blocks, options, tile)
             row.append(da.map_blocks(
