@@ -46,7 +46,9 @@ def test_local_cluster_processes_adaptive_plugins_dashboard_and_close() -> None:
         # adaptive between 1 and 2 workers
         assert cluster._adaptive is not None
         assert (cluster._adaptive.minimum, cluster._adaptive.maximum) == (1, 2)
-        # a worker that joins later gets the plugin too
+        # a worker that joins later gets the plugin too (adaptive stopped first, so it
+        # cannot retire the new, idle worker before we look)
+        cluster._adaptive.stop()
         cluster.scale(2)
         client.wait_for_workers(2)
         assert list(client.run(_mark).values()) == ["set-once", "set-once"]

@@ -278,7 +278,6 @@ def run(
         A configuration that cannot run (nothing matches the reference, no bias …).
     """
     from lazysky.catalog import (
-        Exposure,
         done_tiles,
         finish_run,
         open_catalog,
@@ -338,7 +337,7 @@ def run(
         recorded = cfg.model_dump(mode="json", exclude={"run_id"})
         register_run(Run(run_id, config=recorded, inputs=inputs,
                          description=cfg.description), catalog=catalog)
-        write_exposures([_exposure_row(Exposure, e, sel.meta[e])
+        write_exposures([_exposure_row(e, sel.meta[e])
                          for e in [*sel.reference, *science_ids]], catalog=catalog)
         # what every product records of its run (status and timings: the catalog's runs row)
         provenance = {"run_id": run_id, "run_config": recorded,
@@ -394,8 +393,11 @@ def run(
         with _stage("difference", timings):
             writes: list[Any] = []
             for epoch, ids in sel.epochs.items():
+                # a tile is done when both its science coadd and its difference are (the two
+                # writes of one tile may finish in either order before an interruption)
                 have = set(complete_tiles(store, run_id, "diff", diff_names[epoch],
-                                          settings=settings))
+                                          settings=settings)) & set(complete_tiles(
+                    store, run_id, "coadd", diff_names[epoch], settings=settings))
                 todo = [t for t in tiles if t not in have]
                 if not todo:
                     continue
@@ -488,11 +490,11 @@ def _pixel_scale(meta: Mapping[str, Any]) -> float:
     return float(np.mean(proj_plane_pixel_scales(wcs.celestial)) * 3600.0)
 
 
-def _exposure_row(exposure: Any, eid: str, meta: Mapping[str, Any]) -> Any:
+def _exposure_row(eid: str, meta: Mapping[str, Any]) -> Any:
     """The catalog row of an exposure; its footprint the convex hull of its detectors."""
     from scipy.spatial import ConvexHull, QhullError
 
-    from lazysky.catalog import SPoly
+    from lazysky.catalog import Exposure, SPoly
 
     corners = np.array([p for fp in (meta.get("footprints") or []) for p in fp], dtype=float)
     poly = None
@@ -507,6 +509,6 @@ def _exposure_row(exposure: Any, eid: str, meta: Mapping[str, Any]) -> Any:
                                        for i in hull])
         except QhullError:
             poly = None
-    return exposure(exposure_id=eid, instrument=str(meta.get("instrument", "")),
+    return Exposure(exposure_id=eid, instrument=str(meta.get("instrument", "")),
                     filter=str(meta.get("filter", "")), mjd=float(meta.get("mjd_obs", 0.0)),
                     exptime=float(meta.get("exptime", 0.0)), footprint=poly)
