@@ -411,6 +411,53 @@ def _add_diff_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 # --- end of difference imaging ------------------------------------------------------
 
+# --- kubernetes (issue 10): kube render, kube bootstrap-catalog ------------------------
+
+
+def _cmd_kube_render(args: argparse.Namespace) -> int:
+    from lazysky.kube import build_manifests, dump_yaml, render_tree
+
+    base = {k: v for k, v in (("image", args.image), ("db_image", args.db_image),
+                              ("namespace", args.namespace), ("store_url", args.store_url))
+            if v is not None}
+    if args.out is not None:
+        for path in render_tree(args.out, **base):
+            print(path)
+        return 0
+    sys.stdout.write(dump_yaml(build_manifests(overlay=args.overlay, **base)))
+    return 0
+
+
+def _cmd_kube_bootstrap(args: argparse.Namespace) -> int:
+    from lazysky.kube import bootstrap_catalog
+
+    result = bootstrap_catalog(args.dsn)
+    print(f"catalog ready: pgSphere {result.pg_sphere_version}, schema "
+          f"v{result.schema_version}, read-only role {result.reader_role}")
+    return 0
+
+
+def _add_kube_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("kube", help="Kubernetes: render the manifests, bootstrap the catalog")
+    ksub = p.add_subparsers(dest="kube_command", metavar="ACTION", required=True)
+    r = ksub.add_parser("render", help="print an overlay's manifests, or write the "
+                        "kustomize tree (base + overlays) with --out")
+    r.add_argument("--overlay", help="dev or prod (default: the base)")
+    r.add_argument("--out", help="write base/ and overlays/ under this directory")
+    r.add_argument("--image", help="lazysky image (default ghcr.io/lazysky/lazysky:VERSION)")
+    r.add_argument("--db-image", help="catalog PostgreSQL + pg_sphere image")
+    r.add_argument("--namespace", help="namespace (default lazysky)")
+    r.add_argument("--store-url", help="LAZYSKY_STORE_URL of the pods (default s3://…)")
+    r.set_defaults(handler=_cmd_kube_render)
+    b = ksub.add_parser("bootstrap-catalog", help="create pgSphere, the schema and the "
+                        "read-only role in the catalog server (what the Job runs)")
+    b.add_argument("--dsn", help="owner DSN (default: LAZYSKY_CATALOG_DSN; password from "
+                   "PGPASSWORD)")
+    b.set_defaults(handler=_cmd_kube_bootstrap)
+
+
+# --- end of kubernetes ----------------------------------------------------------------
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lazysky`` command."""
@@ -457,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_parser(sub)  # end to end (issue 8)
     _add_detect_parser(sub)  # detect (issue 6)
     _add_diff_parser(sub)  # difference imaging (issue 6)
+    _add_kube_parser(sub)  # kubernetes (issue 10)
     return parser
 
 

@@ -7,8 +7,10 @@ Three kinds, chosen by ``cluster.kind`` in the settings (or the ``kind=`` keywor
   ``min_workers`` and ``max_workers`` (default: one per core); memory per worker
   ``"auto"`` shares the machine's memory between the most workers it can have.
 * ``address``: an existing scheduler (``tcp://host:8786``).
-* ``kube``: the dask-kubernetes operator (a later part of lazysky; the factory slots into
-  :data:`FACTORIES`).
+* ``kube``: the dask-kubernetes operator: a ``DaskCluster`` built by
+  :func:`kube_cluster_spec` (hardened pods, one thread per worker) with adaptive scaling
+  between ``min_workers`` and ``max_workers`` through a ``DaskAutoscaler``, or, with
+  ``attach: true``, the existing DaskCluster ``name`` (see docs/kubernetes.md).
 
 The client is a context manager; closing it closes a cluster :func:`connect` started, never
 one it only attached to. Worker plugins (e.g. SEP's process-wide settings) are registered
@@ -31,7 +33,7 @@ from typing import Any
 from lazysky.config import ClusterSettings, Settings, load_settings
 from lazysky.errors import ConfigError
 
-__all__ = ["FACTORIES", "connect", "dashboard_url"]
+__all__ = ["FACTORIES", "connect", "dashboard_url", "kube_cluster_spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +84,87 @@ def _address(cfg: ClusterSettings) -> Any:
         raise ConfigError(msg) from exc
 
 
+def kube_cluster_spec(cfg: ClusterSettings) -> dict[str, Any]:
+    """The ``DaskCluster`` that ``connect(kind="kube")`` sends to the operator.
+
+    Pure: built by :func:`lazysky.kube.build_dask_cluster` from the settings (image,
+    worker cpu/memory/storage, Dask's memory limit, env, Secret references); the
+    initial worker count is ``min_workers``.
+
+    Raises
+    ------
+    ConfigError
+        A setting the spec cannot be built from (the message names the field).
+    """
+    from lazysky.errors import ParameterError
+    from lazysky.kube import Resources, build_dask_cluster
+
+    try:
+        resources = Resources(cpu=cfg.worker_cpu, memory=cfg.worker_memory,
+                              ephemeral_storage=cfg.worker_ephemeral_storage)
+        return build_dask_cluster(
+            name=cfg.name, namespace=cfg.namespace, image=cfg.image or "",
+            worker_resources=resources, n_workers=cfg.min_workers,
+            memory_limit=None if cfg.memory_limit == "auto" else cfg.memory_limit,
+            env=cfg.env, secrets=cfg.secrets)
+    except ParameterError as exc:
+        msg = f"cluster settings for kind 'kube' (cluster.*): {exc}"
+        raise ConfigError(msg) from None
+
+
 def _kube(cfg: ClusterSettings) -> Any:
-    msg = (
-        "cluster.kind 'kube' (the dask-kubernetes operator) is not available in this "
-        "version of lazysky yet; use 'local', or 'address' with the scheduler of a cluster "
-        "you started"
-    )
-    raise ConfigError(msg)
+    from distributed import Client
+
+    try:
+        from dask_kubernetes.operator import KubeCluster
+    except ImportError as exc:  # pragma: no cover - the 'kube' extra is missing
+        msg = (
+            f"cluster.kind 'kube' needs dask-kubernetes ({exc}); "
+            f"install lazysky[kube]"
+        )
+        raise ConfigError(msg) from None
+    if cfg.max_workers is not None and cfg.max_workers < cfg.min_workers:
+        msg = (
+            f"cluster.max_workers={cfg.max_workers} is below cluster.min_workers="
+            f"{cfg.min_workers}; expected min_workers <= max_workers"
+        )
+        raise ConfigError(msg)
+    if cfg.attach:
+        logger.info("attaching to DaskCluster %r", cfg.name)
+        cluster = KubeCluster.from_name(cfg.name, namespace=cfg.namespace, quiet=True)
+    else:
+        spec = kube_cluster_spec(cfg)  # validated before anything is sent
+        logger.info("creating DaskCluster %r through the operator", cfg.name)
+        cluster = KubeCluster(custom_cluster_spec=spec, namespace=cfg.namespace,
+                              shutdown_on_close=True, quiet=True)
+    try:
+        if not cfg.attach:
+            if cfg.max_workers is not None:
+                cluster.adapt(minimum=cfg.min_workers, maximum=cfg.max_workers)
+            else:
+                cluster.scale(cfg.min_workers)
+        client = (Client if cfg.attach else _owning_client_class())(
+            cluster, set_as_default=True)
+    except BaseException:
+        if not cfg.attach:
+            cluster.close()
+        raise
+    return client
+
+
+def _owning_client_class() -> Any:
+    """A Client that also closes (deletes) the KubeCluster it was given, when closed."""
+    from distributed import Client
+
+    class _OwningClient(Client):
+        def close(self, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return super().close(*args, **kwargs)
+            finally:
+                if self.cluster is not None:
+                    self.cluster.close()  # shutdown_on_close: deletes the DaskCluster
+
+    return _OwningClient
 
 
 #: cluster kind → factory taking the cluster settings and returning a Client

@@ -97,6 +97,34 @@ class ClusterSettings(BaseModel):
         "auto", description="Memory per worker ('auto' shares the machine's memory)."
     )
     dashboard_address: str = Field(":8787", description="Where the Dask dashboard listens.")
+    # kind=kube (the dask-kubernetes operator; issue 10)
+    name: str = Field("lazysky", description="kind=kube: name of the DaskCluster.")
+    namespace: str | None = Field(
+        None, description="kind=kube: namespace (None: the kubeconfig's current one)."
+    )
+    attach: bool = Field(
+        False, description="kind=kube: attach to the existing DaskCluster `name` instead "
+        "of creating one (what the batch CronJob does)."
+    )
+    image: str | None = Field(
+        None, description="kind=kube: pinned image of scheduler and workers (tag or digest)."
+    )
+    worker_cpu: str = Field("1", description="kind=kube: cpu of each worker pod (request = limit).")
+    worker_memory: str = Field(
+        "4Gi", description="kind=kube: memory of each worker pod; Dask's memory_limit stays "
+        "at most 90 % of it ('auto': 85 %)."
+    )
+    worker_ephemeral_storage: str = Field(
+        "10Gi", description="kind=kube: ephemeral storage of each worker (Dask's spill space)."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="kind=kube: plain environment of the Dask pods "
+        "(never secrets)."
+    )
+    secrets: dict[str, str] = Field(
+        default_factory=dict, description="kind=kube: environment variables taken from "
+        "Secrets, as {VAR: 'secret-name/key'}."
+    )
 
     @field_validator("address")
     @classmethod
