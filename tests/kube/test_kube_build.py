@@ -157,7 +157,7 @@ def test_cron_accepted(good: str) -> None:
 
 @pytest.mark.parametrize("bad", ["every night", "* * * *", "61 * * * * *", "*/x * * * *", ""])
 def test_bad_cron(bad: str) -> None:
-    with pytest.raises(ParameterError, match="schedule=.*not a cron expression"):
+    with pytest.raises(ParameterError, match=r"schedule=.*not a cron expression"):
         build_batch_cronjob(namespace="lazysky", image=IMAGE, schedule=bad)
 
 
@@ -199,4 +199,5 @@ def test_build_options_reach_the_manifests() -> None:
     assert cm["data"]["LAZYSKY_STORE_URL"] == "s3://nightly"
     assert "catalog-db.survey.svc" in cm["data"]["LAZYSKY_CATALOG_DSN"]
     dask = next(o for o in objs if o["kind"] == "DaskCluster")
-    assert dask["spec"]["worker"]["spec"]["containers"][0]["image"] == "registry.example/lazysky:9.9"
+    image = dask["spec"]["worker"]["spec"]["containers"][0]["image"]
+    assert image == "registry.example/lazysky:9.9"

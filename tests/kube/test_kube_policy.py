@@ -31,9 +31,11 @@ def test_pod_security_restricted(objects: list[dict[str, Any]]) -> None:
             assert sc["allowPrivilegeEscalation"] is False, where
             assert sc["readOnlyRootFilesystem"] is True, where
             assert sc["capabilities"] == {"drop": ["ALL"]}, where
-            assert sc["runAsNonRoot"] is True and sc["runAsUser"] == RUN_AS_USER, where
+            assert sc["runAsNonRoot"] is True, where
+            assert sc["runAsUser"] == RUN_AS_USER, where
             assert not sc.get("privileged", False), where
-        assert not spec.get("hostNetwork") and not spec.get("hostPID"), where
+        assert not spec.get("hostNetwork"), where
+        assert not spec.get("hostPID"), where
         assert all("hostPath" not in v for v in spec.get("volumes", [])), where
 
 
@@ -42,7 +44,8 @@ def test_writable_places_are_empty_dirs(objects: list[dict[str, Any]]) -> None:
         volumes = {v["name"]: v for v in spec["volumes"]}
         for c in spec["containers"]:
             mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-            assert "/tmp" in mounts and "emptyDir" in volumes[mounts["/tmp"]], where
+            assert "/tmp" in mounts, where
+            assert "emptyDir" in volumes[mounts["/tmp"]], where
             home = {e["name"]: e.get("value") for e in c["env"]}["HOME"]
             assert home == "/tmp", where  # astropy/matplotlib write under HOME
             if "/dask" in where or "worker" in where or "scheduler" in where:
@@ -86,7 +89,8 @@ def test_probes(objects: list[dict[str, Any]]) -> None:
     for where, spec, _ in _pods(objects):
         if where.split("/")[0] in {"Deployment", "StatefulSet"} or "scheduler" in where:
             c = spec["containers"][0]
-            assert "readinessProbe" in c and "livenessProbe" in c, where
+            assert "readinessProbe" in c, where
+            assert "livenessProbe" in c, where
 
 
 def test_service_account_tokens_only_where_the_api_is_used(
@@ -131,11 +135,13 @@ def test_scs_uses_the_read_only_role(objects: list[dict[str, Any]]) -> None:
 
 def test_submitter_role_is_read_only_and_namespaced(objects: list[dict[str, Any]]) -> None:
     kinds = {o["kind"] for o in objects}
-    assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
+    assert "ClusterRole" not in kinds
+    assert "ClusterRoleBinding" not in kinds
     role = next(o for o in objects if o["kind"] == "Role")
     for rule in role["rules"]:
         assert set(rule["verbs"]) <= {"get", "list", "watch"}
-        assert "secrets" not in rule["resources"] and "*" not in rule["resources"]
+        assert "secrets" not in rule["resources"]
+        assert "*" not in rule["resources"]
 
 
 def _policy(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:

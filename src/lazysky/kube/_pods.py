@@ -320,7 +320,10 @@ def build_worker_spec(
               "--dashboard", "--dashboard-address", str(PORTS["worker-dashboard"])],
         ports={"http-dashboard": PORTS["worker-dashboard"], "tcp-worker": PORTS["worker"],
                "tcp-nanny": PORTS["nanny"]},
-        probes={"livenessProbe": {
+        probes={"readinessProbe": {
+            "httpGet": {"port": "http-dashboard", "path": "/health"},
+            "periodSeconds": 10, "timeoutSeconds": 5},
+            "livenessProbe": {
             "httpGet": {"port": "http-dashboard", "path": "/health"},
             "initialDelaySeconds": 30, "periodSeconds": 30, "timeoutSeconds": 10,
             "failureThreshold": 6}},
