@@ -106,6 +106,14 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 export PATH="$PWD/$VENV/bin:$PATH"
 
+# --- checkov (tests/kube) in its own venv: its many pinned dependencies stay out of ours --
+TOOLS_VENV=${LAZYSKY_TOOLS_VENV:-.venv-tools}
+if [ "$action" = test ] && [ ! -x "$TOOLS_VENV/bin/checkov" ]; then
+  log "installing checkov into $TOOLS_VENV"
+  "$PYTHON" -m venv "$TOOLS_VENV"
+  "$TOOLS_VENV/bin/python" -m pip install -q --disable-pip-version-check "checkov>=3.2"
+fi
+
 case "$action" in
   setup) log "ready: activate with 'source $VENV/bin/activate'" ;;
   demo)  exec lazysky demo "$@" ;;
