@@ -70,6 +70,38 @@ def test_bad_settings_fail_before_anything_is_sent(fields: dict[str, object],
         connect(_settings(**fields))
 
 
+def test_scheduler_env_enables_the_api_the_autoscaler_polls() -> None:
+    """The DaskCluster's scheduler env, read by dask's own config loader, serves
+    /api/v1/adaptive_target on a real scheduler (what the operator's autoscaler polls)."""
+    import json
+    import urllib.request
+
+    import dask
+    from distributed import LocalCluster
+
+    spec = kube_cluster_spec(_settings())
+    container = spec["spec"]["scheduler"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert not [e for e in container["env"] if "valueFrom" in e]  # no credentials
+    dask_env = {k: v for k, v in env.items() if k.startswith("DASK_DISTRIBUTED__")}
+    assert dask_env
+    # dask's own environment parser (what `dask scheduler` runs in the pod)
+    routes = dask.config.collect_env(dask_env)["distributed"]["scheduler"]["http"]["routes"]
+    assert "distributed.http.scheduler.api" in routes
+    # ...which dask's defaults leave out: without the env the operator falls back to RPC
+    assert "distributed.http.scheduler.api" not in dask.config.get(
+        "distributed.scheduler.http.routes")
+    assert "distributed.http.health" in routes
+    with dask.config.set({"distributed.scheduler.http.routes": routes}), LocalCluster(
+            n_workers=0, processes=False, dashboard_address="127.0.0.1:0") as cluster:
+        port = cluster.scheduler.http_server.port
+        url = f"http://127.0.0.1:{port}/api/v1/adaptive_target"
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            assert json.loads(reply.read()) == {"workers": 0}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as reply:
+            assert reply.read() == b"ok"
+
+
 def test_max_below_min_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"max_workers=2 is below cluster\.min_workers=5"):
         connect(_settings(min_workers=5, max_workers=2))

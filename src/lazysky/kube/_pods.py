@@ -31,6 +31,8 @@ __all__ = [
     "DASK_API",
     "PORTS",
     "RUN_AS_USER",
+    "SCHEDULER_ENV",
+    "SCHEDULER_HTTP_ROUTES",
     "build_container",
     "build_dask_autoscaler",
     "build_dask_cluster",
@@ -59,6 +61,16 @@ _ENV_WRITABLE = {
     "HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache", "XDG_CONFIG_HOME": "/tmp/.config",
     "MPLCONFIGDIR": "/tmp/matplotlib", "DASK_TEMPORARY_DIRECTORY": SCRATCH_DIR,
 }
+#: the scheduler serves its HTTP API (``/api/v1/adaptive_target``, ``retire_workers``),
+#: which the operator's autoscaler polls; without it the operator falls back to RPC.
+#: The dashboard port is reachable only from the workers, Dask clients and the operator
+#: (NetworkPolicy ``dask-scheduler``).
+SCHEDULER_HTTP_ROUTES = [
+    "distributed.http.scheduler.prometheus", "distributed.http.scheduler.info",
+    "distributed.http.scheduler.json", "distributed.http.health", "distributed.http.proxy",
+    "distributed.http.statics", "distributed.http.scheduler.api",
+]
+SCHEDULER_ENV = {"DASK_DISTRIBUTED__SCHEDULER__HTTP__ROUTES": repr(SCHEDULER_HTTP_ROUTES)}
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SECRET_LIKE = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|PRIVATE|CREDENTIAL|ACCESS_KEY",
@@ -254,8 +266,8 @@ def build_scheduler_spec(
     check_name(cluster_name, field="cluster name", max_length=40)
     resources = resources or Resources(cpu="1", memory="2Gi", ephemeral_storage="2Gi")
     container = build_container(
-        name="scheduler", image=image, resources=resources, env=env, secrets=secrets,
-        config_map=config_map,
+        name="scheduler", image=image, resources=resources,
+        env={**SCHEDULER_ENV, **(env or {})}, secrets=secrets, config_map=config_map,
         args=["dask", "scheduler", "--host", "0.0.0.0",
               "--port", str(PORTS["scheduler"]),
               "--dashboard-address", f":{PORTS['dashboard']}"],
@@ -372,9 +384,10 @@ def build_dask_cluster(
             "worker": build_worker_spec(
                 image=image, resources=worker_resources, n_workers=n_workers,
                 memory_limit=memory_limit, env=env, secrets=secrets, config_map=config_map),
+            # the scheduler runs no tasks: it gets the settings, never the credentials
             "scheduler": build_scheduler_spec(
                 cluster_name=name, image=image, resources=scheduler_resources, env=env,
-                secrets=secrets, config_map=config_map),
+                config_map=config_map),
         },
     }
 

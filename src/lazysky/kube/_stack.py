@@ -265,7 +265,8 @@ def build_catalog_db(
     resources = resources or Resources(cpu="2", memory="4Gi", ephemeral_storage="2Gi")
     labels = _labels(CATALOG_DB)
     mounts = [{"name": "data", "mountPath": "/var/lib/postgresql/data"},
-              {"name": "run", "mountPath": "/var/run/postgresql"}]
+              {"name": "run", "mountPath": "/var/run/postgresql"},
+              {"name": "shm", "mountPath": "/dev/shm"}]  # parallel query's shared memory
     isready = ["pg_isready", "-h", "127.0.0.1", "-U", DB_OWNER, "-d", DB_NAME]
     container = build_container(
         name="postgres", image=image, resources=resources, args=["postgres"],
@@ -293,7 +294,9 @@ def build_catalog_db(
              "selector": {"matchLabels": labels},
              "template": {"metadata": {"labels": labels}, "spec": build_pod_spec(
                  [container], resources=resources, termination_grace_seconds=60,
-                 extra_volumes=[{"name": "run", "emptyDir": {"sizeLimit": "16Mi"}}])},
+                 extra_volumes=[{"name": "run", "emptyDir": {"sizeLimit": "16Mi"}},
+                                {"name": "shm", "emptyDir": {"medium": "Memory",
+                                                             "sizeLimit": "256Mi"}}])},
              "volumeClaimTemplates": [{"metadata": {"name": "data", "labels": labels},
                                        "spec": pvc_spec}],
          }},
