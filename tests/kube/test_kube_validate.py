@@ -158,3 +158,19 @@ def test_kustomize_builds_what_build_manifests_does(overlay: str) -> None:
     assert built.keys() == ours.keys()
     for key, obj in ours.items():
         assert built[key] == obj, key
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_kubernetes_validate_cli_on_what_kustomize_builds(overlay: str,
+                                                          tmp_path: Path) -> None:
+    """The command line, on exactly what `kubectl apply -k` would send."""
+    kubectl, validate = tool("kubectl"), tool("kubernetes-validate")
+    out = tmp_path / f"{overlay}.yaml"
+    out.write_text(subprocess.run(
+        [kubectl, "kustomize", str(KUBE_DIR / "overlays" / overlay)],
+        capture_output=True, text=True, timeout=120, check=True).stdout)
+    proc = subprocess.run([validate, "--strict", "-k", K8S_VERSION, str(out)],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    passed = proc.stdout.count(" passed for resource ")
+    assert passed == len(build_manifests(overlay=overlay)) - 2  # all but the two CRDs
