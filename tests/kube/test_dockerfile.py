@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import tomllib
 
-from tests.kube.conftest import ROOT
+from kube_testing import ROOT
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 

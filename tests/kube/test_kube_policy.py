@@ -6,9 +6,9 @@ import re
 from typing import Any
 
 import pytest
+from kube_testing import pod_templates
 
 from lazysky.kube import RUN_AS_USER, check_image, parse_quantity_bytes
-from tests.kube.conftest import pod_templates
 
 SECRETISH = re.compile(r"password|secret|token|private|credential|access_key", re.IGNORECASE)
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kube_testing import KUBE_DIR
 
 from lazysky.cli import main
 from lazysky.kube import build_manifests, render_tree
-from tests.kube.conftest import KUBE_DIR
 
 
 def test_committed_kube_dir_matches_the_build_functions(tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 import yaml
+from kube_testing import KUBE_DIR, as_pods, tool
 
 from lazysky.kube import build_manifests, dump_yaml
-from tests.kube.conftest import KUBE_DIR, as_pods, tool
 
 K8S_VERSION = "1.30.0"
 
