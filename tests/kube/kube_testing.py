@@ -14,6 +14,8 @@ import pytest
 
 ROOT = Path(__file__).parents[2]
 KUBE_DIR = ROOT / "kube"
+
+
 def pod_templates(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
     """(where, pod spec, pod labels) of every pod template an object holds."""
     kind, name = obj["kind"], obj["metadata"]["name"]

@@ -102,6 +102,20 @@ def test_scheduler_env_enables_the_api_the_autoscaler_polls() -> None:
             assert reply.read() == b"ok"
 
 
+def test_a_created_cluster_closes_with_its_client() -> None:
+    """connect(kind="kube") hands the KubeCluster to a client that closes (deletes) it;
+    checked with a real in-process cluster standing in for the KubeCluster."""
+    from distributed import LocalCluster
+
+    from lazysky.cluster import _owning_client_class
+
+    cluster = LocalCluster(n_workers=1, processes=False, dashboard_address=":0")
+    with _owning_client_class()(cluster, set_as_default=False) as client:
+        assert client.submit(sum, [1, 2]).result() == 3
+        assert cluster.status.name == "running"
+    assert cluster.status.name == "closed"
+
+
 def test_max_below_min_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"max_workers=2 is below cluster\.min_workers=5"):
         connect(_settings(min_workers=5, max_workers=2))
@@ -153,7 +167,8 @@ def test_create_compute_and_delete_on_a_real_cluster() -> None:
         assert client.submit(sum, [1, 2, 3]).result(timeout=120) == 6
         info = client.scheduler_info()
         assert all(w["nthreads"] == 1 for w in info["workers"].values())
-    proc = subprocess.run(["kubectl", "get", "daskcluster", "lazysky-test"],
+    ns = ["-n", cfg.namespace] if cfg.namespace else []
+    proc = subprocess.run(["kubectl", "get", "daskcluster", "lazysky-test", *ns],
                           capture_output=True, text=True, check=False)
     assert proc.returncode != 0  # closing the client deleted the DaskCluster
 
