@@ -100,6 +100,11 @@ def test_bad_cluster_name(name: str) -> None:
         build_dask_cluster(name=name, image=IMAGE)
 
 
+def test_worker_storage_too_small() -> None:
+    with pytest.raises(ParameterError, match=r"ephemeral_storage='1Gi' is too small.*2Gi"):
+        build_worker_spec(image=IMAGE, resources=Resources(ephemeral_storage="1Gi"))
+
+
 def test_bad_worker_count() -> None:
     with pytest.raises(ParameterError, match="n_workers=-1"):
         build_worker_spec(image=IMAGE, n_workers=-1)

@@ -62,11 +62,25 @@ def test_resources_requests_and_limits(objects: list[dict[str, Any]]) -> None:
             for part in ("requests", "limits"):
                 assert set(res[part]) == {"cpu", "memory", "ephemeral-storage"}, where
             assert res["requests"]["memory"] == res["limits"]["memory"], where
-            for v in spec["volumes"]:  # emptyDirs fit in the ephemeral-storage limit
-                if "sizeLimit" in v.get("emptyDir", {}):
-                    assert parse_quantity_bytes(v["emptyDir"]["sizeLimit"]) <= (
-                        parse_quantity_bytes(res["limits"]["ephemeral-storage"])
-                        + parse_quantity_bytes("1Gi")), where
+        # the disk-backed emptyDirs fit in the pod's ephemeral-storage limit together
+        disk = sum(parse_quantity_bytes(v["emptyDir"]["sizeLimit"]) for v in spec["volumes"]
+                   if "emptyDir" in v and v["emptyDir"].get("medium") != "Memory")
+        limit = sum(parse_quantity_bytes(c["resources"]["limits"]["ephemeral-storage"])
+                    for c in spec["containers"])
+        assert 0 < disk <= limit, where
+
+
+def test_dask_spill_fits_in_scratch(objects: list[dict[str, Any]]) -> None:
+    import dask
+
+    dask_cluster = next(o for o in objects if o["kind"] == "DaskCluster")
+    spec = dask_cluster["spec"]["worker"]["spec"]
+    env = {e["name"]: e["value"] for e in spec["containers"][0]["env"] if "value" in e}
+    parsed = dask.config.collect_env({k: v for k, v in env.items() if k.startswith("DASK_")})
+    max_spill = int(dask.config.get("distributed.worker.memory.max-spill", config=parsed))
+    scratch = next(v for v in spec["volumes"] if v["name"] == "scratch")
+    assert 0.5 * parse_quantity_bytes(scratch["emptyDir"]["sizeLimit"]) < max_spill
+    assert max_spill < parse_quantity_bytes(scratch["emptyDir"]["sizeLimit"])
 
 
 def test_dask_worker_memory_limit_below_container_limit(objects: list[dict[str, Any]]) -> None:

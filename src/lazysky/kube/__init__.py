@@ -32,6 +32,7 @@ from lazysky.kube._pods import (
     build_worker_spec,
     check_image,
     check_name,
+    scratch_sizes,
 )
 from lazysky.kube._render import (
     OVERLAYS,
@@ -111,4 +112,5 @@ __all__ = [
     "parse_cpu",
     "parse_quantity_bytes",
     "render_tree",
+    "scratch_sizes",
 ]

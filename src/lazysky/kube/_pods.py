@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lazysky.errors import ParameterError
-from lazysky.kube._resources import Resources, dask_memory_limit
+from lazysky.kube._resources import Resources, dask_memory_limit, parse_quantity_bytes
 
 __all__ = [
     "APP_LABEL",
@@ -41,6 +41,7 @@ __all__ = [
     "build_worker_spec",
     "check_image",
     "check_name",
+    "scratch_sizes",
 ]
 
 #: uid and gid every container runs as (Pod Security "restricted" wants non-root;
@@ -57,6 +58,8 @@ APP_LABEL = {"app.kubernetes.io/name": "lazysky", "app.kubernetes.io/part-of": "
 CATALOG_CLIENT_LABEL = "lazysky.io/catalog-client"
 #: writable places on a read-only root: HOME (astropy, matplotlib caches), Dask's scratch
 SCRATCH_DIR = "/scratch"
+#: the least ephemeral storage of a worker (1 GiB /tmp at most, the rest spill space)
+MIN_WORKER_STORAGE = 2 * 2**30
 _ENV_WRITABLE = {
     "HOME": "/tmp", "XDG_CACHE_HOME": "/tmp/.cache", "XDG_CONFIG_HOME": "/tmp/.config",
     "MPLCONFIGDIR": "/tmp/matplotlib", "DASK_TEMPORARY_DIRECTORY": SCRATCH_DIR,
@@ -204,6 +207,28 @@ def build_container(
     return container
 
 
+def _mebibytes(n: int) -> str:
+    return f"{n // 2**20}Mi"
+
+
+def scratch_sizes(resources: Resources, *, scratch: bool) -> tuple[int, int]:
+    """Bytes of the ``/tmp`` and ``/scratch`` emptyDirs within the ephemeral-storage limit.
+
+    ``/tmp`` gets at most 1 GiB (a quarter of the limit in a pod with ``/scratch``, half
+    without); ``/scratch`` (Dask's spill space) gets 95 % of the rest, the remainder is left
+    for the container's logs. Together they never exceed the limit, so a full disk is an
+    emptyDir error for Dask rather than an eviction of the pod.
+
+    Examples
+    --------
+    >>> scratch_sizes(Resources(ephemeral_storage="10Gi"), scratch=True)
+    (1073741824, 9181164748)
+    """
+    storage = parse_quantity_bytes(resources.ephemeral_storage, field="ephemeral_storage")
+    tmp = min(2**30, storage // (4 if scratch else 2))
+    return tmp, int((storage - tmp) * 0.95) if scratch else 0
+
+
 def build_pod_spec(
     containers: Sequence[Mapping[str, Any]], *, resources: Resources,
     scratch: bool = False, service_account: str | None = None,
@@ -216,10 +241,12 @@ def build_pod_spec(
     false`` and the namespace's default account); name one only for pods that call the
     Kubernetes API.
     """
-    storage = resources.ephemeral_storage
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
+    tmp_bytes, scratch_bytes = scratch_sizes(resources, scratch=scratch)
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {
+        "sizeLimit": _mebibytes(tmp_bytes)}}]
     if scratch:
-        volumes.append({"name": "scratch", "emptyDir": {"sizeLimit": storage}})
+        volumes.append({"name": "scratch", "emptyDir": {
+            "sizeLimit": _mebibytes(scratch_bytes)}})
     spec: dict[str, Any] = {
         "automountServiceAccountToken": service_account is not None,
         "enableServiceLinks": False,
@@ -302,7 +329,9 @@ def build_worker_spec(
     ----------
     memory_limit
         Dask's ``--memory-limit`` (None: 85 % of the container's memory limit; at most
-        90 % of it, see :func:`~lazysky.kube.dask_memory_limit`).
+        90 % of it, see :func:`~lazysky.kube.dask_memory_limit`). Spilling to
+        ``/scratch`` stops at 90 % of that volume (``max-spill``), so a worker pauses
+        instead of being evicted for a full disk.
 
     Raises
     ------
@@ -321,8 +350,16 @@ def build_worker_spec(
         raise ParameterError(msg)
     resources = resources or Resources()
     limit = dask_memory_limit(resources, memory_limit)
+    if parse_quantity_bytes(resources.ephemeral_storage) < MIN_WORKER_STORAGE:
+        msg = (
+            f"worker ephemeral_storage={resources.ephemeral_storage!r} is too small; "
+            f"expected at least 2Gi for /tmp and Dask's spill space (/scratch)"
+        )
+        raise ParameterError(msg)
+    spill = int(scratch_sizes(resources, scratch=True)[1] * 0.9)
     container = build_container(
-        name="worker", image=image, resources=resources, env=env, secrets=secrets,
+        name="worker", image=image, resources=resources, secrets=secrets,
+        env={"DASK_DISTRIBUTED__WORKER__MEMORY__MAX_SPILL": str(spill), **(env or {})},
         config_map=config_map,
         args=["dask", "worker", "--name", "$(DASK_WORKER_NAME)",
               "--nthreads", "1",  # astropy's WCS is not thread-safe, SEP holds the GIL
