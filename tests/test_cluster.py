@@ -77,7 +77,7 @@ def test_bad_settings_are_config_errors() -> None:
         connect(workers=3)
     with pytest.raises(ConfigError, match="invalid cluster settings"):
         connect(kind="local", min_workers=-1)
-    with pytest.raises(ConfigError, match="not available"):
+    with pytest.raises(ConfigError, match="image is not set"):
         connect(kind="kube")
 
 

