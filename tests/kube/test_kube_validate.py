@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kube_testing import KUBE_DIR, as_pods, tool
+from kube_testing import KUBE_DIR, as_pods, pod_templates, tool
 
 from lazysky.kube import build_manifests, dump_yaml
 
@@ -174,3 +174,36 @@ def test_kubernetes_validate_cli_on_what_kustomize_builds(overlay: str,
     assert proc.returncode == 0, proc.stdout + proc.stderr
     passed = proc.stdout.count(" passed for resource ")
     assert passed == len(build_manifests(overlay=overlay)) - 2  # all but the two CRDs
+
+
+def test_a_site_overlay_pins_every_lazysky_image_by_digest(tmp_path: Path) -> None:
+    """docs/kubernetes.md's own overlay: kustomize `images:` rewrites every container of the
+    lazysky image, the DaskCluster's scheduler and workers included (the CKV_K8S_43 skip's
+    reason), and a ConfigMap patch sets the store."""
+    import shutil
+
+    kubectl = tool("kubectl")
+    shutil.copytree(KUBE_DIR, tmp_path / "kube")
+    site = tmp_path / "site"
+    site.mkdir()
+    digest = "sha256:" + "ab" * 32
+    (site / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": ["../kube/overlays/prod"],
+        "patches": [{"patch": yaml.safe_dump({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "lazysky-settings", "namespace": "lazysky"},
+            "data": {"LAZYSKY_STORE_URL": "s3://my-survey"}})}],
+        "images": [{"name": "ghcr.io/lazysky/lazysky", "newName": "registry.example.org/lazysky",
+                    "digest": digest}],
+    }))
+    proc = subprocess.run([kubectl, "kustomize", str(site)], capture_output=True, text=True,
+                          timeout=120, check=True)
+    objs = [o for o in yaml.safe_load_all(proc.stdout) if o]
+    images = [c["image"] for o in objs for _, spec, _ in pod_templates(o)
+              for c in spec["containers"]]
+    lazysky = [i for i in images if "catalog-db" not in i]
+    assert len(lazysky) == 5  # scheduler, worker, bootstrap Job, SCS, batch CronJob
+    assert set(lazysky) == {f"registry.example.org/lazysky@{digest}"}
+    cm = next(o for o in objs if o["kind"] == "ConfigMap")
+    assert cm["data"]["LAZYSKY_STORE_URL"] == "s3://my-survey"
