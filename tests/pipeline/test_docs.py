@@ -18,6 +18,7 @@ MODULES = [
     "lazysky.pipeline.background",
     "lazysky.pipeline.testing",
     "lazysky.pipeline.grid",
+    "lazysky.pipeline._zogy",
 ]
 
 
