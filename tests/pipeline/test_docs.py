@@ -19,6 +19,7 @@ MODULES = [
     "lazysky.pipeline.testing",
     "lazysky.pipeline.grid",
     "lazysky.pipeline._zogy",
+    "lazysky.pipeline._alard",
 ]
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "ZogyResult",
     "correlation_from_sums",
     "correlation_sums",
+    "difference_psf",
     "partial_coverage",
     "zogy_pixels",
 ]
@@ -243,9 +244,40 @@ def zogy_pixels(
         mask[near] |= MASK_DTYPE.type(_EDGE)
     image = np.where(both, image, 0.0)
     variance = np.where(both, variance, np.inf)
-    p_d = np.real(fft.irfft2(fr * pr * pn / (flux_d * sqden), s=shape))
-    p_d = np.roll(p_d, (size // 2, size // 2), axis=(0, 1))[:size, :size]
+    p_d = difference_psf(psf_new, psf_ref, flux_ratio=fr, sigma2_new=s2n, sigma2_ref=s2r,
+                         corr_new=corr_new, corr_ref=corr_ref)  # fmt: skip
     return ZogyResult(image, variance, corr, mask, p_d, float(flux_d))
+
+
+def difference_psf(
+    psf_new: NDArray[Any], psf_ref: NDArray[Any], *, flux_ratio: float, sigma2_new: float,
+    sigma2_ref: float, corr_new: NDArray[Any] | None = None,
+    corr_ref: NDArray[Any] | None = None,
+) -> NDArray[np.float64]:  # fmt: skip
+    """``P_D``, the PSF of the difference image (sum 1), as a stamp of the larger input
+    stamp's size: ``F_r P̂_r P̂_n / (F_D √den)`` (module docstring), on a grid four stamps
+    wide so that nothing wraps around.
+
+    Examples
+    --------
+    >>> from lazysky.pipeline.psf import moffat_stamp
+    >>> p = difference_psf(moffat_stamp(2.5, 3.0, 21), moffat_stamp(3.5, 3.0, 21),
+    ...                    flux_ratio=1.0, sigma2_new=1.0, sigma2_ref=1.0)
+    >>> p.shape, round(float(p.sum()), 2), bool(p[10, 10] == p.max())
+    ((21, 21), 1.0, True)
+    """
+    size = max(max(np.shape(psf_new)), max(np.shape(psf_ref)))
+    n = fft.next_fast_len(4 * size, real=True)
+    shape = (n, n)
+    pn, pr = _otf(psf_new, shape), _otf(psf_ref, shape)
+    cn, cr = _spectrum(corr_new, shape, "corr_new"), _spectrum(corr_ref, shape, "corr_ref")
+    fr, s2n, s2r = float(flux_ratio), float(sigma2_new), float(sigma2_ref)
+    den = s2n * cn * fr**2 * np.abs(pr) ** 2 + s2r * cr * np.abs(pn) ** 2
+    den = np.maximum(den, 1e-300 + 1e-12 * float(den.max()))
+    flux_d = fr / np.sqrt(s2n * float(cn[0, 0]) * fr**2 + s2r * float(cr[0, 0]))
+    p_d = np.real(fft.irfft2(fr * pr * pn / (flux_d * np.sqrt(den)), s=shape))
+    out: NDArray[np.float64] = np.roll(p_d, (size // 2, size // 2), axis=(0, 1))[:size, :size]
+    return out
 
 
 def _spectrum(corr: NDArray[Any] | None, shape: tuple[int, int], what: str) -> NDArray[Any]:
@@ -332,17 +364,18 @@ def correlation_sums(
 
 def correlation_from_sums(sums: NDArray[Any], *, min_pairs: int = 1000) -> NDArray[np.float64]:
     """The correlation stamp ``c`` from summed :func:`correlation_sums` (white noise, a
-    centred 1, when fewer than ``min_pairs`` pairs were counted at some lag).
+    centred 1, when fewer than ``min_pairs`` pairs were counted at some lag, or when the
+    image has no noise).
 
     ``c[centre]`` is the per-pixel variance over the variance plane, ``Σ c`` the variance
     of a sum over a few pixels over the plane's (1 when the plane is right for sums).
     """
     s = np.asarray(sums, dtype=np.float64)
     n = s.shape[-1]
-    if np.min(s[1]) < min_pairs:
-        white = np.zeros((n, n))
-        white[n // 2, n // 2] = 1.0
-        return white
+    white = np.zeros((n, n))
+    white[n // 2, n // 2] = 1.0
+    if np.min(s[1]) < min_pairs or not s[0, n // 2, n // 2] > 0:
+        return white  # too few sky pixels, or no noise at all (a noiseless image)
     c = s[0] / s[1]
     out: NDArray[np.float64] = 0.5 * (c + c[::-1, ::-1])
     return out

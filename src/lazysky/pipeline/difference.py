@@ -65,12 +65,14 @@ from dask.base import tokenize
 from numpy.typing import NDArray
 
 from lazysky.errors import LazySkyWarning, ParameterError
+from lazysky.pipeline._alard import alard_lupton_pixels, broader
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
 from lazysky.pipeline._zogy import (
     DIFF_DTYPE,
     ZogyResult,
     correlation_from_sums,
     correlation_sums,
+    difference_psf,
     partial_coverage,
     zogy_pixels,
 )
@@ -97,7 +99,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("zogy",)
+METHODS = ("zogy", "alard-lupton")
 NOISE_MODELS = ("measured", "white")
 _CORR_LAG = 1  # bilinear resampling correlates neighbours only (measured: lag 2 < 0.01)
 _CORR_GROW = 4
@@ -178,13 +180,22 @@ def fit_flux_ratio(
 
 
 def _ratio_block(
-    stars_new: NDArray[Any], stars_ref: NDArray[Any], *, fixed: float | None, match_px: float
-) -> NDArray[np.float64]:
+    stars_new: NDArray[Any], stars_ref: NDArray[Any], *, fixed: float | None, match_px: float,
+    needed: bool = True,
+) -> NDArray[np.float64]:  # fmt: skip
     if stars_new.size == 0:
         return np.zeros((1, 4))
     if fixed is not None:
         return np.array([[fixed, np.nan, 0.0, 0.0]])
-    return fit_flux_ratio(stars_new, stars_ref, match_px=match_px)[None]
+    if needed:
+        return fit_flux_ratio(stars_new, stars_ref, match_px=match_px)[None]
+    # Alard & Lupton fit the scaling in their kernel: the ratio is only reported
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FluxRatioWarning)
+        out = fit_flux_ratio(stars_new, stars_ref, match_px=match_px)
+    if out[1] < 3:
+        out[0] = np.nan
+    return out[None]
 
 
 def _mean_variance(ds: xr.Dataset, bad_bits: int) -> da.Array:
@@ -246,19 +257,26 @@ def _diff_block(
     mr: NDArray[Any], cn: NDArray[Any], cr: NDArray[Any], pn: NDArray[Any], pr: NDArray[Any],
     ratio: NDArray[Any], s2: NDArray[Any], corr_n: NDArray[Any], corr_r: NDArray[Any], *,
     trim: tuple[int, int, int, int], astro: tuple[float, float] | None, white: bool,
+    method: str,
 ) -> NDArray[Any]:  # fmt: skip
     t, b, left, right = trim
     shape = (n.shape[0] - t - b, n.shape[1] - left - right)
     out = np.zeros(shape, dtype=DIFF_DTYPE)
     if n.size == 0:
         return out
+    p_n, p_r = pn.reshape(pn.shape[-2:]), pr.reshape(pr.shape[-2:])
+    c_n, c_r = (None, None) if white else (corr_n, corr_r)
     sig = (float(ratio[0, 2]), float(ratio[0, 3])) if astro is None else astro
-    res = zogy_pixels(
-        n, r, vn, vr, pn.reshape(pn.shape[-2:]), pr.reshape(pr.shape[-2:]), mask_new=mn,
-        mask_ref=mr, flux_ratio=float(ratio[0, 0]), sigma2_new=float(s2[0, 0]),
-        sigma2_ref=float(s2[0, 1]), astrometric_sigma_px=sig,
-        corr_new=None if white else corr_n, corr_ref=None if white else corr_r,
-    )  # fmt: skip
+    if method == "alard-lupton":
+        res = alard_lupton_pixels(n, r, vn, vr, p_n, p_r, mask_new=mn, mask_ref=mr,
+                                  corr_new=c_n, corr_ref=c_r, astrometric_sigma_px=sig,
+                                  flux_ratio=float(ratio[0, 0]))  # fmt: skip
+    else:
+        res = zogy_pixels(
+            n, r, vn, vr, p_n, p_r, mask_new=mn, mask_ref=mr, flux_ratio=float(ratio[0, 0]),
+            sigma2_new=float(s2[0, 0]), sigma2_ref=float(s2[0, 1]), astrometric_sigma_px=sig,
+            corr_new=c_n, corr_ref=c_r,
+        )  # fmt: skip
     core = (slice(t, t + shape[0]), slice(left, left + shape[1]))
     for k in ("image", "variance", "score", "mask"):
         out[k] = getattr(res, k)[core]
@@ -266,6 +284,27 @@ def _diff_block(
     partial = partial_coverage(cn, n, vn, size_px=size) | partial_coverage(cr, r, vr, size_px=size)
     out["mask"][partial[core]] |= MASK_DTYPE.type(MaskBit.EDGE)
     return out
+
+
+def _psf_d_block(
+    pn: NDArray[Any], pr: NDArray[Any], ratio: NDArray[Any], s2: NDArray[Any],
+    corr_n: NDArray[Any], corr_r: NDArray[Any], *, white: bool, method: str,
+) -> NDArray[np.float64]:  # fmt: skip
+    if method == "alard-lupton":  # D has the PSF of the image that was not convolved
+        a: Any = np.asarray(pn, dtype=np.float64).reshape(pn.shape[-2:])
+        b: Any = np.asarray(pr, dtype=np.float64).reshape(pr.shape[-2:])
+        q = a if broader(a, b) == "new" else b
+        size = max(int(np.shape(a)[-1]), int(np.shape(b)[-1]))
+        out = np.zeros((size, size))
+        o = (size - int(np.shape(q)[-1])) // 2
+        out[o : size - o, o : size - o] = q / q.sum()
+        return out[None, None]
+    p = difference_psf(
+        pn.reshape(pn.shape[-2:]), pr.reshape(pr.shape[-2:]), flux_ratio=float(ratio[0, 0]),
+        sigma2_new=float(s2[0, 0]), sigma2_ref=float(s2[0, 1]),
+        corr_new=None if white else corr_n, corr_ref=None if white else corr_r,
+    )  # fmt: skip
+    return p[None, None]
 
 
 def _stamps(
@@ -348,10 +387,11 @@ def difference(
     xarray.Dataset
         ``image`` (D, science units), ``variance`` (predicted, of ``image``), ``score``
         (S_corr), ``mask`` (union of the inputs' masks; NODATA where either has no data,
-        EDGE within half a stamp of that) on ``(y, x)``; ``psf_science``,
-        ``psf_reference`` ``(tile_y, tile_x, v, u)``; ``flux_ratio``, ``n_flux_stars``,
-        ``astrometric_sigma_px (axis)``, ``noise_correlation_science`` and
-        ``noise_correlation_reference`` ``(cv, cu)``; attrs grid, units, steps.
+        EDGE within half a stamp of that) on ``(y, x)``; ``psf`` (``P_D``, the PSF of
+        ``image``), ``psf_science``, ``psf_reference`` ``(tile_y, tile_x, v, u)``;
+        ``flux_ratio``, ``n_flux_stars``, ``astrometric_sigma_px (axis)``,
+        ``noise_correlation_science`` and ``noise_correlation_reference`` ``(cv, cu)``;
+        attrs grid, units, steps.
 
     Examples
     --------
@@ -399,8 +439,9 @@ def difference(
     ratio = da.map_blocks(
         _ratio_block, stars_n.rechunk((nty, ntx, MAX_STARS, 4)),
         stars_r.rechunk((nty, ntx, MAX_STARS, 4)), fixed=flux_ratio, match_px=match_px,
+        needed=method == "zogy",
         chunks=((1,), (4,)), drop_axis=[2, 3], dtype=np.float64, meta=np.empty((0, 0)),
-        name=f"fluxratio-{tokenize(stars_n, stars_r, flux_ratio, match_px)}",
+        name=f"fluxratio-{tokenize(stars_n, stars_r, flux_ratio, match_px, method)}",
     )  # fmt: skip
     s2 = da.concatenate(
         [_mean_variance(science, bad_bits), _mean_variance(reference, bad_bits)], axis=1
@@ -432,13 +473,13 @@ def difference(
             trim = (sy.start - y0, y1 - sy.stop, sx.start - x0, x1 - sx.stop)
             cuts = [p[y0:y1, x0:x1].rechunk(-1) for p in planes]
             pn, pr = stamps_n.blocks[iy, ix], stamps_r.blocks[iy, ix]
-            token = tokenize(*cuts, pn, pr, ratio, s2, corr_n, corr_r, trim, astro, white)
+            token = tokenize(*cuts, pn, pr, ratio, s2, corr_n, corr_r, trim, astro, white, method)
             pairs: list[Any] = []
             for c in cuts:
                 pairs += [c, "ij"]
             pairs += [pn, "abcd", pr, "efgh", ratio, "kl", s2, "mn", corr_n, "op", corr_r, "qr"]
             row.append(da.blockwise(
-                _diff_block, "ij", *pairs, trim=trim, astro=astro, white=white,
+                _diff_block, "ij", *pairs, trim=trim, astro=astro, white=white, method=method,
                 concatenate=True,
                 adjust_chunks={"i": (sy.stop - sy.start,), "j": (sx.stop - sx.start,)},
                 dtype=DIFF_DTYPE, meta=np.empty((0, 0), dtype=DIFF_DTYPE),
@@ -446,6 +487,15 @@ def difference(
             ))  # fmt: skip
         rows.append(row)
     packed = da.block(rows)
+    size = max(stamps_n.shape[-1], stamps_r.shape[-1])
+    psf_token = tokenize(stamps_n, stamps_r, ratio, s2, corr_n, corr_r, white, method)
+    psf_d = da.blockwise(
+        _psf_d_block, "abcd", stamps_n, "abcd", stamps_r, "abef", ratio, "kl", s2, "mn",
+        corr_n, "op", corr_r, "qr", white=white, method=method, concatenate=True,
+        adjust_chunks={"c": (size,), "d": (size,)}, dtype=np.float64,
+        meta=np.empty((0, 0, 0, 0)),
+        name=f"psf-difference-{psf_token}",
+    )  # fmt: skip
     dims = ("y", "x")
     out = xr.Dataset({k: (dims, packed[k]) for k in ("image", "variance", "score", "mask")})
     units = str(science.attrs.get("units", science.image.attrs.get("units", "")))
@@ -454,6 +504,8 @@ def difference(
     out["score"].attrs["long_name"] = "ZOGY S_corr (unit variance)"
     out["mask"].attrs["flags"] = MaskBit.doc()
     tdims = ("tile_y", "tile_x", "v", "u")
+    out["psf"] = (tdims, psf_d)
+    out["psf"].attrs["long_name"] = "P_D, the PSF of image (sum 1)"
     out["psf_science"] = (tdims, stamps_n)
     out["psf_reference"] = (tdims, stamps_r)
     for name, p in (("science", psf_n), ("reference", psf_r)):
