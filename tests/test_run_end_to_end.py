@@ -110,7 +110,7 @@ def test_clean_run_is_recorded(clean: RunSummary, catalog: Catalog, survey: Path
     assert len(row.inputs) == 3 + 3 + 2 + 3  # bias, dark, flat, science
     # products carry the run
     from lazysky import __version__
-    from lazysky.zarr_store.products import open_product
+    from lazysky.zarr_store.products import open_product, product_grid
 
     ref = open_product(clean.store, clean.run_id, "coadd", "deep1")
     diff = open_product(clean.store, clean.run_id, "diff", "deep1-v2")
@@ -122,6 +122,23 @@ def test_clean_run_is_recorded(clean: RunSummary, catalog: Catalog, survey: Path
         assert product.attrs["run_status"] == "done"
         assert product.attrs["run_timings"] == row.timings
     assert clean.run_id in str(clean)
+    # the PSFs are stored with the products, per tile: the coadds' (estimated from their
+    # stars) and the difference's P_D; the difference used the coadds' stored ones
+    sci = open_product(clean.store, clean.run_id, "coadd", "deep1-v2")
+    n_tiles = product_grid(ref).n_tiles
+    for product in (ref, sci, diff):
+        psf = product["psf"].values
+        assert psf.shape[:2] == n_tiles
+        np.testing.assert_allclose(psf.sum(axis=(2, 3)), 1.0, atol=0.01)
+        c = psf.shape[-1] // 2
+        assert np.all(psf[..., c, c] == psf.max(axis=(2, 3)))
+    for product in (ref, sci):
+        fwhm = product["psf_fwhm"].values
+        assert np.all((fwhm > 1.5) & (fwhm < 8.0)), fwhm
+    ratio = diff["flux_ratio"].values
+    assert ratio.shape == n_tiles
+    assert np.all(ratio == ratio[0, 0])
+    assert 0.5 < ratio[0, 0] < 2
 
 
 def test_rows_match_the_truth(clean: RunSummary, catalog: Catalog, survey: Path) -> None:

@@ -372,8 +372,9 @@ def _cmd_diff(args: argparse.Namespace) -> int:
         check_catalog_path(Path(args.sources), overwrite=args.overwrite)  # before any work
     diff = difference_files(args.science, args.reference, args.out, overwrite=args.overwrite,
                             tile_px=args.tile_px, psf_size_px=args.psf_size,
-                            flux_ratio=args.flux_ratio, astrometric_sigma_px=astro)  # fmt: skip
-    print(f"{args.out}: flux ratio {float(diff.flux_ratio):.4f}")
+                            flux_ratio=args.flux_ratio, astrometric_sigma_px=astro,
+                            method=args.method, noise=args.noise)  # fmt: skip
+    print(f"{args.out}: {args.method}, flux ratio {float(diff.flux_ratio):.4f}")
     if args.sources:
         from lazysky.pipeline.detect import detect_difference, write_catalog
 
@@ -386,7 +387,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _add_diff_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("diff", help="ZOGY difference image of a science and a reference FITS")
+    p = sub.add_parser("diff", help="difference image (ZOGY or Alard & Lupton) of a science "
+                       "and a reference FITS")
     p.add_argument("science", metavar="SCIENCE.fits", help="science image (e.g. lazysky coadd)")
     p.add_argument("reference", metavar="REFERENCE.fits",
                    help="reference image; the output is on its pixel grid")
@@ -401,6 +403,11 @@ def _add_diff_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
                    "(default 0)")
     p.add_argument("--tile-px", type=int, default=2048, metavar="N",
                    help="tile size in pixels (default 2048)")
+    p.add_argument("--method", choices=["zogy", "alard-lupton"], default="zogy",
+                   help="ZOGY (default) or Alard & Lupton's kernel fit")
+    p.add_argument("--noise", choices=["measured", "white"], default="measured",
+                   help="measure each image's noise correlation (default; resampled "
+                   "images) or assume white noise")
     p.add_argument("--sources", metavar="DIA.{csv,fits,parquet,ecsv}",
                    help="also detect the difference's sources (both signs) into this file")
     p.add_argument("--threshold", type=float, default=5.0, metavar="SIGMA",

@@ -82,7 +82,9 @@ class StackStep(_Model):
 class DifferenceStep(_Model):
     """Parameters of ``difference``."""
 
-    method: Literal["zogy"] = Field("zogy", description="Difference method.")
+    method: Literal["zogy", "alard-lupton"] = Field(
+        "zogy", description="Difference method: ZOGY, or Alard & Lupton's kernel fit."
+    )
     astrometric_sigma_px: float | Literal["auto"] = Field(
         0.3,
         description="Registration noise (pixels) in ZOGY's S_corr, or 'auto' from matched "

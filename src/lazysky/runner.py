@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dask
+import dask.array as da
 import numpy as np
 import xarray as xr
 from astropy.table import Table, vstack
@@ -297,6 +298,7 @@ def run(
     )
     from lazysky.pipeline.detect import SepSettings, detect, detect_difference
     from lazysky.pipeline.difference import difference
+    from lazysky.pipeline.psf import PSF_VARIABLES, psf_per_tile
     from lazysky.runs import Run, new_run_id, parse_run_id
     from lazysky.zarr_store import ingest, open_exposure
     from lazysky.zarr_store.products import (
@@ -373,8 +375,12 @@ def run(
         name = cfg.field.name
 
         def coadd_of(ids: Sequence[str]) -> xr.Dataset:
+            """The coadd of ``ids`` with its PSF per tile (stored with it: the difference
+            and later photometry read it back instead of estimating it again)."""
             pieces = [p for e in ids for p in resample_exposure(cals[e], grid)]
             co = stack(pieces, grid, method=steps.stack.method, sigma=steps.stack.sigma)
+            psf = psf_per_tile(co)
+            co = co.assign({k: psf[k] for k in PSF_VARIABLES})
             co.attrs.update(provenance)
             return co
 
@@ -410,8 +416,12 @@ def run(
                 sigma = steps.difference.astrometric_sigma_px
                 diff = difference(science, reference, method=steps.difference.method,
                                   astrometric_sigma_px=sigma if sigma == "auto"
-                                  else (float(sigma), float(sigma)))
-                keep = diff[["image", "variance", "score", "mask"]]
+                                  else (float(sigma), float(sigma)),
+                                  psf_science=science[list(PSF_VARIABLES)],
+                                  psf_reference=reference[list(PSF_VARIABLES)])
+                keep = diff[["image", "variance", "score", "mask", "psf"]]
+                keep = keep.assign(flux_ratio=(("tile_y", "tile_x"), da.broadcast_to(
+                    diff.flux_ratio.data, grid.n_tiles).rechunk(1)))
                 keep.attrs.update(provenance)
                 keep.attrs.update(epoch=epoch, exposures=list(ids))
                 writes.append(write_product(store, run_id, "diff", diff_names[epoch], keep,

@@ -66,8 +66,14 @@ def test_lazysky_diff_writes_d_and_scorr_on_the_reference_grid(
                  "auto"]) == 0  # fmt: skip
     assert "flux ratio" in capsys.readouterr().out
     with fits.open(out) as hdul:
-        assert [h.name for h in hdul] == ["PRIMARY", "SCORR", "VARIANCE", "MASK"]
+        assert [h.name for h in hdul] == ["PRIMARY", "SCORR", "VARIANCE", "MASK", "PSF",
+                                          "PSF_SCI", "PSF_REF"]  # fmt: skip
         assert hdul[0].data.shape == SHAPE
+        for name in ("PSF", "PSF_SCI", "PSF_REF"):  # one normalised stamp per tile
+            cube = hdul[name].data
+            assert cube.ndim == 4
+            assert hdul[name].header["TILEPX"] > 0
+            np.testing.assert_allclose(cube.sum(axis=(2, 3)), 1.0, atol=0.01)
         w = WCS(hdul[0].header)
         np.testing.assert_allclose(w.wcs.crpix, ref_wcs.wcs.crpix)
         np.testing.assert_allclose(w.wcs.crval, ref_wcs.wcs.crval)
@@ -132,3 +138,23 @@ def test_lazysky_diff_sources_lists_the_transient(
                  str(tmp_path / "dia.txt")]) == 1  # fmt: skip
     assert "unknown catalogue format" in capsys.readouterr().err
     assert not bad.exists()
+
+
+def test_lazysky_diff_alard_lupton_finds_the_transient(
+    pair: tuple[Path, Path, WCS], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--method alard-lupton``: the kernel fit's D holds the transient with its flux."""
+    sci, ref, _ = pair
+    out = tmp_path / "diff-al.fits"
+    assert main(["diff", str(sci), str(ref), "--out", str(out), "--method",
+                 "alard-lupton"]) == 0  # fmt: skip
+    assert "alard-lupton" in capsys.readouterr().out
+    with fits.open(out) as hdul:
+        assert hdul[0].header["DIFFMETH"] == "alard-lupton"
+        score, d, mask = hdul["SCORR"].data, hdul[0].data, hdul["MASK"].data
+    x, y, f = TRANSIENT
+    iy, ix = np.unravel_index(np.argmax(np.where(mask == 0, np.abs(score), 0)), SHAPE)
+    assert (ix, iy) == (round(x), round(y))
+    assert d[round(y) - 10 : round(y) + 11, round(x) - 10 : round(x) + 11].sum() == pytest.approx(
+        f, rel=0.1
+    )

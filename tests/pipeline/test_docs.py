@@ -18,6 +18,8 @@ MODULES = [
     "lazysky.pipeline.background",
     "lazysky.pipeline.testing",
     "lazysky.pipeline.grid",
+    "lazysky.pipeline._zogy",
+    "lazysky.pipeline._alard",
 ]
 
 

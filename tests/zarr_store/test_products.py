@@ -125,6 +125,49 @@ def test_partial_tiles_then_resume(store: Any) -> None:
     _equal(ref, open_product(store, RUN, "coadd", "deep1-r").compute())
 
 
+def _with_psf(coadd: xr.Dataset, seed: int = 5) -> xr.Dataset:
+    """The coadd plus per-tile values: a 5x5 stamp and a scalar per tile, one dask block
+    per tile (as psf_per_tile returns them)."""
+    nty, ntx = GRID.n_tiles
+    rng = np.random.default_rng(seed)
+    stamps = da.from_array(rng.random((nty, ntx, 5, 5)), chunks=(1, 1, 5, 5))
+    fwhm = da.from_array(rng.uniform(2, 4, (nty, ntx)), chunks=1)
+    return coadd.assign(psf=(("tile_y", "tile_x", "v", "u"), stamps),
+                        psf_fwhm=(("tile_y", "tile_x"), fwhm))  # fmt: skip
+
+
+def test_per_tile_variables_round_trip_and_resume(store: Any) -> None:
+    """A product carries per-tile values (the PSF of each tile) beside its pixels: each
+    tile's entry is written by that tile's task, an unwritten tile's entry reads NaN."""
+    prod = _with_psf(_coadd(seed=2))
+    ref = prod.compute()
+    first = GRID.tile_ids()[:2]
+    write_product(store, RUN, "coadd", "psf-r", prod, tiles=first)
+    part = open_product(store, RUN, "coadd", "psf-r")
+    assert part.psf.dims == ("tile_y", "tile_x", "v", "u")
+    assert part.psf.chunks == ((1,) * GRID.n_tiles[0], (1,) * GRID.n_tiles[1], (5,), (5,))
+    got = part.psf.values
+    for tile in GRID.tile_ids():
+        iy, ix = (int(v) for v in tile[1:].split("_"))
+        if tile in first:
+            np.testing.assert_array_equal(got[iy, ix], ref.psf.values[iy, ix])
+        else:
+            assert np.all(np.isnan(got[iy, ix]))
+    write_product(store, RUN, "coadd", "psf-r", prod,
+                  tiles=[t for t in GRID.tile_ids() if t not in first])  # fmt: skip
+    _equal(ref, open_product(store, RUN, "coadd", "psf-r").compute())
+
+
+def test_per_tile_variable_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
+    coadd = _coadd()
+    bad = coadd.assign(psf=(("tile_y", "tile_x", "v", "u"), np.zeros((1, 1, 5, 5))))
+    with pytest.raises(ParameterError, match=r"per-tile variable 'psf' .* \(3, 3\) tiles"):
+        write_product(tmp_path / "s", RUN, "coadd", "bad", bad)
+    other = coadd.assign(stars=(("star", "field"), np.zeros((4, 2))))
+    with pytest.raises(ParameterError, match="or per-tile values"):
+        write_product(tmp_path / "s", RUN, "coadd", "bad", other)
+
+
 def _chunks(store: Any) -> dict[str, bytes]:
     root = parse_store(store)
     fs = root.fs()

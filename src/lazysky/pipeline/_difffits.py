@@ -130,7 +130,9 @@ def _direct(d: dict[str, Any], grid: SkyGrid, name: str) -> xr.Dataset:
 
 
 def write_difference_fits(diff: xr.Dataset, path: PathLike, *, overwrite: bool = False) -> Path:
-    """Write a difference: PRIMARY ``image`` (D, grid WCS), SCORR, VARIANCE, MASK.
+    """Write a difference: PRIMARY ``image`` (D, grid WCS), SCORR, VARIANCE, MASK, and the
+    PSFs per tile: PSF (``P_D``, the PSF of the difference), PSF_SCI and PSF_REF, each an
+    ``(tile_y, tile_x, v, u)`` cube (NAXIS4 = tile rows) with the tile size in TILEPX.
 
     This computes the difference (it is an output).
     """
@@ -141,7 +143,8 @@ def write_difference_fits(diff: xr.Dataset, path: PathLike, *, overwrite: bool =
         msg = f"{target} exists: pass --overwrite (overwrite=True) to replace it"
         raise OutputError(msg)
     header = grid_of(diff).wcs.to_header()
-    done = diff[["image", "score", "variance", "mask", "flux_ratio"]].compute()
+    psfs = [k for k in ("psf", "psf_science", "psf_reference") if k in diff]
+    done = diff[["image", "score", "variance", "mask", "flux_ratio", *psfs]].compute()
     primary = fits.PrimaryHDU(done.image.values, header=header)
     primary.header["BUNIT"] = (str(diff.attrs.get("units", "")), "science image units")
     primary.header["FLXRATIO"] = (float(done.flux_ratio), "F_ref / F_sci (ZOGY)")
@@ -150,6 +153,12 @@ def write_difference_fits(diff: xr.Dataset, path: PathLike, *, overwrite: bool =
     hdus: list[Any] = [primary]
     for name, key in (("SCORR", "score"), ("VARIANCE", "variance"), ("MASK", "mask")):
         hdus.append(fits.ImageHDU(done[key].values, header=header, name=name))
+    tile_px = int(grid_of(diff).tile_px)
+    for name, key in (("PSF", "psf"), ("PSF_SCI", "psf_science"), ("PSF_REF", "psf_reference")):
+        if key in done:
+            hdu = fits.ImageHDU(done[key].values.astype(np.float32), name=name)
+            hdu.header["TILEPX"] = (tile_px, "grid tile side (px); axes 3-4 = tile x, y")
+            hdus.append(hdu)
     try:
         fits.HDUList(hdus).writeto(target, overwrite=overwrite)
     except OSError as exc:

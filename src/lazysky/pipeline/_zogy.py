@@ -18,8 +18,19 @@ transforms of the PSFs (sum 1)::
 The image returned is ``D / F_D``: a point source of flux ``α`` in the science image (and
 absent from the reference) appears in it as ``α P_D`` — its flux, summed over the pixels,
 is ``α`` in the science image's units. Its variance is
-``(V_n ⊗ k_Dn² + V_r ⊗ k_Dr²) / F_D²`` with ``k_Dn, k_Dr`` the real-space kernels that make
-``D`` from ``N`` and ``R`` (per-pixel variances, pixel covariances ignored).
+``(V_n ⊗ g_Dn + V_r ⊗ g_Dr) / F_D²`` with ``g = k · (k ⊛ c)`` for the real-space kernels
+``k_Dn, k_Dr`` that make ``D`` from ``N`` and ``R`` (``g = k²`` for white noise).
+
+**Correlated noise.** A resampled image's noise is correlated between neighbouring
+pixels (bilinear interpolation averages neighbours: the per-pixel variance of a coadd is
+about half of what its variance plane says, while sums over a few pixels keep the plane's
+variance). ZOGY assumes white noise; here each image's noise covariance is modelled as
+``Cov(i, j) = V(i) c(i − j)`` with ``V`` its variance plane and ``c`` a small measured
+correlation stamp (:func:`correlation_sums`; ``c = δ`` for white noise), i.e. the noise
+power spectrum ``σ² Ĉ(f)``. The filter then whitens the actual noise: ``σ_n²`` and
+``σ_r²`` in ``den`` (and in ``F_D``) become ``σ_n² Ĉ_n`` and ``σ_r² Ĉ_r``, and every
+propagated variance uses ``g = k · (k ⊛ c)`` in place of ``k²`` (exact for a variance
+that is constant over the kernel's reach). With ``c = δ`` all of this is the paper's.
 """
 
 from __future__ import annotations
@@ -34,7 +45,15 @@ from scipy import fft, ndimage
 from lazysky.errors import ParameterError
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
 
-__all__ = ["DIFF_DTYPE", "ZogyResult", "partial_coverage", "zogy_pixels"]
+__all__ = [
+    "DIFF_DTYPE",
+    "ZogyResult",
+    "correlation_from_sums",
+    "correlation_sums",
+    "difference_psf",
+    "partial_coverage",
+    "zogy_pixels",
+]
 
 DIFF_DTYPE = np.dtype(
     [("image", np.float32), ("variance", np.float32), ("score", np.float32), ("mask", MASK_DTYPE)]
@@ -96,6 +115,8 @@ def zogy_pixels(
     sigma2_ref: float | None = None,
     astrometric_sigma_px: tuple[float, float] = (0.0, 0.0),
     pad_px: int | None = None,
+    corr_new: NDArray[Any] | None = None,
+    corr_ref: NDArray[Any] | None = None,
 ) -> ZogyResult:
     """The proper difference ``new − ref`` of one tile by ZOGY (module docstring).
 
@@ -120,6 +141,10 @@ def zogy_pixels(
     pad_px
         Zeros added on every side before the FFTs (default: the larger stamp's size), so
         nothing wraps around.
+    corr_new, corr_ref
+        Noise correlation stamps ``c`` (odd sides, centred; ``c[centre]`` is the per-pixel
+        variance over the variance plane; default: white noise). See the module docstring
+        and :func:`correlation_from_sums`.
 
     Returns
     -------
@@ -173,25 +198,30 @@ def zogy_pixels(
         return out
 
     pn, pr = _otf(psf_new, shape), _otf(psf_ref, shape)
+    cn, cr = _spectrum(corr_new, shape, "corr_new"), _spectrum(corr_ref, shape, "corr_ref")
     apn2, apr2 = np.abs(pn) ** 2, np.abs(pr) ** 2
-    den = s2n * fr**2 * apr2 + s2r * apn2
+    den = s2n * cn * fr**2 * apr2 + s2r * cr * apn2
     den = np.maximum(den, 1e-300 + 1e-12 * float(den.max()))
     sqden = np.sqrt(den)
-    flux_d = fr / np.sqrt(s2n * fr**2 + s2r)
+    flux_d = fr / np.sqrt(s2n * float(cn[0, 0]) * fr**2 + s2r * float(cr[0, 0]))
     kdn, kdr = fr * pr / sqden, pn / sqden  # D = kdn ⊗ N − kdr ⊗ R
     ksn, ksr = fr**2 * apr2 * np.conj(pn) / den, fr * apn2 * np.conj(pr) / den
     nh, rh, vnh, vrh = padded(n_img), padded(r_img), padded(vn), padded(vr)
 
-    def sq_kernel(k_hat: NDArray[Any]) -> NDArray[np.complex128]:
+    def sq_kernel(k_hat: NDArray[Any], c_hat: NDArray[Any] | None) -> NDArray[np.complex128]:
+        """``g = k · (k ⊛ c)``: what a variance map is convolved with (``k²`` if white)."""
         k = fft.irfft2(k_hat, s=shape)
-        out: NDArray[np.complex128] = fft.rfft2(k * k)
+        kc = k if c_hat is None else fft.irfft2(k_hat * c_hat, s=shape)
+        out: NDArray[np.complex128] = fft.rfft2(k * kc)
         return out
 
     core = (slice(pad, pad + ny), slice(pad, pad + nx))
     # sums are taken in Fourier space: one inverse transform per output plane
     d = _conv(nh * kdn - rh * kdr, 1.0, shape)
-    var_d = _conv(vnh * sq_kernel(kdn) + vrh * sq_kernel(kdr), 1.0, shape)
-    v_s = _conv(vnh * sq_kernel(ksn) + vrh * sq_kernel(ksr), 1.0, shape)
+    cn_k = None if corr_new is None else cn
+    cr_k = None if corr_ref is None else cr
+    var_d = _conv(vnh * sq_kernel(kdn, cn_k) + vrh * sq_kernel(kdr, cr_k), 1.0, shape)
+    v_s = _conv(vnh * sq_kernel(ksn, cn_k) + vrh * sq_kernel(ksr, cr_k), 1.0, shape)
     if sx > 0 or sy > 0:
         s_n, s_r = _conv(nh, ksn, shape), _conv(rh, ksr, shape)
         score = s_n - s_r
@@ -214,9 +244,141 @@ def zogy_pixels(
         mask[near] |= MASK_DTYPE.type(_EDGE)
     image = np.where(both, image, 0.0)
     variance = np.where(both, variance, np.inf)
-    p_d = np.real(fft.irfft2(fr * pr * pn / (flux_d * sqden), s=shape))
-    p_d = np.roll(p_d, (size // 2, size // 2), axis=(0, 1))[:size, :size]
+    p_d = difference_psf(psf_new, psf_ref, flux_ratio=fr, sigma2_new=s2n, sigma2_ref=s2r,
+                         corr_new=corr_new, corr_ref=corr_ref)  # fmt: skip
     return ZogyResult(image, variance, corr, mask, p_d, float(flux_d))
+
+
+def difference_psf(
+    psf_new: NDArray[Any], psf_ref: NDArray[Any], *, flux_ratio: float, sigma2_new: float,
+    sigma2_ref: float, corr_new: NDArray[Any] | None = None,
+    corr_ref: NDArray[Any] | None = None,
+) -> NDArray[np.float64]:  # fmt: skip
+    """``P_D``, the PSF of the difference image (sum 1), as a stamp of the larger input
+    stamp's size: ``F_r P̂_r P̂_n / (F_D √den)`` (module docstring), on a grid four stamps
+    wide so that nothing wraps around.
+
+    Examples
+    --------
+    >>> from lazysky.pipeline.psf import moffat_stamp
+    >>> p = difference_psf(moffat_stamp(2.5, 3.0, 21), moffat_stamp(3.5, 3.0, 21),
+    ...                    flux_ratio=1.0, sigma2_new=1.0, sigma2_ref=1.0)
+    >>> p.shape, round(float(p.sum()), 2), bool(p[10, 10] == p.max())
+    ((21, 21), 1.0, True)
+    """
+    size = max(max(np.shape(psf_new)), max(np.shape(psf_ref)))
+    n = fft.next_fast_len(4 * size, real=True)
+    shape = (n, n)
+    pn, pr = _otf(psf_new, shape), _otf(psf_ref, shape)
+    cn, cr = _spectrum(corr_new, shape, "corr_new"), _spectrum(corr_ref, shape, "corr_ref")
+    fr, s2n, s2r = float(flux_ratio), float(sigma2_new), float(sigma2_ref)
+    den = s2n * cn * fr**2 * np.abs(pr) ** 2 + s2r * cr * np.abs(pn) ** 2
+    den = np.maximum(den, 1e-300 + 1e-12 * float(den.max()))
+    flux_d = fr / np.sqrt(s2n * float(cn[0, 0]) * fr**2 + s2r * float(cr[0, 0]))
+    p_d = np.real(fft.irfft2(fr * pr * pn / (flux_d * np.sqrt(den)), s=shape))
+    out: NDArray[np.float64] = np.roll(p_d, (size // 2, size // 2), axis=(0, 1))[:size, :size]
+    return out
+
+
+def _spectrum(corr: NDArray[Any] | None, shape: tuple[int, int], what: str) -> NDArray[Any]:
+    """``Ĉ(f)`` of a correlation stamp on the rfft grid of ``shape`` (1 when white).
+
+    Made symmetric (``c(δ) = c(−δ)`` for a covariance) and floored at 2 % of its peak, so
+    a noisy estimate never makes the filter divide by ~0.
+    """
+    if corr is None:
+        return np.ones((1, 1))
+    c = np.asarray(corr, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] % 2 == 0 or c.shape[1] % 2 == 0 or not np.all(np.isfinite(c)):
+        msg = f"{what} must be a finite 2-d stamp with odd sides, got shape {c.shape}"
+        raise ParameterError(msg)
+    if c.shape[0] > shape[0] or c.shape[1] > shape[1]:
+        msg = f"{what} {c.shape} is larger than the padded tile {shape}"
+        raise ParameterError(msg)
+    if not c[c.shape[0] // 2, c.shape[1] // 2] > 0:
+        msg = f"{what}: the centre of a correlation stamp (a variance ratio) must be > 0"
+        raise ParameterError(msg)
+    c = 0.5 * (c + c[::-1, ::-1])
+    big = np.zeros(shape)
+    big[: c.shape[0], : c.shape[1]] = c
+    big = np.roll(big, (-(c.shape[0] // 2), -(c.shape[1] // 2)), axis=(0, 1))
+    spec = np.real(fft.rfft2(big))
+    return np.maximum(spec, 0.02 * float(spec.max()))
+
+
+def correlation_sums(
+    image: NDArray[Any], variance: NDArray[Any], bad: NDArray[np.bool_], *,
+    core: tuple[slice, slice], lag: int = 1, clip: float = 3.0, grow_px: int = 4,
+) -> NDArray[np.float64]:  # fmt: skip
+    """Sums for the noise correlation of one window: ``[Σ r_i r_j, count]`` per lag.
+
+    ``r = image / √variance`` on good pixels away from sources (``|r| > clip``, or a 5×5
+    mean of ``r`` above ``0.2 clip``, grown by ``grow_px``). A pair ``(i, i + δ)`` counts
+    when ``i`` lies in ``core``, so sums over tiles (each cut with a halo of
+    ``lag + grow_px + 2``) equal the whole image's. Reduce with
+    :func:`correlation_from_sums`.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(2, 2 lag + 1, 2 lag + 1)``.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(1)
+    >>> img = rng.normal(0, 1, (200, 200))
+    >>> s = correlation_sums(img, np.ones_like(img), np.zeros(img.shape, bool),
+    ...                      core=(slice(0, 200), slice(0, 200)))
+    >>> c = correlation_from_sums(s)
+    >>> round(float(c[1, 1]), 1), bool(abs(c[0, 1]) < 0.02)
+    (1.0, True)
+    """
+    v = np.asarray(variance, dtype=np.float64)
+    good = ~np.asarray(bad) & np.isfinite(v) & (v > 0) & np.isfinite(image)
+    r = np.where(good, np.asarray(image, dtype=np.float64) / np.sqrt(np.where(good, v, 1.0)), 0)
+    src = (np.abs(r) > clip) | (ndimage.uniform_filter(r, 5, mode="constant") > 0.2 * clip)
+    if grow_px > 0 and src.any():
+        src = ndimage.binary_dilation(src, iterations=grow_px)
+    good &= ~src
+    r = np.where(good, r, 0.0)
+    n = 2 * lag + 1
+    out = np.zeros((2, n, n))
+    ny, nx = r.shape
+    y0, y1 = core[0].start or 0, ny if core[0].stop is None else core[0].stop
+    x0, x1 = core[1].start or 0, nx if core[1].stop is None else core[1].stop
+    for dy in range(-lag, lag + 1):
+        for dx in range(-lag, lag + 1):
+            # first pixels: the core, shifted partners inside the window
+            a0, a1 = max(y0, -dy), min(y1, ny - dy)
+            b0, b1 = max(x0, -dx), min(x1, nx - dx)
+            if a1 <= a0 or b1 <= b0:
+                continue
+            ra, ga = r[a0:a1, b0:b1], good[a0:a1, b0:b1]
+            rb = r[a0 + dy : a1 + dy, b0 + dx : b1 + dx]
+            gb = good[a0 + dy : a1 + dy, b0 + dx : b1 + dx]
+            both = ga & gb
+            out[0, dy + lag, dx + lag] = float(np.sum(ra * rb * both))
+            out[1, dy + lag, dx + lag] = float(np.sum(both))
+    return out
+
+
+def correlation_from_sums(sums: NDArray[Any], *, min_pairs: int = 1000) -> NDArray[np.float64]:
+    """The correlation stamp ``c`` from summed :func:`correlation_sums` (white noise, a
+    centred 1, when fewer than ``min_pairs`` pairs were counted at some lag, or when the
+    image has no noise).
+
+    ``c[centre]`` is the per-pixel variance over the variance plane, ``Σ c`` the variance
+    of a sum over a few pixels over the plane's (1 when the plane is right for sums).
+    """
+    s = np.asarray(sums, dtype=np.float64)
+    n = s.shape[-1]
+    white = np.zeros((n, n))
+    white[n // 2, n // 2] = 1.0
+    if np.min(s[1]) < min_pairs or not s[0, n // 2, n // 2] > 0:
+        return white  # too few sky pixels, or no noise at all (a noiseless image)
+    c = s[0] / s[1]
+    out: NDArray[np.float64] = 0.5 * (c + c[::-1, ::-1])
+    return out
 
 
 def _median_or_one(v: NDArray[np.float64]) -> float:

@@ -14,6 +14,13 @@ variances and (optionally) the astrometric noise.
   would only add noise. Give ``flux_ratio=`` to fix it.
 * **Background variances** ``σ_n², σ_r²``: the mean of each variance plane over its
   valid pixels (a reduction over the whole grid, so every tile uses the same filter).
+* **Noise correlation** (``noise="measured"``, the default): each image's 3×3 noise
+  correlation stamp ``c`` (:func:`~lazysky.pipeline._zogy.correlation_sums`), measured
+  on source-free pixels of the whole grid (one ``noisecorr-<tile>`` task per tile and a
+  sum). A resampled coadd's neighbouring pixels share noise: its per-pixel variance is
+  about half its variance plane. ZOGY then whitens the actual noise and D's predicted
+  variance is right per pixel (the kernel docstring has the equations); ``"white"``
+  assumes uncorrelated noise (the paper's filter).
 * **Astrometric noise** ``(σ_x, σ_y)``: a parameter in pixels, or ``"auto"``: the robust
   scatter (1.4826 MAD) of the position offsets of the matched stars with S/N ≥ 50 in
   both images (0 with fewer than 5 such stars).
@@ -58,8 +65,17 @@ from dask.base import tokenize
 from numpy.typing import NDArray
 
 from lazysky.errors import LazySkyWarning, ParameterError
+from lazysky.pipeline._alard import alard_lupton_pixels, broader
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
-from lazysky.pipeline._zogy import DIFF_DTYPE, ZogyResult, partial_coverage, zogy_pixels
+from lazysky.pipeline._zogy import (
+    DIFF_DTYPE,
+    ZogyResult,
+    correlation_from_sums,
+    correlation_sums,
+    difference_psf,
+    partial_coverage,
+    zogy_pixels,
+)
 from lazysky.pipeline.psf import (
     DEFAULT_BAD_BITS,
     MAX_STARS,
@@ -76,13 +92,18 @@ __all__ = [
     "difference",
     "difference_files",
     "fit_flux_ratio",
+    "noise_correlation",
     "write_difference_fits",
     "zogy_pixels",
 ]
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("zogy",)
+METHODS = ("zogy", "alard-lupton")
+NOISE_MODELS = ("measured", "white")
+_CORR_LAG = 1  # bilinear resampling correlates neighbours only (measured: lag 2 < 0.01)
+_CORR_GROW = 4
+_CORR_HALO = _CORR_LAG + _CORR_GROW + 3  # source mask reach (5x5 mean + growth) + lag
 _SNR_RATIO = 20.0
 _SNR_ASTRO = 50.0
 
@@ -159,13 +180,22 @@ def fit_flux_ratio(
 
 
 def _ratio_block(
-    stars_new: NDArray[Any], stars_ref: NDArray[Any], *, fixed: float | None, match_px: float
-) -> NDArray[np.float64]:
+    stars_new: NDArray[Any], stars_ref: NDArray[Any], *, fixed: float | None, match_px: float,
+    needed: bool = True,
+) -> NDArray[np.float64]:  # fmt: skip
     if stars_new.size == 0:
         return np.zeros((1, 4))
     if fixed is not None:
         return np.array([[fixed, np.nan, 0.0, 0.0]])
-    return fit_flux_ratio(stars_new, stars_ref, match_px=match_px)[None]
+    if needed:
+        return fit_flux_ratio(stars_new, stars_ref, match_px=match_px)[None]
+    # Alard & Lupton fit the scaling in their kernel: the ratio is only reported
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FluxRatioWarning)
+        out = fit_flux_ratio(stars_new, stars_ref, match_px=match_px)
+    if out[1] < 3:
+        out[0] = np.nan
+    return out[None]
 
 
 def _mean_variance(ds: xr.Dataset, bad_bits: int) -> da.Array:
@@ -174,23 +204,79 @@ def _mean_variance(ds: xr.Dataset, bad_bits: int) -> da.Array:
     return (da.where(good, v, 0.0).sum() / da.maximum(good.sum(), 1)).reshape(1, 1)
 
 
+def _corr_block(
+    image: NDArray[Any], variance: NDArray[Any], mask: NDArray[Any], *,
+    trim: tuple[int, int, int, int], bad_bits: int,
+) -> NDArray[np.float64]:  # fmt: skip
+    t, b, left, right = trim
+    core = (slice(t, image.shape[0] - b), slice(left, image.shape[1] - right))
+    bad = (np.asarray(mask) & bad_bits) != 0
+    return correlation_sums(image, variance, bad, core=core, lag=_CORR_LAG, grow_px=_CORR_GROW)
+
+
+def noise_correlation(ds: xr.Dataset, *, bad_bits: int = DEFAULT_BAD_BITS) -> da.Array:
+    """The ``(3, 3)`` noise correlation stamp of a grid image, lazily (module docstring).
+
+    ``c[1, 1]`` is the per-pixel variance over the variance plane, ``c.sum()`` the
+    variance of a few-pixel sum over the plane's; white noise gives ``c = δ``. One
+    ``noisecorr-<tile>`` task per tile (with a small halo, so the result does not depend
+    on the tiling) and one reduction.
+
+    Examples
+    --------
+    >>> c = noise_correlation(coadd).compute()  # doctest: +SKIP
+    >>> c[1, 1]  # per-pixel variance / variance plane: ~0.5 for a bilinear coadd
+    ... # doctest: +SKIP
+    """
+    grid = _check_grid_dataset(ds, "image")
+    nty, ntx = grid.n_tiles
+    planes = [da.asarray(ds[k].data) for k in ("image", "variance", "mask")]
+    n = 2 * _CORR_LAG + 1
+    parts = []
+    for iy in range(nty):
+        for ix in range(ntx):
+            tile = grid.tile_id(iy, ix)
+            sy, sx = grid.tile_slices(tile)
+            wy, wx = grid.tile_window(tile, _CORR_HALO)
+            trim = (sy.start - wy.start, wy.stop - sy.stop, sx.start - wx.start, wx.stop - sx.stop)
+            cuts = [p[wy, wx].rechunk(-1) for p in planes]
+            parts.append(da.map_blocks(
+                _corr_block, *cuts, trim=trim, bad_bits=int(bad_bits), drop_axis=[0, 1],
+                new_axis=[0, 1, 2], chunks=((2,), (n,), (n,)), dtype=np.float64,
+                meta=np.empty((0, 0, 0)), name=f"noisecorr-{tile}-{tokenize(*cuts, trim)}",
+            ))  # fmt: skip
+    sums = da.stack(parts).sum(axis=0)
+    return da.map_blocks(
+        correlation_from_sums, sums, drop_axis=[0], chunks=((n,), (n,)), dtype=np.float64,
+        meta=np.empty((0, 0)), name=f"noisecorr-{tokenize(sums)}",
+    )  # fmt: skip
+
+
 def _diff_block(
     n: NDArray[Any], r: NDArray[Any], vn: NDArray[Any], vr: NDArray[Any], mn: NDArray[Any],
     mr: NDArray[Any], cn: NDArray[Any], cr: NDArray[Any], pn: NDArray[Any], pr: NDArray[Any],
-    ratio: NDArray[Any], s2: NDArray[Any], *, trim: tuple[int, int, int, int],
-    astro: tuple[float, float] | None,
+    ratio: NDArray[Any], s2: NDArray[Any], corr_n: NDArray[Any], corr_r: NDArray[Any], *,
+    trim: tuple[int, int, int, int], astro: tuple[float, float] | None, white: bool,
+    method: str,
 ) -> NDArray[Any]:  # fmt: skip
     t, b, left, right = trim
     shape = (n.shape[0] - t - b, n.shape[1] - left - right)
     out = np.zeros(shape, dtype=DIFF_DTYPE)
     if n.size == 0:
         return out
+    p_n, p_r = pn.reshape(pn.shape[-2:]), pr.reshape(pr.shape[-2:])
+    c_n, c_r = (None, None) if white else (corr_n, corr_r)
     sig = (float(ratio[0, 2]), float(ratio[0, 3])) if astro is None else astro
-    res = zogy_pixels(
-        n, r, vn, vr, pn.reshape(pn.shape[-2:]), pr.reshape(pr.shape[-2:]), mask_new=mn,
-        mask_ref=mr, flux_ratio=float(ratio[0, 0]), sigma2_new=float(s2[0, 0]),
-        sigma2_ref=float(s2[0, 1]), astrometric_sigma_px=sig,
-    )  # fmt: skip
+    if method == "alard-lupton":
+        res = alard_lupton_pixels(n, r, vn, vr, p_n, p_r, mask_new=mn, mask_ref=mr,
+                                  corr_new=c_n, corr_ref=c_r, astrometric_sigma_px=sig,
+                                  flux_ratio=float(ratio[0, 0]))  # fmt: skip
+    else:
+        res = zogy_pixels(
+            n, r, vn, vr, p_n, p_r, mask_new=mn, mask_ref=mr, flux_ratio=float(ratio[0, 0]),
+            sigma2_new=float(s2[0, 0]), sigma2_ref=float(s2[0, 1]), astrometric_sigma_px=sig,
+            corr_new=c_n, corr_ref=c_r,
+        )  # fmt: skip
     core = (slice(t, t + shape[0]), slice(left, left + shape[1]))
     for k in ("image", "variance", "score", "mask"):
         out[k] = getattr(res, k)[core]
@@ -198,6 +284,27 @@ def _diff_block(
     partial = partial_coverage(cn, n, vn, size_px=size) | partial_coverage(cr, r, vr, size_px=size)
     out["mask"][partial[core]] |= MASK_DTYPE.type(MaskBit.EDGE)
     return out
+
+
+def _psf_d_block(
+    pn: NDArray[Any], pr: NDArray[Any], ratio: NDArray[Any], s2: NDArray[Any],
+    corr_n: NDArray[Any], corr_r: NDArray[Any], *, white: bool, method: str,
+) -> NDArray[np.float64]:  # fmt: skip
+    if method == "alard-lupton":  # D has the PSF of the image that was not convolved
+        a: Any = np.asarray(pn, dtype=np.float64).reshape(pn.shape[-2:])
+        b: Any = np.asarray(pr, dtype=np.float64).reshape(pr.shape[-2:])
+        q = a if broader(a, b) == "new" else b
+        size = max(int(np.shape(a)[-1]), int(np.shape(b)[-1]))
+        out = np.zeros((size, size))
+        o = (size - int(np.shape(q)[-1])) // 2
+        out[o : size - o, o : size - o] = q / q.sum()
+        return out[None, None]
+    p = difference_psf(
+        pn.reshape(pn.shape[-2:]), pr.reshape(pr.shape[-2:]), flux_ratio=float(ratio[0, 0]),
+        sigma2_new=float(s2[0, 0]), sigma2_ref=float(s2[0, 1]),
+        corr_new=None if white else corr_n, corr_ref=None if white else corr_r,
+    )  # fmt: skip
+    return p[None, None]
 
 
 def _stamps(
@@ -243,6 +350,7 @@ def difference(
     fallback_fwhm_px: float | None = None,
     match_px: float = 1.0,
     bad_bits: int = DEFAULT_BAD_BITS,
+    noise: str = "measured",
 ) -> xr.Dataset:
     """The proper difference image ``science − reference`` (ZOGY), lazily, per tile.
 
@@ -270,15 +378,20 @@ def difference(
         PSF estimation (:func:`~lazysky.pipeline.psf.estimate_psf`).
     match_px
         Largest distance of a star match between the images (pixels).
+    noise
+        ``"measured"``: each image's noise correlation is measured and ZOGY whitens it
+        (:func:`noise_correlation`); ``"white"``: uncorrelated noise assumed.
 
     Returns
     -------
     xarray.Dataset
         ``image`` (D, science units), ``variance`` (predicted, of ``image``), ``score``
         (S_corr), ``mask`` (union of the inputs' masks; NODATA where either has no data,
-        EDGE within half a stamp of that) on ``(y, x)``; ``psf_science``,
-        ``psf_reference`` ``(tile_y, tile_x, v, u)``; ``flux_ratio``, ``n_flux_stars``,
-        ``astrometric_sigma_px (axis)``; attrs grid, units, steps.
+        EDGE within half a stamp of that) on ``(y, x)``; ``psf`` (``P_D``, the PSF of
+        ``image``), ``psf_science``, ``psf_reference`` ``(tile_y, tile_x, v, u)``;
+        ``flux_ratio``, ``n_flux_stars``, ``astrometric_sigma_px (axis)``,
+        ``noise_correlation_science`` and ``noise_correlation_reference`` ``(cv, cu)``;
+        attrs grid, units, steps.
 
     Examples
     --------
@@ -288,6 +401,9 @@ def difference(
     """
     if method not in METHODS:
         msg = f"method must be one of {list(METHODS)}, got {method!r}"
+        raise ParameterError(msg)
+    if noise not in NOISE_MODELS:
+        msg = f"noise must be one of {list(NOISE_MODELS)}, got {noise!r}"
         raise ParameterError(msg)
     grid = _check_grid_dataset(science, "science")
     grid_r = _check_grid_dataset(reference, "reference")
@@ -323,12 +439,22 @@ def difference(
     ratio = da.map_blocks(
         _ratio_block, stars_n.rechunk((nty, ntx, MAX_STARS, 4)),
         stars_r.rechunk((nty, ntx, MAX_STARS, 4)), fixed=flux_ratio, match_px=match_px,
+        needed=method == "zogy",
         chunks=((1,), (4,)), drop_axis=[2, 3], dtype=np.float64, meta=np.empty((0, 0)),
-        name=f"fluxratio-{tokenize(stars_n, stars_r, flux_ratio, match_px)}",
+        name=f"fluxratio-{tokenize(stars_n, stars_r, flux_ratio, match_px, method)}",
     )  # fmt: skip
     s2 = da.concatenate(
         [_mean_variance(science, bad_bits), _mean_variance(reference, bad_bits)], axis=1
     )
+    white = noise == "white"
+    nc = 2 * _CORR_LAG + 1
+    if white:
+        delta = np.zeros((nc, nc))
+        delta[_CORR_LAG, _CORR_LAG] = 1.0
+        corr_n = corr_r = da.from_array(delta, chunks=-1)
+    else:
+        corr_n = noise_correlation(science, bad_bits=bad_bits)
+        corr_r = noise_correlation(reference, bad_bits=bad_bits)
     planes = [da.asarray(ds[k].data) for k in ("image",) for ds in (science, reference)]
     planes += [da.asarray(ds[k].data) for k in ("variance",) for ds in (science, reference)]
     planes += [da.asarray(ds[k].data) for k in ("mask",) for ds in (science, reference)]
@@ -347,19 +473,29 @@ def difference(
             trim = (sy.start - y0, y1 - sy.stop, sx.start - x0, x1 - sx.stop)
             cuts = [p[y0:y1, x0:x1].rechunk(-1) for p in planes]
             pn, pr = stamps_n.blocks[iy, ix], stamps_r.blocks[iy, ix]
-            token = tokenize(*cuts, pn, pr, ratio, s2, trim, astro)
+            token = tokenize(*cuts, pn, pr, ratio, s2, corr_n, corr_r, trim, astro, white, method)
             pairs: list[Any] = []
             for c in cuts:
                 pairs += [c, "ij"]
-            pairs += [pn, "abcd", pr, "efgh", ratio, "kl", s2, "mn"]
+            pairs += [pn, "abcd", pr, "efgh", ratio, "kl", s2, "mn", corr_n, "op", corr_r, "qr"]
             row.append(da.blockwise(
-                _diff_block, "ij", *pairs, trim=trim, astro=astro, concatenate=True,
+                _diff_block, "ij", *pairs, trim=trim, astro=astro, white=white, method=method,
+                concatenate=True,
                 adjust_chunks={"i": (sy.stop - sy.start,), "j": (sx.stop - sx.start,)},
                 dtype=DIFF_DTYPE, meta=np.empty((0, 0), dtype=DIFF_DTYPE),
                 name=f"difference-{tile}-{token}",
             ))  # fmt: skip
         rows.append(row)
     packed = da.block(rows)
+    size = max(stamps_n.shape[-1], stamps_r.shape[-1])
+    psf_token = tokenize(stamps_n, stamps_r, ratio, s2, corr_n, corr_r, white, method)
+    psf_d = da.blockwise(
+        _psf_d_block, "abcd", stamps_n, "abcd", stamps_r, "abef", ratio, "kl", s2, "mn",
+        corr_n, "op", corr_r, "qr", white=white, method=method, concatenate=True,
+        adjust_chunks={"c": (size,), "d": (size,)}, dtype=np.float64,
+        meta=np.empty((0, 0, 0, 0)),
+        name=f"psf-difference-{psf_token}",
+    )  # fmt: skip
     dims = ("y", "x")
     out = xr.Dataset({k: (dims, packed[k]) for k in ("image", "variance", "score", "mask")})
     units = str(science.attrs.get("units", science.image.attrs.get("units", "")))
@@ -368,6 +504,8 @@ def difference(
     out["score"].attrs["long_name"] = "ZOGY S_corr (unit variance)"
     out["mask"].attrs["flags"] = MaskBit.doc()
     tdims = ("tile_y", "tile_x", "v", "u")
+    out["psf"] = (tdims, psf_d)
+    out["psf"].attrs["long_name"] = "P_D, the PSF of image (sum 1)"
     out["psf_science"] = (tdims, stamps_n)
     out["psf_reference"] = (tdims, stamps_r)
     for name, p in (("science", psf_n), ("reference", psf_r)):
@@ -379,6 +517,8 @@ def difference(
     out["astrometric_sigma_px"] = (
         ("axis",), ratio[0, 2:] if astro is None else da.from_array(np.array(astro))
     )
+    out["noise_correlation_science"] = (("cv", "cu"), corr_n)
+    out["noise_correlation_reference"] = (("cv", "cu"), corr_r)
     out = out.assign_coords(axis=["x", "y"])
     step = {
         "step": "difference", "method": method, "psf_size_px": int(psf_size_px),
@@ -386,7 +526,7 @@ def difference(
         "astrometric_sigma_px": "auto" if astro is None else list(astro),
         "psf": "fixed" if psf_science is not None else "per tile",
         "snr_min": snr_min, "min_stars": min_stars, "match_px": match_px,
-        "bad_bits": int(bad_bits),
+        "bad_bits": int(bad_bits), "noise": noise,
     }  # fmt: skip
     out.attrs.update({
         "units": units,

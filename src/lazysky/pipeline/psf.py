@@ -61,6 +61,7 @@ from lazysky.pipeline.grid import SkyGrid
 
 __all__ = [
     "PSF",
+    "PSF_VARIABLES",
     "STAR_FIELDS",
     "PsfFallbackWarning",
     "estimate_psf",
@@ -427,6 +428,10 @@ def _render_block(params: NDArray[np.float64], *, size_px: int) -> NDArray[np.fl
     return moffat_stamp(float(params[0, 0, 0, 0]), float(params[0, 0, 0, 1]), size_px)[
         None, None
     ]
+
+
+#: The per-tile variables of :func:`psf_per_tile`, stored with a run's coadds.
+PSF_VARIABLES = ("psf", "psf_fwhm", "psf_beta", "psf_n_stars", "psf_fallback", "stars")
 
 
 def psf_per_tile(

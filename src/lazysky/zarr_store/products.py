@@ -511,16 +511,31 @@ def _product_parts(run_id: str, kind: str, name: str) -> tuple[str, str, str, st
     return PRODUCTS, run_id, kind, name
 
 
+TILE_DIMS = ("tile_y", "tile_x")
+
+
+def _per_tile(v: xr.DataArray) -> bool:
+    """A per-tile variable (``(tile_y, tile_x, ...)``, e.g. a PSF stamp per tile)."""
+    return tuple(v.dims[:2]) == TILE_DIMS
+
+
 def _check_product(ds: xr.Dataset, grid: SkyGrid) -> list[str]:
     names = [str(n) for n in ds.data_vars]
     if not names:
         raise ParameterError("the product has no data variables")
     for n in names:
         v = ds[n]
+        if _per_tile(v):
+            if v.shape[:2] != grid.n_tiles:
+                msg = (f"per-tile variable {n!r} has shape {v.shape}; its first two dims "
+                       f"(tile_y, tile_x) must be the grid's {grid.n_tiles} tiles")  # fmt: skip
+                raise ParameterError(msg)
+            continue
         if v.dims != ("y", "x") or v.shape != grid.shape:
             msg = (
                 f"product variable {n!r} has dims {v.dims} and shape {v.shape}; expected "
-                f"('y', 'x') of the grid's shape {grid.shape}"
+                f"('y', 'x') of the grid's shape {grid.shape}, or per-tile values "
+                f"('tile_y', 'tile_x', ...) over its {grid.n_tiles} tiles"
             )
             raise ParameterError(msg)
         if v.chunks is not None and tuple(v.chunks) != grid.chunks:
@@ -534,6 +549,13 @@ def _check_product(ds: xr.Dataset, grid: SkyGrid) -> list[str]:
     return names
 
 
+def _layout(v: xr.DataArray, grid: SkyGrid) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(shape, chunk shape)`` of a product variable in Zarr: one chunk per tile."""
+    if _per_tile(v):
+        return tuple(v.shape), (1, 1, *v.shape[2:])
+    return grid.shape, (min(grid.tile_px, grid.shape[0]), min(grid.tile_px, grid.shape[1]))
+
+
 def _template(
     root: StoreRoot,
     parts: Sequence[str],
@@ -545,15 +567,14 @@ def _template(
     overwrite: bool,
 ) -> None:
     """Create the product's arrays and group metadata, or check the existing ones match."""
-    chunk = (min(grid.tile_px, grid.shape[0]), min(grid.tile_px, grid.shape[1]))
     existing = _read_json(root, root.path(*parts, GROUP_META))
     if existing is not None and not overwrite:
         have = existing.get("consolidated_metadata", {}).get("metadata", {})
         old = existing.get("attributes", {}).get("lazysky", {})
         same = sorted(have) == sorted(names) and all(
-            have[n].get("shape") == list(grid.shape)
+            have[n].get("shape") == list(_layout(ds[n], grid)[0])
             and have[n].get("chunk_grid", {}).get("configuration", {}).get("chunk_shape")
-            == list(chunk)
+            == list(_layout(ds[n], grid)[1])
             and str(np.dtype(ds[n].dtype)) == str(have[n].get("data_type"))
             for n in names
         )
@@ -574,9 +595,10 @@ def _template(
     arrays = {}
     for n in names:
         dtype = np.dtype(ds[n].dtype)
+        shape, chunks = _layout(ds[n], grid)
+        dims = tuple(str(d) for d in ds[n].dims)
         arrays[n] = _create_array(
-            root, (*parts, n), grid.shape, chunk, dtype, ("y", "x"), dict(ds[n].attrs),
-            _fill(n, dtype),
+            root, (*parts, n), shape, chunks, dtype, dims, dict(ds[n].attrs), _fill(n, dtype),
         )  # fmt: skip
     _put(root, root.path(*parts, GROUP_META), _group_body(attrs, arrays))
 
@@ -588,10 +610,14 @@ def _write_tile(
     region: tuple[slice, slice],
     chunk: tuple[int, int],
     names: list[str],
+    kinds: list[bool],
     *blocks: np.ndarray[Any, Any],
 ) -> str:
-    """One tile of every variable, then the tile's completion marker (a Dask task)."""
+    """One tile of every variable (per-tile variables: the tile's entry), then the tile's
+    completion marker (a Dask task)."""
     import zarr
+
+    from lazysky.pipeline.grid import parse_tile
 
     sy, sx = region
     if sy.start % chunk[0] or sx.start % chunk[1]:
@@ -604,9 +630,11 @@ def _write_tile(
     fs = root.fs()
     with contextlib.suppress(FileNotFoundError):
         fs.rm_file(marker)  # not complete while it is being rewritten
-    for n, block in zip(names, blocks, strict=True):
+    iy, ix = parse_tile(tile)
+    for n, block, per_tile in zip(names, blocks, kinds, strict=True):
         arr = zarr.open_array(root.zarr_store(*parts, n), mode="r+")
-        arr.with_config({"write_empty_chunks": True})[sy, sx] = np.asarray(block)
+        where = (slice(iy, iy + 1), slice(ix, ix + 1)) if per_tile else (sy, sx)
+        arr.with_config({"write_empty_chunks": True})[where] = np.asarray(block)
     body = json.dumps({"tile": tile, "written_at": _now(), "variables": names}).encode()
     _put(root, marker, body)
     return tile
@@ -671,7 +699,7 @@ def write_product(
     >>> write_product("s3://survey", run_id, "coadd", "deep1-r", coadd)  # doctest: +SKIP
     ['t000_000', 't000_001', 't001_000', 't001_001']
     """
-    from lazysky.pipeline.grid import tiles_of
+    from lazysky.pipeline.grid import parse_tile, tiles_of
 
     root = parse_store(store, storage_options=storage_options, settings=settings)
     parts = _product_parts(run_id, kind, name)
@@ -689,10 +717,16 @@ def write_product(
     _template(root, parts, ds, names, grid, attrs, overwrite=overwrite)
     chunk = (min(grid.tile_px, grid.shape[0]), min(grid.tile_px, grid.shape[1]))
     tasks = []
+    kinds = [_per_tile(ds[n]) for n in names]
     for tile in todo:
         sy, sx = grid.tile_slices(tile)
-        blocks = [window_delayed(da.asarray(ds[n].data)[sy, sx]) if ds[n].chunks is not None
-                  else ds[n].data[sy, sx] for n in names]  # fmt: skip
+        iy, ix = parse_tile(tile)
+        blocks = []
+        for n, per_tile in zip(names, kinds, strict=True):
+            where = (slice(iy, iy + 1), slice(ix, ix + 1)) if per_tile else (sy, sx)
+            data = ds[n].data
+            blocks.append(window_delayed(da.asarray(data)[where]) if ds[n].chunks is not None
+                          else np.asarray(data)[where])  # fmt: skip
         token = tokenize(root.url, parts, tile, *blocks)
         tasks.append(
             dask.delayed(_write_tile, pure=True)(
@@ -702,6 +736,7 @@ def write_product(
                 (sy, sx),
                 chunk,
                 names,
+                kinds,
                 *blocks,
                 dask_key_name=f"write-product-{tile}-{token}",
             )
@@ -788,7 +823,8 @@ def open_product(
     data = {}
     for n in arrays:
         arr = _lazy(root, (*parts, n), f"open-product-{name}-{n}", token)
-        data[n] = (("y", "x"), arr, dict(arrays[n].get("attributes", {})))
+        dims = tuple(arrays[n].get("dimension_names") or ("y", "x"))
+        data[n] = (dims, arr, dict(arrays[n].get("attributes", {})))
     ds = xr.Dataset(data)
     for k in ("format",):
         attrs.pop(k, None)
