@@ -30,6 +30,12 @@ the mask needs the bits of every input pixel with non-zero weight, and the area 
 needs the mapping itself, so the kernel takes the mapping (astropy's WCS transforms, the
 same ones reproject uses) and interpolates it itself — bilinear, as ``order="bilinear"``,
 with reproject's convention of clamping the outer half of the edge pixels.
+
+The mapping itself is, like SWarp's, evaluated with the WCS only on a coarse grid of
+nodes (every 32 output pixels, :class:`PixelMap`) and interpolated in between; the node
+spacing is chosen per detector (:func:`mapping_step`) so that the interpolation error
+stays below :data:`MAP_TOLERANCE_PX` (0.01 px), and the nodes sit on the grid's pixel
+lattice so that tiling does not change the result.
 """
 
 from __future__ import annotations
@@ -53,10 +59,13 @@ from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
 from lazysky.pipeline.grid import SkyGrid, footprint_of, tiles_of
 
 __all__ = [
+    "MAP_TOLERANCE_PX",
     "RESAMPLED_DTYPE",
     "NoOverlapWarning",
+    "PixelMap",
     "ResampledPixels",
     "ResampledTile",
+    "mapping_step",
     "resample_exposure",
     "resample_pixels",
 ]
@@ -65,6 +74,7 @@ RESAMPLED_DTYPE = np.dtype([("image", np.float32), ("variance", np.float32), ("m
 HALO_PX = 2  # bilinear support (1 px) + 1: the cut box never clamps a non-edge coordinate
 _NODATA = MASK_DTYPE.type(MaskBit.NODATA)
 _STRIP_ROWS = 256  # output rows mapped at once: ~40 MB of temporaries for 2048-px tiles
+MAP_TOLERANCE_PX = 0.01  # largest error of the interpolated pixel mapping (PixelMap)
 
 
 class NoOverlapWarning(LazySkyWarning):
@@ -122,45 +132,66 @@ def resample_pixels(
     dxdy = (x_in[2:, 1:-1] - x_in[:-2, 1:-1]) / 2
     dydx = (y_in[1:-1, 2:] - y_in[1:-1, :-2]) / 2
     dydy = (y_in[2:, 1:-1] - y_in[:-2, 1:-1]) / 2
-    jac = np.abs(dxdx * dydy - dxdy * dydx)
+    jac = np.abs(dxdx * dydy - dxdy * dydx).astype(np.float32)
+    del dxdx, dxdy, dydx, dydy
     x, y = x_in[1:-1, 1:-1], y_in[1:-1, 1:-1]
-    inside = np.isfinite(x) & np.isfinite(y)
-    inside &= (x >= -0.5) & (x <= dnx - 0.5) & (y >= -0.5) & (y <= dny - 0.5)
-    xc = np.clip(np.where(inside, x, 0.0), 0, dnx - 1)
-    yc = np.clip(np.where(inside, y, 0.0), 0, dny - 1)
-    x0, y0 = np.floor(xc).astype(np.intp), np.floor(yc).astype(np.intp)
-    fx, fy = xc - x0, yc - y0
-    x1, y1 = np.minimum(x0 + 1, dnx - 1), np.minimum(y0 + 1, dny - 1)
-    # indices into the box; pixels outside the detector read the box's first pixel, weight 0
+    with np.errstate(invalid="ignore"):
+        inside = (x >= -0.5) & (x <= dnx - 0.5) & (y >= -0.5) & (y <= dny - 0.5)  # NaN: False
+    everywhere = bool(inside.all())
+    xc = np.clip(x if everywhere else np.where(inside, x, 0.0), 0, dnx - 1)
+    yc = np.clip(y if everywhere else np.where(inside, y, 0.0), 0, dny - 1)
+    x0, y0 = xc.astype(np.intp), yc.astype(np.intp)  # >= 0: truncation is floor
+    fx, fy = (xc - x0).astype(np.float32), (yc - y0).astype(np.float32)
+    del xc, yc
+    # the right/upper neighbour: +1 except on the last column/row (its weight is then 0)
+    sx = (x0 < dnx - 1).astype(np.intp)
+    sy = (y0 < dny - 1).astype(np.intp)
     bny, bnx = image.shape
-    x0, x1 = np.where(inside, x0 - ox, 0), np.where(inside, x1 - ox, 0)
-    y0, y1 = np.where(inside, y0 - oy, 0), np.where(inside, y1 - oy, 0)
-    if inside.any() and (min(x0.min(), y0.min()) < 0 or x1.max() >= bnx or y1.max() >= bny):
+    x0 -= ox
+    y0 -= oy
+    if not everywhere:  # pixels outside the detector read the box's first pixel, weight 0
+        x0[~inside], y0[~inside], sx[~inside], sy[~inside] = 0, 0, 0, 0
+        fx[~inside], fy[~inside] = 0, 0
+    if inside.any() and (
+        min(x0.min(), y0.min()) < 0 or (x0 + sx).max() >= bnx or (y0 + sy).max() >= bny
+    ):
         msg = "resample_pixels: the input box does not hold every pixel the mapping needs"
         raise ParameterError(msg)
-    flat_img, flat_var = image.ravel(), variance.ravel()
-    flat_mask = mask.ravel()
-    out_img = np.zeros((ny, nx), dtype=np.float64)
-    out_var = np.zeros((ny, nx), dtype=np.float64)
+    idx = y0 * bnx + x0
+    del x0, y0
+    dx, dy = sx, sy * bnx
+    # image and variance travel together: one gather per corner
+    pair = np.empty((bny, bnx), dtype=np.complex64)
+    pair.real, pair.imag = image, variance
+    flat_pair, flat_mask = pair.ravel(), np.ascontiguousarray(mask, dtype=MASK_DTYPE).ravel()
+    gx, gy = 1 - fx, 1 - fy
+    acc = np.zeros((ny, nx), dtype=np.complex64)
     out_mask = np.zeros((ny, nx), dtype=MASK_DTYPE)
-    for yi, xi, w in (
-        (y0, x0, (1 - fx) * (1 - fy)),
-        (y0, x1, fx * (1 - fy)),
-        (y1, x0, (1 - fx) * fy),
-        (y1, x1, fx * fy),
+    for offset, wx, wy, used in (
+        (None, gx, gy, None),
+        (dx, fx, gy, fx > 0),
+        (dy, gx, fy, fy > 0),
+        (dx + dy, fx, fy, (fx > 0) & (fy > 0)),
     ):
-        w = np.where(inside, w, 0.0)
-        idx = yi * bnx + xi
-        out_img += w * flat_img.take(idx)
-        out_var += w * flat_var.take(idx)
-        out_mask |= np.where(w > 0, flat_mask.take(idx), 0).astype(MASK_DTYPE)
-    out_img *= jac
-    out_var *= jac * jac
-    out_img[~inside] = 0.0
-    out_var[~inside] = np.inf
-    out_mask[~inside] |= _NODATA
+        at = idx if offset is None else idx + offset
+        w = wx * wy
+        if not everywhere and offset is None:
+            w[~inside] = 0
+        acc += w * flat_pair.take(at)
+        m = flat_mask.take(at)
+        if used is not None:
+            m[~used] = 0
+        elif not everywhere:
+            m[~inside] = 0
+        out_mask |= m
+    out_img = acc.real * jac
+    out_var = acc.imag * (jac * jac)
+    if not everywhere:
+        out_img[~inside] = 0.0
+        out_var[~inside] = np.inf
+        out_mask[~inside] |= _NODATA
     return ResampledPixels(
-        out_img.astype(np.float32), out_var.astype(np.float32), out_mask.astype(MASK_DTYPE)
+        out_img.astype(np.float32, copy=False), out_var.astype(np.float32, copy=False), out_mask
     )
 
 
@@ -174,6 +205,7 @@ def _resample_block(
     tile: str,
     origin: tuple[int, int],
     detector_shape: tuple[int, int],
+    map_step: int = 1,
 ) -> NDArray[Any]:
     """One (detector, tile) task: the mapping from fresh WCS objects, then the kernel."""
     ny, nx = grid.tile_shape(tile)
@@ -182,20 +214,154 @@ def _resample_block(
         return out
     sy, sx = grid.tile_slices(tile)
     wcs_in = _wcs_from_text(header)  # fresh objects per task (WCS is not thread-safe)
-    wcs_out = grid.wcs
-    gx = np.arange(sx.start - 1, sx.stop + 1, dtype=float)
+    mapping = PixelMap(grid.wcs, wcs_in, rows=(sy.start - 1, sy.stop + 1),
+                       cols=(sx.start - 1, sx.stop + 1), step=map_step)  # fmt: skip
     for r0 in range(0, ny, _STRIP_ROWS):  # strips bound the task's memory
         r1 = min(r0 + _STRIP_ROWS, ny)
-        gy = np.arange(sy.start + r0 - 1, sy.start + r1 + 1, dtype=float)
-        ra, dec = wcs_out.pixel_to_world_values(*np.meshgrid(gx, gy))
-        x_in, y_in = wcs_in.world_to_pixel_values(ra, dec)
+        x_in, y_in = mapping.evaluate(r0, r1 + 2)
         px = resample_pixels(
-            image, variance, mask, np.asarray(x_in), np.asarray(y_in),
-            origin=origin, detector_shape=detector_shape,
+            image, variance, mask, x_in, y_in, origin=origin, detector_shape=detector_shape,
         )  # fmt: skip
         strip = out[r0:r1]
         strip["image"], strip["variance"], strip["mask"] = px.image, px.variance, px.mask
     return out
+
+
+class PixelMap:
+    """The output → input pixel mapping of a block, from the WCS on a coarse grid.
+
+    Like SWarp, the two WCS transforms (output pixel → sky → input pixel) are evaluated
+    only at nodes every ``step`` output pixels, and every pixel's input coordinates are
+    interpolated bilinearly between them. The nodes sit on multiples of ``step`` in the
+    *grid's* pixel coordinates, whatever the block, so a pixel's mapping does not depend
+    on the tiling (a tiled resampling equals the whole-frame one, bit for bit).
+    :func:`mapping_step` chooses a step whose interpolation error is below a tolerance;
+    at step 1 the mapping is exact.
+
+    Parameters
+    ----------
+    wcs_out, wcs_in
+        Output (grid) and input (detector) celestial WCS.
+    rows, cols
+        ``(start, stop)`` output pixel rows and columns of the block (0-based, stop
+        excluded).
+    step
+        Node spacing in output pixels.
+
+    Examples
+    --------
+    >>> from astropy.wcs import WCS
+    >>> w = WCS(naxis=2); w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    >>> w.wcs.cdelt = [-7e-5, 7e-5]; w.wcs.crval = [10.0, 20.0]; w.wcs.crpix = [50, 50]
+    >>> v = w.deepcopy(); v.wcs.crpix = [40.5, 60.25]
+    >>> x, y = PixelMap(w, v, rows=(0, 100), cols=(0, 120), step=32).evaluate(0, 100)
+    >>> x.shape, round(float(x[0, 0]), 4), round(float(y[0, 0]), 4)
+    ((100, 120), -9.5, 10.25)
+    """
+
+    def __init__(
+        self,
+        wcs_out: WCS,
+        wcs_in: WCS,
+        *,
+        rows: tuple[int, int],
+        cols: tuple[int, int],
+        step: int,
+    ) -> None:
+        if step < 1:
+            msg = f"PixelMap needs step >= 1, got {step}"
+            raise ParameterError(msg)
+        self._wcs_out, self._wcs_in = wcs_out, wcs_in
+        self.rows, self.cols, self.step = rows, cols, int(step)
+        if self.step > 1:
+            self._ry, self._cx = _nodes(*rows, self.step), _nodes(*cols, self.step)
+            self._x, self._y = _exact(wcs_out, wcs_in, self._ry, self._cx)
+            self._col_index = _weights(self._cx, np.arange(*cols, dtype=float), self.step)
+
+    def evaluate(self, r0: int, r1: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """``(x_in, y_in)`` of rows ``rows[0] + r0`` to ``rows[0] + r1`` (excluded), all columns."""
+        rows = np.arange(self.rows[0] + r0, self.rows[0] + r1, dtype=float)
+        if self.step == 1:
+            return _exact(self._wcs_out, self._wcs_in, rows, np.arange(*self.cols, dtype=float))
+        ri, rt = _weights(self._ry, rows, self.step)
+        ci, ct = self._col_index
+        out = []
+        for f in (self._x, self._y):
+            g = f[:, ci] * (1 - ct) + f[:, ci + 1] * ct  # along the columns, node rows only
+            out.append(g[ri] * (1 - rt)[:, None] + g[ri + 1] * rt[:, None])
+        return out[0], out[1]
+
+
+def mapping_step(
+    wcs_out: WCS,
+    wcs_in: WCS,
+    *,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    start: int = 32,
+    tolerance_px: float = MAP_TOLERANCE_PX,
+) -> tuple[int, float]:
+    """The largest node spacing ≤ ``start`` (halving) whose :class:`PixelMap` error < tolerance.
+
+    The error is measured where a bilinear interpolant is worst, at the centre of every
+    coarse cell over ``rows × cols`` (output pixels), against the exact mapping. A cell
+    whose nodes or centre fall off either projection's sky cannot be interpolated and
+    forces a smaller step. Returns ``(step, largest error in input pixels)``; step 1
+    means exact (error 0).
+
+    Examples
+    --------
+    >>> from astropy.wcs import WCS
+    >>> w = WCS(naxis=2); w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    >>> w.wcs.cdelt = [-7e-5, 7e-5]; w.wcs.crval = [10.0, 20.0]; w.wcs.crpix = [50, 50]
+    >>> v = w.deepcopy(); v.wcs.crval = [10.2, 20.1]
+    >>> step, err = mapping_step(w, v, rows=(0, 2048), cols=(0, 2048))
+    >>> step, err < 1e-3
+    (32, True)
+    """
+    if start < 1 or not tolerance_px > 0:
+        msg = f"mapping_step needs start >= 1 and tolerance_px > 0, got {start}, {tolerance_px}"
+        raise ParameterError(msg)
+    step = int(start)
+    while step > 1:
+        ry, cx = _nodes(*rows, step), _nodes(*cols, step)
+        x, y = _exact(wcs_out, wcs_in, ry, cx)
+        xe, ye = _exact(wcs_out, wcs_in, ry[:-1] + step / 2, cx[:-1] + step / 2)
+        xi = (x[:-1, :-1] + x[1:, :-1] + x[:-1, 1:] + x[1:, 1:]) / 4
+        yi = (y[:-1, :-1] + y[1:, :-1] + y[:-1, 1:] + y[1:, 1:]) / 4
+        finite = np.isfinite(xi) & np.isfinite(yi)
+        if finite.all() and bool((np.isfinite(xe) & np.isfinite(ye)).all()):
+            err = float(np.max(np.hypot(xi - xe, yi - ye)))
+            if err < tolerance_px:
+                return step, err
+        step //= 2
+    return 1, 0.0
+
+
+def _exact(
+    wcs_out: WCS, wcs_in: WCS, rows: NDArray[Any], cols: NDArray[Any]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Input pixel coordinates of the output pixels ``rows × cols``, from the two WCS."""
+    cc, rr = np.meshgrid(cols, rows)
+    ra, dec = wcs_out.pixel_to_world_values(cc, rr)
+    x, y = wcs_in.world_to_pixel_values(ra, dec)
+    return np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+
+
+def _nodes(start: int, stop: int, step: int) -> NDArray[np.float64]:
+    """Multiples of ``step``, from the one at or below ``start`` to the one at or above the end."""
+    first = (start // step) * step
+    last = -(-(stop - 1) // step) * step
+    return np.arange(first, max(last, first + step) + 1, step, dtype=float)
+
+
+def _weights(
+    nodes: NDArray[Any], at: NDArray[Any], step: int
+) -> tuple[NDArray[np.intp], NDArray[np.float64]]:
+    """Left node index and fractional position of ``at`` between equally spaced nodes."""
+    rel = at - nodes[0]
+    i = np.minimum((rel // step).astype(np.intp), len(nodes) - 2)
+    return i, (rel - i * step) / step
 
 
 def _wcs_from_text(header: str) -> WCS:
@@ -336,17 +502,18 @@ def resample_exposure(
     for i, det in enumerate(map(str, calibrated.detector.values)):
         header = _header_text(calibrated, det, wcs)
         w = _wcs_from_text(header)
+        map_step = _detector_map_step(grid, w, det_shape)
         for tile in grid.tiles_overlapping((w, det_shape)):
             box = _box(grid, tile, w, det_shape) if tile in wanted else None
             if box is None:
                 continue
             args = [a[i, box[0], box[1]].rechunk(-1) for a in arrays]
             origin = (box[0].start, box[1].start)
-            token = tokenize(*args, header, grid, tile, origin)
+            token = tokenize(*args, header, grid, tile, origin, map_step)
             pixels = da.map_blocks(
                 _resample_block, *args,
                 header=header, grid=grid, tile=tile, origin=origin, detector_shape=det_shape,
-                chunks=tuple((n,) for n in grid.tile_shape(tile)),
+                map_step=map_step, chunks=tuple((n,) for n in grid.tile_shape(tile)),
                 dtype=RESAMPLED_DTYPE, meta=np.empty((0, 0), dtype=RESAMPLED_DTYPE),
                 name=f"resample-{exposure}-{det}-{tile}-{token}",
             )  # fmt: skip
@@ -355,6 +522,26 @@ def resample_exposure(
         msg = f"exposure {exposure!r} does not overlap the grid (or the tiles asked for)"
         warnings.warn(msg, NoOverlapWarning, stacklevel=2)
     return out
+
+
+def _detector_map_step(grid: SkyGrid, wcs: WCS, det_shape: tuple[int, int]) -> int:
+    """The :class:`PixelMap` step for one detector: :func:`mapping_step` over its footprint.
+
+    Chosen once per detector (over the grid pixels its outline covers, clipped to the
+    grid plus the one-pixel border the Jacobian needs), so every tile uses the same
+    nodes and the tiling does not change the result.
+    """
+    fp = footprint_of((wcs, det_shape))
+    gx, gy = (np.asarray(c) for c in grid.wcs.world_to_pixel_values(fp[:, 0], fp[:, 1]))
+    if not (np.all(np.isfinite(gx)) and np.all(np.isfinite(gy))):
+        return 1
+    ny, nx = grid.shape
+    r0, r1 = max(int(np.floor(gy.min())) - 1, -1), min(int(np.ceil(gy.max())) + 2, ny + 1)
+    c0, c1 = max(int(np.floor(gx.min())) - 1, -1), min(int(np.ceil(gx.max())) + 2, nx + 1)
+    if r1 - r0 < 2 or c1 - c0 < 2:
+        return 1
+    step, _ = mapping_step(grid.wcs, wcs, rows=(r0, r1), cols=(c0, c1))
+    return step
 
 
 def _exposure_id(cal: xr.Dataset) -> str:
