@@ -73,7 +73,7 @@ __all__ = [
 RESAMPLED_DTYPE = np.dtype([("image", np.float32), ("variance", np.float32), ("mask", MASK_DTYPE)])
 HALO_PX = 2  # bilinear support (1 px) + 1: the cut box never clamps a non-edge coordinate
 _NODATA = MASK_DTYPE.type(MaskBit.NODATA)
-_STRIP_ROWS = 256  # output rows mapped at once: ~40 MB of temporaries for 2048-px tiles
+_STRIP_ROWS = 32  # output rows mapped at once: temporaries stay in cache (4x faster than 256)
 MAP_TOLERANCE_PX = 0.01  # largest error of the interpolated pixel mapping (PixelMap)
 
 
@@ -124,15 +124,48 @@ def resample_pixels(
     >>> float(out.image[0, 0]), float(out.variance[0, 0]), int(out.mask[-1, -1])
     (0.5, 1.0, 0)
     """
+    return _resample_packed(
+        _Packed.of(image, variance, mask), x_in, y_in, origin=origin,
+        detector_shape=detector_shape if detector_shape is not None else image.shape,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """An input box as flat contiguous planes, ready for gathering."""
+
+    image: NDArray[np.float32]
+    variance: NDArray[np.float32]
+    mask: NDArray[np.uint16]
+    shape: tuple[int, int]
+
+    @classmethod
+    def of(cls, image: NDArray[Any], variance: NDArray[Any], mask: NDArray[Any]) -> _Packed:
+        def flat(a: NDArray[Any], dtype: Any) -> NDArray[Any]:
+            return np.ascontiguousarray(a, dtype=dtype).ravel()
+
+        shape = (int(image.shape[0]), int(image.shape[1]))
+        return cls(flat(image, np.float32), flat(variance, np.float32),
+                   flat(mask, MASK_DTYPE), shape)  # fmt: skip
+
+
+def _resample_packed(
+    box: _Packed,
+    x_in: NDArray[np.float64],
+    y_in: NDArray[np.float64],
+    *,
+    origin: tuple[int, int],
+    detector_shape: tuple[int, int],
+) -> ResampledPixels:
     ny, nx = x_in.shape[0] - 2, x_in.shape[1] - 2
-    dny, dnx = detector_shape if detector_shape is not None else image.shape
+    dny, dnx = detector_shape
     oy, ox = origin
     # area ratio: input pixels per output pixel, central differences on the border grid
-    dxdx = (x_in[1:-1, 2:] - x_in[1:-1, :-2]) / 2
-    dxdy = (x_in[2:, 1:-1] - x_in[:-2, 1:-1]) / 2
-    dydx = (y_in[1:-1, 2:] - y_in[1:-1, :-2]) / 2
-    dydy = (y_in[2:, 1:-1] - y_in[:-2, 1:-1]) / 2
-    jac = np.abs(dxdx * dydy - dxdy * dydx).astype(np.float32)
+    dxdx = x_in[1:-1, 2:] - x_in[1:-1, :-2]
+    dxdy = x_in[2:, 1:-1] - x_in[:-2, 1:-1]
+    dydx = y_in[1:-1, 2:] - y_in[1:-1, :-2]
+    dydy = y_in[2:, 1:-1] - y_in[:-2, 1:-1]
+    jac = (np.abs(dxdx * dydy - dxdy * dydx) / 4).astype(np.float32)
     del dxdx, dxdy, dydx, dydy
     x, y = x_in[1:-1, 1:-1], y_in[1:-1, 1:-1]
     with np.errstate(invalid="ignore"):
@@ -143,53 +176,46 @@ def resample_pixels(
     x0, y0 = xc.astype(np.intp), yc.astype(np.intp)  # >= 0: truncation is floor
     fx, fy = (xc - x0).astype(np.float32), (yc - y0).astype(np.float32)
     del xc, yc
-    # the right/upper neighbour: +1 except on the last column/row (its weight is then 0)
-    sx = (x0 < dnx - 1).astype(np.intp)
-    sy = (y0 < dny - 1).astype(np.intp)
-    bny, bnx = image.shape
+    bny, bnx = box.shape
     x0 -= ox
     y0 -= oy
     if not everywhere:  # pixels outside the detector read the box's first pixel, weight 0
-        x0[~inside], y0[~inside], sx[~inside], sy[~inside] = 0, 0, 0, 0
-        fx[~inside], fy[~inside] = 0, 0
+        x0[~inside], y0[~inside], fx[~inside], fy[~inside] = 0, 0, 0, 0
+    # a zero weight never reads beyond the detector's last column or row
     if inside.any() and (
-        min(x0.min(), y0.min()) < 0 or (x0 + sx).max() >= bnx or (y0 + sy).max() >= bny
+        min(x0.min(), y0.min()) < 0
+        or (x0 + (fx > 0)).max() >= bnx
+        or (y0 + (fy > 0)).max() >= bny
     ):
         msg = "resample_pixels: the input box does not hold every pixel the mapping needs"
         raise ParameterError(msg)
     idx = y0 * bnx + x0
     del x0, y0
-    dx, dy = sx, sy * bnx
-    # image and variance travel together: one gather per corner
-    pair = np.empty((bny, bnx), dtype=np.complex64)
-    pair.real, pair.imag = image, variance
-    flat_pair, flat_mask = pair.ravel(), np.ascontiguousarray(mask, dtype=MASK_DTYPE).ravel()
+    # a corner with zero weight reads the pixel itself (never beyond the box): its bits
+    # are then those of a corner already counted, so the mask is a plain OR of 4 reads
+    dx = (fx > 0).astype(np.intp)
+    dy = (fy > 0).astype(np.intp) * bnx
     gx, gy = 1 - fx, 1 - fy
-    acc = np.zeros((ny, nx), dtype=np.complex64)
+    acc_img = np.zeros((ny, nx), dtype=np.float32)
+    acc_var = np.zeros((ny, nx), dtype=np.float32)
     out_mask = np.zeros((ny, nx), dtype=MASK_DTYPE)
-    for offset, wx, wy, used in (
-        (None, gx, gy, None),
-        (dx, fx, gy, fx > 0),
-        (dy, gx, fy, fy > 0),
-        (dx + dy, fx, fy, (fx > 0) & (fy > 0)),
+    for at, w in (
+        (idx, gx * gy),
+        (idx + dx, fx * gy),
+        (idx + dy, gx * fy),
+        (idx + dx + dy, fx * fy),
     ):
-        at = idx if offset is None else idx + offset
-        w = wx * wy
-        if not everywhere and offset is None:
+        if not everywhere:
             w[~inside] = 0
-        acc += w * flat_pair.take(at)
-        m = flat_mask.take(at)
-        if used is not None:
-            m[~used] = 0
-        elif not everywhere:
-            m[~inside] = 0
-        out_mask |= m
-    out_img = acc.real * jac
-    out_var = acc.imag * (jac * jac)
+        acc_img += w * box.image.take(at)
+        acc_var += w * box.variance.take(at)
+        out_mask |= box.mask.take(at)
+    out_img = acc_img * jac
+    out_var = acc_var * (jac * jac)
     if not everywhere:
         out_img[~inside] = 0.0
         out_var[~inside] = np.inf
-        out_mask[~inside] |= _NODATA
+        out_mask[~inside] = _NODATA
     return ResampledPixels(
         out_img.astype(np.float32, copy=False), out_var.astype(np.float32, copy=False), out_mask
     )
@@ -206,23 +232,32 @@ def _resample_block(
     origin: tuple[int, int],
     detector_shape: tuple[int, int],
     map_step: int = 1,
+    window: tuple[int, int, int, int] | None = None,
 ) -> NDArray[Any]:
-    """One (detector, tile) task: the mapping from fresh WCS objects, then the kernel."""
+    """One (detector, tile) task: the mapping from fresh WCS objects, then the kernel.
+
+    Only ``window`` (``(row0, row1, col0, col1)`` within the tile, default all of it) is
+    mapped: the rest of the tile lies outside the detector and is NODATA.
+    """
     ny, nx = grid.tile_shape(tile)
     out = np.empty((ny, nx), dtype=RESAMPLED_DTYPE)
     if image.size == 0:  # dask's meta inference
         return out
+    wr0, wr1, wc0, wc1 = (0, ny, 0, nx) if window is None else window
+    if (wr0, wr1, wc0, wc1) != (0, ny, 0, nx):
+        out["image"], out["variance"], out["mask"] = 0.0, np.inf, _NODATA
+    if wr1 <= wr0 or wc1 <= wc0:
+        return out
     sy, sx = grid.tile_slices(tile)
     wcs_in = _wcs_from_text(header)  # fresh objects per task (WCS is not thread-safe)
-    mapping = PixelMap(grid.wcs, wcs_in, rows=(sy.start - 1, sy.stop + 1),
-                       cols=(sx.start - 1, sx.stop + 1), step=map_step)  # fmt: skip
-    for r0 in range(0, ny, _STRIP_ROWS):  # strips bound the task's memory
-        r1 = min(r0 + _STRIP_ROWS, ny)
-        x_in, y_in = mapping.evaluate(r0, r1 + 2)
-        px = resample_pixels(
-            image, variance, mask, x_in, y_in, origin=origin, detector_shape=detector_shape,
-        )  # fmt: skip
-        strip = out[r0:r1]
+    mapping = PixelMap(grid.wcs, wcs_in, rows=(sy.start + wr0 - 1, sy.start + wr1 + 1),
+                       cols=(sx.start + wc0 - 1, sx.start + wc1 + 1), step=map_step)  # fmt: skip
+    box = _Packed.of(image, variance, mask)
+    for r0 in range(wr0, wr1, _STRIP_ROWS):  # strips bound the task's memory
+        r1 = min(r0 + _STRIP_ROWS, wr1)
+        x_in, y_in = mapping.evaluate(r0 - wr0, r1 - wr0 + 2)
+        px = _resample_packed(box, x_in, y_in, origin=origin, detector_shape=detector_shape)
+        strip = out[r0:r1, wc0:wc1]
         strip["image"], strip["variance"], strip["mask"] = px.image, px.variance, px.mask
     return out
 
@@ -502,18 +537,20 @@ def resample_exposure(
     for i, det in enumerate(map(str, calibrated.detector.values)):
         header = _header_text(calibrated, det, wcs)
         w = _wcs_from_text(header)
-        map_step = _detector_map_step(grid, w, det_shape)
+        reach = _detector_window(grid, w, det_shape)
+        map_step = 1 if reach is None else _map_step(grid, w, reach)
         for tile in grid.tiles_overlapping((w, det_shape)):
             box = _box(grid, tile, w, det_shape) if tile in wanted else None
             if box is None:
                 continue
+            window = None if reach is None else _tile_window(grid, tile, reach)
             args = [a[i, box[0], box[1]].rechunk(-1) for a in arrays]
             origin = (box[0].start, box[1].start)
-            token = tokenize(*args, header, grid, tile, origin, map_step)
+            token = tokenize(*args, header, grid, tile, origin, map_step, window)
             pixels = da.map_blocks(
                 _resample_block, *args,
                 header=header, grid=grid, tile=tile, origin=origin, detector_shape=det_shape,
-                map_step=map_step, chunks=tuple((n,) for n in grid.tile_shape(tile)),
+                map_step=map_step, window=window, chunks=tuple((n,) for n in grid.tile_shape(tile)),
                 dtype=RESAMPLED_DTYPE, meta=np.empty((0, 0), dtype=RESAMPLED_DTYPE),
                 name=f"resample-{exposure}-{det}-{tile}-{token}",
             )  # fmt: skip
@@ -524,23 +561,50 @@ def resample_exposure(
     return out
 
 
-def _detector_map_step(grid: SkyGrid, wcs: WCS, det_shape: tuple[int, int]) -> int:
-    """The :class:`PixelMap` step for one detector: :func:`mapping_step` over its footprint.
+def _detector_window(
+    grid: SkyGrid, wcs: WCS, det_shape: tuple[int, int]
+) -> tuple[int, int, int, int] | None:
+    """Grid pixels ``(row0, row1, col0, col1)`` a detector can reach (None: unknown).
 
-    Chosen once per detector (over the grid pixels its outline covers, clipped to the
-    grid plus the one-pixel border the Jacobian needs), so every tile uses the same
-    nodes and the tiling does not change the result.
+    The bounding box of the detector's outer pixel edges (33 points a side) mapped onto
+    the grid, widened by 2 pixels, clipped to the grid: every grid pixel outside it has
+    its centre outside the detector.
     """
-    fp = footprint_of((wcs, det_shape))
-    gx, gy = (np.asarray(c) for c in grid.wcs.world_to_pixel_values(fp[:, 0], fp[:, 1]))
+    ny, nx = det_shape
+    t = np.linspace(0.0, 1.0, 33)
+    x = np.concatenate([t * nx, np.full(33, nx), (1 - t) * nx, np.zeros(33)]) - 0.5
+    y = np.concatenate([np.zeros(33), t * ny, np.full(33, ny), (1 - t) * ny]) - 0.5
+    ra, dec = wcs.pixel_to_world_values(x, y)
+    gx, gy = (np.asarray(c) for c in grid.wcs.world_to_pixel_values(ra, dec))
     if not (np.all(np.isfinite(gx)) and np.all(np.isfinite(gy))):
+        return None
+    gny, gnx = grid.shape
+    r0, r1 = max(int(np.floor(gy.min())) - 2, 0), min(int(np.ceil(gy.max())) + 3, gny)
+    c0, c1 = max(int(np.floor(gx.min())) - 2, 0), min(int(np.ceil(gx.max())) + 3, gnx)
+    return r0, max(r1, r0), c0, max(c1, c0)
+
+
+def _tile_window(
+    grid: SkyGrid, tile: str, reach: tuple[int, int, int, int]
+) -> tuple[int, int, int, int]:
+    """``reach`` (grid pixels) within ``tile``, in the tile's own pixel coordinates."""
+    sy, sx = grid.tile_slices(tile)
+    r0, r1 = max(reach[0], sy.start) - sy.start, min(reach[1], sy.stop) - sy.start
+    c0, c1 = max(reach[2], sx.start) - sx.start, min(reach[3], sx.stop) - sx.start
+    return r0, max(r1, r0), c0, max(c1, c0)
+
+
+def _map_step(grid: SkyGrid, wcs: WCS, reach: tuple[int, int, int, int]) -> int:
+    """The :class:`PixelMap` step for one detector: :func:`mapping_step` over its reach.
+
+    Chosen once per detector (over the grid pixels it can reach plus the one-pixel
+    border the Jacobian needs), so every tile uses the same nodes and the tiling does
+    not change the result.
+    """
+    r0, r1, c0, c1 = reach
+    if r1 - r0 < 1 or c1 - c0 < 1:
         return 1
-    ny, nx = grid.shape
-    r0, r1 = max(int(np.floor(gy.min())) - 1, -1), min(int(np.ceil(gy.max())) + 2, ny + 1)
-    c0, c1 = max(int(np.floor(gx.min())) - 1, -1), min(int(np.ceil(gx.max())) + 2, nx + 1)
-    if r1 - r0 < 2 or c1 - c0 < 2:
-        return 1
-    step, _ = mapping_step(grid.wcs, wcs, rows=(r0, r1), cols=(c0, c1))
+    step, _ = mapping_step(grid.wcs, wcs, rows=(r0 - 1, r1 + 1), cols=(c0 - 1, c1 + 1))
     return step
 
 

@@ -68,6 +68,13 @@ def _median(x: NDArray[Any], n: NDArray[np.intp]) -> NDArray[Any]:
     """Median along axis 0 ignoring NaN, NaN where ``n`` (valid count) is 0; no warnings."""
     if x.shape[0] == 1:
         return np.where(n > 0, x[0], np.nan)
+    if x.shape[0] <= 3:  # no sort: the median of ≤ 3 values from their sum, min and max
+        with np.errstate(invalid="ignore"):
+            total = np.nansum(x, axis=0)
+            lo, hi = np.fmin.reduce(x, axis=0), np.fmax.reduce(x, axis=0)
+            two = (lo + hi) / 2
+            one = np.where(n == 1, total, np.nan)
+            return np.where(n == 3, total - lo - hi, np.where(n == 2, two, one))
     s = np.sort(x, axis=0)  # NaN last
     lo = np.take_along_axis(s, np.maximum((n - 1) // 2, 0)[None], axis=0)[0]
     hi = np.take_along_axis(s, np.maximum(n // 2, 0)[None], axis=0)[0]
@@ -119,31 +126,44 @@ def _clip(
     keep = valid.copy()
     clip = n_valid >= 3
     if clip.any():
+        n = x.shape[0]
+        flat_keep = keep.reshape(n, -1)
+        # the first pass over every pixel; later ones only where the previous changed
+        cols: NDArray[np.intp] | slice = slice(None)
+        xs, vs, va = x.reshape(n, -1), v.reshape(n, -1), valid.reshape(n, -1)
+        ks = flat_keep
+        ck = clip.reshape(-1)
         for _ in range(max_iters):
-            nk = keep.sum(axis=0)
-            centre = _median(np.where(keep, x, np.float32(np.nan)), nk)
+            centre = _median(np.where(ks, xs, np.float32(np.nan)), ks.sum(axis=0))
             with np.errstate(invalid="ignore"):
-                thresh = np.float32(sigma) * np.sqrt(v + (np.float32(amp_frac) * centre) ** 2)
-                new = valid & (~clip | (np.abs(x - centre) <= thresh))
-            if np.array_equal(new, keep):
+                thresh = np.float32(sigma) * np.sqrt(vs + (np.float32(amp_frac) * centre) ** 2)
+                new = va & (~ck | (np.abs(xs - centre) <= thresh))
+            changed = (new != ks).any(axis=0)
+            flat_keep[:, cols] = new
+            if not changed.any():
                 break
-            keep = new
+            where = np.flatnonzero(changed)
+            cols = where if isinstance(cols, slice) else cols[where]
+            xs, vs, va = xs[:, where], vs[:, where], va[:, where]
+            ks, ck = new[:, where], ck[where]
     pair = n_valid == 2
     if pair.any():
         # two layers: a positive outlier (cosmic ray, trail) is far more likely than a
         # negative one, so the higher layer goes when it exceeds the lower by more than
         # sigma × the noise of their difference (plus the amplitude term of the lower)
-        hi = np.argmax(np.where(valid, x, -np.inf), axis=0)[None]
-        lo = np.argmin(np.where(valid, x, np.inf), axis=0)[None]
-        take = np.take_along_axis
-        x_hi, x_lo = take(x, hi, axis=0)[0], take(x, lo, axis=0)[0]
-        v_hi, v_lo = take(v, hi, axis=0)[0], take(v, lo, axis=0)[0]
+        xp, vp = x[:, pair], v[:, pair]  # (layers, pixels with two valid layers)
+        valid_p = valid[:, pair]
+        hi = np.argmax(np.where(valid_p, xp, -np.inf), axis=0)
+        lo = np.argmin(np.where(valid_p, xp, np.inf), axis=0)
+        col = np.arange(xp.shape[1])
+        x_lo = xp[lo, col]
         with np.errstate(invalid="ignore"):
-            noise = np.sqrt(v_hi + v_lo + (np.float32(amp_frac) * x_lo) ** 2)
-            drop = pair & (x_hi - x_lo > np.float32(sigma) * noise)
+            noise = np.sqrt(vp[hi, col] + vp[lo, col] + (np.float32(amp_frac) * x_lo) ** 2)
+            drop = xp[hi, col] - x_lo > np.float32(sigma) * noise
         if drop.any():
-            layer = np.arange(x.shape[0]).reshape(-1, *([1] * (x.ndim - 1)))
-            keep &= ~((layer == hi) & drop)
+            kp = keep[:, pair]
+            kp[hi[drop], col[drop]] = False
+            keep[:, pair] = kp
     return keep
 
 
@@ -198,6 +218,7 @@ def stack_pixels(
         coadd = centre
         var = factor * var_sum / np.maximum(n, 1) ** 2
         wsum = np.where(valid, 1.0 / np.where(valid, v, 1.0), 0.0).sum(axis=0)
+        shape = x.shape[1:]
     else:
         keep = _clip(x, v, valid, sigma=sigma, amp_frac=amp_frac, max_iters=max_iters)
         if weighting == "frame":
@@ -209,24 +230,35 @@ def stack_pixels(
                     continue
                 vj = v[j][valid[j]]
                 w[j] = 1.0 / float(np.median(vj)) if vj.size else 0.0
-            wt = np.where(keep, w.astype(np.float32)[:, None, None], np.float32(0))
-        else:
-            wt = np.where(keep, 1 / np.where(keep, v, np.float32(1)), np.float32(0))
-        wsum = wt.sum(axis=0, dtype=np.float64)
-        n = keep.sum(axis=0)
+        # layer by layer (a reduction along the short first axis is slow in numpy)
+        shape = x.shape[1:]
+        wsum, num, var = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+        n = np.zeros(shape, dtype=np.intp)
+        for j in range(x.shape[0]):
+            k = keep[j]
+            if weighting == "frame":
+                wj = np.where(k, np.float32(w[j]), np.float32(0))
+            else:
+                wj = np.where(k, 1 / np.where(k, v[j], np.float32(1)), np.float32(0))
+            wsum += wj
+            num += wj * x[j]  # x is 0 where not valid
+            var += wj * wj * np.where(k, v[j], np.float32(0))
+            n += k
         safe = np.where(wsum > 0, wsum, 1.0)
-        coadd = (wt * x).sum(axis=0, dtype=np.float64) / safe  # x is 0 where not valid
-        var = (wt * wt * np.where(keep, v, np.float32(0))).sum(axis=0, dtype=np.float64)
+        coadd = num / safe
         var /= safe**2
     none = n == 0
     out["image"] = np.where(none, 0.0, coadd)
     out["variance"] = np.where(none, np.inf, var)
     out["weight"] = np.where(none, 0.0, wsum)
     out["count"] = n
-    out["rejected"] = n_valid - keep.sum(axis=0)
-    bits = np.bitwise_or.reduce(np.where(keep, m, 0).astype(MASK_DTYPE), axis=0)
+    out["rejected"] = n_valid - (n if method != "median" else keep.sum(axis=0))
+    bits = np.zeros(shape, dtype=MASK_DTYPE)
+    bad = np.full(shape, MaskBit.NODATA, dtype=MASK_DTYPE)
+    for j in range(x.shape[0]):
+        bits |= np.where(keep[j], m[j], MASK_DTYPE.type(0))
+        bad |= m[j]
     # where nothing was kept: the bits that made the layers invalid, and NODATA
-    bad = np.bitwise_or.reduce(m, axis=0) | MASK_DTYPE.type(MaskBit.NODATA)
     out["mask"] = np.where(none, bad, bits)
     return out
 
