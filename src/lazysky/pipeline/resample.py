@@ -132,21 +132,46 @@ def resample_pixels(
 
 @dataclass(frozen=True)
 class _Packed:
-    """An input box as flat contiguous planes, ready for gathering."""
+    """An input box as flat planes ready for gathering, without copying it when it can.
+
+    A box cut from a larger array is a strided view; when its rows are contiguous, a
+    flat view from its first to its last element serves (pixel ``(r, c)`` at
+    ``r * row + c``, ``row`` the parent's row length): nothing is copied. Otherwise the
+    plane is copied to a contiguous one.
+    """
 
     image: NDArray[np.float32]
     variance: NDArray[np.float32]
     mask: NDArray[np.uint16]
+    rows: tuple[int, int, int]  # row lengths of image, variance, mask in their flat views
     shape: tuple[int, int]
 
     @classmethod
     def of(cls, image: NDArray[Any], variance: NDArray[Any], mask: NDArray[Any]) -> _Packed:
-        def flat(a: NDArray[Any], dtype: Any) -> NDArray[Any]:
-            return np.ascontiguousarray(a, dtype=dtype).ravel()
-
         shape = (int(image.shape[0]), int(image.shape[1]))
-        return cls(flat(image, np.float32), flat(variance, np.float32),
-                   flat(mask, MASK_DTYPE), shape)  # fmt: skip
+        planes = [_flat(a, t) for a, t in ((image, np.float32), (variance, np.float32),
+                                           (mask, MASK_DTYPE))]  # fmt: skip
+        rows = (planes[0][1], planes[1][1], planes[2][1])
+        return cls(planes[0][0], planes[1][0], planes[2][0], rows, shape)
+
+
+def _flat(a: NDArray[Any], dtype: Any) -> tuple[NDArray[Any], int]:
+    """A 1-d view (or copy) of a 2-d plane, and its row length in elements."""
+    a = np.asarray(a)
+    ny, nx = a.shape
+    item = a.itemsize
+    if (
+        a.dtype == dtype
+        and ny > 0
+        and nx > 0
+        and a.strides[1] == item
+        and a.strides[0] % item == 0
+        and a.strides[0] >= nx * item
+    ):
+        row = a.strides[0] // item
+        span = (ny - 1) * row + nx
+        return np.lib.stride_tricks.as_strided(a, shape=(span,), strides=(item,)), row
+    return np.ascontiguousarray(a, dtype=dtype).ravel(), nx
 
 
 def _resample_packed(
@@ -189,27 +214,26 @@ def _resample_packed(
     ):
         msg = "resample_pixels: the input box does not hold every pixel the mapping needs"
         raise ParameterError(msg)
-    idx = y0 * bnx + x0
-    del x0, y0
     # a corner with zero weight reads the pixel itself (never beyond the box): its bits
     # are then those of a corner already counted, so the mask is a plain OR of 4 reads
-    dx = (fx > 0).astype(np.intp)
-    dy = (fy > 0).astype(np.intp) * bnx
+    step_x, step_y = fx > 0, fy > 0
+    corners: dict[int, list[NDArray[np.intp]]] = {}
+    for row in set(box.rows):  # flat indices of the 4 corners, per row length
+        i00 = y0 * row + x0
+        i01 = i00 + step_x
+        i10 = i00 + step_y * row
+        corners[row] = [i00, i01, i10, i10 + step_x]
+    del x0, y0
     gx, gy = 1 - fx, 1 - fy
     acc_img = np.zeros((ny, nx), dtype=np.float32)
     acc_var = np.zeros((ny, nx), dtype=np.float32)
     out_mask = np.zeros((ny, nx), dtype=MASK_DTYPE)
-    for at, w in (
-        (idx, gx * gy),
-        (idx + dx, fx * gy),
-        (idx + dy, gx * fy),
-        (idx + dx + dy, fx * fy),
-    ):
+    for c, w in enumerate((gx * gy, fx * gy, gx * fy, fx * fy)):
         if not everywhere:
             w[~inside] = 0
-        acc_img += w * box.image.take(at)
-        acc_var += w * box.variance.take(at)
-        out_mask |= box.mask.take(at)
+        acc_img += w * box.image.take(corners[box.rows[0]][c])
+        acc_var += w * box.variance.take(corners[box.rows[1]][c])
+        out_mask |= box.mask.take(corners[box.rows[2]][c])
     out_img = acc_img * jac
     out_var = acc_var * (jac * jac)
     if not everywhere:
@@ -320,10 +344,16 @@ class PixelMap:
             return _exact(self._wcs_out, self._wcs_in, rows, np.arange(*self.cols, dtype=float))
         ri, rt = _weights(self._ry, rows, self.step)
         ci, ct = self._col_index
+        lo, hi = int(ri.min()), int(ri.max()) + 2  # the node rows these rows need
         out = []
-        for f in (self._x, self._y):
+        for f in (self._x[lo:hi], self._y[lo:hi]):
             g = f[:, ci] * (1 - ct) + f[:, ci + 1] * ct  # along the columns, node rows only
-            out.append(g[ri] * (1 - rt)[:, None] + g[ri + 1] * rt[:, None])
+            v = np.empty((len(rows), g.shape[1]))
+            for r in range(len(rows)):  # a row is a blend of two node rows
+                k = int(ri[r]) - lo
+                np.multiply(g[k], 1 - rt[r], out=v[r])
+                v[r] += g[k + 1] * rt[r]
+            out.append(v)
         return out[0], out[1]
 
 
