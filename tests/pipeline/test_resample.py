@@ -204,3 +204,22 @@ def test_pixel_map_rejects_a_bad_step() -> None:
         PixelMap(w, w, rows=(0, 10), cols=(0, 10), step=0)
     with pytest.raises(ParameterError, match="tolerance_px > 0"):
         mapping_step(w, w, rows=(0, 10), cols=(0, 10), tolerance_px=0.0)
+
+
+def test_kernel_reads_a_box_cut_from_a_larger_array_without_copying_the_same() -> None:
+    rng = np.random.default_rng(4)
+    big = rng.normal(size=(40, 50)).astype(np.float32)
+    var = rng.uniform(1, 2, size=(40, 50)).astype(np.float32)
+    msk = (rng.uniform(size=(40, 50)) > 0.95).astype(np.uint16) * np.uint16(MaskBit.CR)
+    box = (slice(5, 25), slice(7, 37))  # strided views into the larger planes
+    x_in, y_in = _mapping(18, 28, scale=0.9, dx=0.3, dy=0.6)
+    a = resample_pixels(big[box], var[box], msk[box], x_in, y_in)
+    b = resample_pixels(big[box].copy(), var[box].copy(), msk[box].copy(), x_in, y_in)
+    assert_same(a.image, b.image)
+    assert_same(a.variance, b.variance)
+    assert_same(a.mask, b.mask)
+    assert (a.mask != 0).any()
+    # and against a float64, Fortran-ordered input (copied to contiguous float32)
+    c = resample_pixels(np.asfortranarray(big[box], dtype=np.float64), var[box], msk[box],
+                        x_in, y_in)  # fmt: skip
+    np.testing.assert_allclose(c.image, a.image, rtol=1e-6)
