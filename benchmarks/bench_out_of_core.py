@@ -9,14 +9,16 @@ store (nothing is gathered), and each worker's own peak RSS (``VmHWM``, reset wh
 workers are warm) is read afterwards. The claim to check: the peak per worker depends on
 ``max_block_bytes`` (the chunk of the combine), not on N, and nothing spills.
 
-What this does **not** show yet: a coadd of a sky field larger than memory (resample +
-stack on a big grid). The master combine is the step whose memory used to grow with the
-input (see ``docs/benchmarks/masters_memory.md``); the coadd's blocks are grid tiles.
+With ``--coadd-from DIR`` (a ``bench_coadd.py --workdir``), also a coadd: the calibrated
+exposures of ``DIR/cal`` written to Zarr (512² chunks), each repeated ``--coadd-copies``
+times under its own read keys, resampled and stacked onto a grid of ``--tile-px`` tiles
+and written to Zarr tile by tile on the same kind of cluster; per-worker peak RSS again.
 
 Usage::
 
     python benchmarks/bench_out_of_core.py [--frames 32,96] [--memory-limit-gib 1.0]
         [--budget-mib 64] [--workdir DIR] [--json FILE]
+        [--coadd-from DIR [--coadd-copies 1,4] [--tile-px 512]] [--skip-masters]
 """
 
 from __future__ import annotations
