@@ -182,8 +182,12 @@ def run_swarp(images: list[Path], lazysky_coadd: Path, out: Path, resampling: st
             + float(stats.get("System time (seconds)", "nan"))}  # fmt: skip
 
 
-def measure(coadd: Path, root: Path) -> dict[str, Any]:
-    """Star photometry vs truth, and surviving cosmic rays, on one coadd image."""
+def measure(coadd: Path, root: Path, count: Any = None) -> dict[str, Any]:
+    """Star photometry vs truth, and surviving cosmic rays, on one coadd image.
+
+    ``count`` (lazysky's COUNT plane: exposures kept per pixel) splits the surviving hits
+    by how many exposures were kept there (1: nothing could have rejected them).
+    """
     from astropy.io import fits
     from astropy.table import Table, vstack
     from astropy.wcs import WCS
@@ -225,6 +229,7 @@ def measure(coadd: Path, root: Path) -> dict[str, Any]:
     noise = 1.4826 * np.median(np.abs(good - np.median(good)))
     local = ndimage.median_filter(good, size=9)
     hits = survived = 0
+    by_count: dict[str, int] = {}
     bx, by = x[inside & bright_any], y[inside & bright_any]
     for p in sorted((root / "raw").glob("*.cosmics.ecsv")):
         cr = Table.read(p)
@@ -241,11 +246,16 @@ def measure(coadd: Path, root: Path) -> dict[str, Any]:
                 if np.any(np.hypot(bx - u, by - v) < 15):
                     continue
                 hits += 1
-                survived += int(good[v, u] - local[v, u] > 5 * noise)
+                up = int(good[v, u] - local[v, u] > 5 * noise)
+                survived += up
+                if count is not None and up:
+                    key = str(int(count[v, u]))
+                    by_count[key] = by_count.get(key, 0) + 1
     scatter = 1.4826 * np.median(np.abs(ratio - np.median(ratio)))
     return {"n_stars": len(pick_a), "flux_ratio_median": float(np.median(ratio)),
             "flux_ratio_robust_scatter": float(scatter),
             "cr_hits_checked": hits, "cr_surviving_5sigma": survived,
+            "cr_surviving_by_lazysky_count": by_count,
             "noise_robust_sigma": float(noise), "phot": phot.tolist(),
             "ids": pick_a.tolist()}  # fmt: skip
 
@@ -288,8 +298,11 @@ def main() -> None:
                                   capture_output=True, text=True, check=True)  # fmt: skip
             stages = json.loads(proc.stdout.strip().splitlines()[-1])
         res: dict[str, Any] = {"lazysky": lz, "swarp": sw}
-        res["lazysky"].update(measure(out_l, root))
-        res["swarp"].update(measure(root / "swarp-coadd.fits", root))
+        from astropy.io import fits
+
+        count = fits.getdata(out_l, "COUNT")
+        res["lazysky"].update(measure(out_l, root, count))
+        res["swarp"].update(measure(root / "swarp-coadd.fits", root, count))
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
@@ -298,7 +311,8 @@ def main() -> None:
         print(f"{tool:<8} wall {r['wall_s']:6.1f} s  cpu {r['cpu_s']:6.1f} s  peak "
               f"{r['peak_mib']:6.0f} MiB  stars {r['n_stars']}  flux/truth median "
               f"{r['flux_ratio_median']:.4f} scatter {r['flux_ratio_robust_scatter']:.4f}  "
-              f"CR surviving {r['cr_surviving_5sigma']}/{r['cr_hits_checked']}")  # fmt: skip
+              f"CR surviving {r['cr_surviving_5sigma']}/{r['cr_hits_checked']} "
+              f"(by exposures kept there: {r['cr_surviving_by_lazysky_count']})")  # fmt: skip
     both = np.array(res["lazysky"]["phot"]) / np.array(res["swarp"]["phot"])
     res["lazysky_over_swarp_flux_median"] = float(np.median(both))
     res["throughput_ratio_lazysky_over_swarp"] = res["swarp"]["wall_s"] / res["lazysky"]["wall_s"]
