@@ -22,7 +22,7 @@
 Usage::
 
     python benchmarks/bench_coadd.py [--detectors 1] [--exposures 3] [--workdir DIR]
-                                     [--resampling BILINEAR] [--json FILE]
+                                     [--resampling BILINEAR] [--json FILE] [--stages]
 """
 
 from __future__ import annotations
@@ -108,6 +108,49 @@ def child_lazysky(cals: list[Path], out: Path) -> dict[str, Any]:
             "cpu_s": r.ru_utime + r.ru_stime - r0.ru_utime - r0.ru_stime}  # fmt: skip
 
 
+def child_stages(cals: list[Path], out: Path) -> dict[str, Any]:
+    """``coadd_files``' stages one after the other (each persisted): wall and CPU seconds."""
+    import dask
+
+    from lazysky.pipeline import SkyGrid, detector_footprints, resample_exposure, stack
+    from lazysky.pipeline.background import estimate_background
+    from lazysky.pipeline.fitsio import read_calibrated
+    from lazysky.pipeline.resample import ResampledTile
+    from lazysky.pipeline.stack import write_coadd_fits
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    laps: dict[str, dict[str, float]] = {}
+    mark = [time.perf_counter(), cpu()]
+
+    def lap(name: str) -> None:
+        w, c = time.perf_counter(), cpu()
+        laps[name] = {"wall_s": w - mark[0], "cpu_s": c - mark[1]}
+        mark[:] = [w, c]
+
+    with dask.config.set(scheduler="threads", num_workers=2):
+        ds = [d for p in cals for d in read_calibrated(p, tile_px=2048)]
+        lap("read")
+        bk = dask.persist(*[estimate_background(d) for d in ds])
+        cals_bg = [d.assign(image=d.image - b, background=b) for d, b in zip(ds, bk, strict=True)]
+        lap("background")
+        grid = SkyGrid.covering([f for c in cals_bg for f in detector_footprints(c)],
+                                pixel_scale_arcsec=0.26, tile_px=2048)  # fmt: skip
+        pieces = [p for c in cals_bg for p in resample_exposure(c, grid)]
+        pixels = dask.persist(*[p.pixels for p in pieces])
+        weights = dask.persist(*[p.frame_weight for p in pieces])
+        lap("resample")
+        pieces = [ResampledTile(p.exposure, p.detector, p.tile, x, p.units, w)
+                  for p, x, w in zip(pieces, pixels, weights, strict=True)]  # fmt: skip
+        coadd = stack(pieces, grid).persist()
+        lap("stack")
+        write_coadd_fits(coadd, out, overwrite=True)
+        lap("write")
+    return laps
+
+
 def run_swarp(images: list[Path], lazysky_coadd: Path, out: Path, resampling: str) -> dict:
     from astropy.io import fits
     from astropy.wcs import WCS
@@ -139,8 +182,12 @@ def run_swarp(images: list[Path], lazysky_coadd: Path, out: Path, resampling: st
             + float(stats.get("System time (seconds)", "nan"))}  # fmt: skip
 
 
-def measure(coadd: Path, root: Path) -> dict[str, Any]:
-    """Star photometry vs truth, and surviving cosmic rays, on one coadd image."""
+def measure(coadd: Path, root: Path, count: Any = None) -> dict[str, Any]:
+    """Star photometry vs truth, and surviving cosmic rays, on one coadd image.
+
+    ``count`` (lazysky's COUNT plane: exposures kept per pixel) splits the surviving hits
+    by how many exposures were kept there (1: nothing could have rejected them).
+    """
     from astropy.io import fits
     from astropy.table import Table, vstack
     from astropy.wcs import WCS
@@ -182,6 +229,7 @@ def measure(coadd: Path, root: Path) -> dict[str, Any]:
     noise = 1.4826 * np.median(np.abs(good - np.median(good)))
     local = ndimage.median_filter(good, size=9)
     hits = survived = 0
+    by_count: dict[str, int] = {}
     bx, by = x[inside & bright_any], y[inside & bright_any]
     for p in sorted((root / "raw").glob("*.cosmics.ecsv")):
         cr = Table.read(p)
@@ -198,11 +246,16 @@ def measure(coadd: Path, root: Path) -> dict[str, Any]:
                 if np.any(np.hypot(bx - u, by - v) < 15):
                     continue
                 hits += 1
-                survived += int(good[v, u] - local[v, u] > 5 * noise)
+                up = int(good[v, u] - local[v, u] > 5 * noise)
+                survived += up
+                if count is not None and up:
+                    key = str(int(count[v, u]))
+                    by_count[key] = by_count.get(key, 0) + 1
     scatter = 1.4826 * np.median(np.abs(ratio - np.median(ratio)))
     return {"n_stars": len(pick_a), "flux_ratio_median": float(np.median(ratio)),
             "flux_ratio_robust_scatter": float(scatter),
             "cr_hits_checked": hits, "cr_surviving_5sigma": survived,
+            "cr_surviving_by_lazysky_count": by_count,
             "noise_robust_sigma": float(noise), "phot": phot.tolist(),
             "ids": pick_a.tolist()}  # fmt: skip
 
@@ -214,11 +267,15 @@ def main() -> None:
     parser.add_argument("--resampling", default="BILINEAR", choices=["BILINEAR", "LANCZOS3"])
     parser.add_argument("--workdir", help="keep the simulated data here (reused if present)")
     parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--stages", action="store_true",
+                        help="also time lazysky's stages (read, background, resample, stack, "
+                             "write) in a second child")  # fmt: skip
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        cal_dir, out = args.child
-        print(json.dumps(child_lazysky(sorted(Path(cal_dir).glob("*.cal.fits")), Path(out))))
+        cal_dir, out, *mode = args.child
+        child = child_stages if mode == ["stages"] else child_lazysky
+        print(json.dumps(child(sorted(Path(cal_dir).glob("*.cal.fits")), Path(out))))
         return
     if not Path(SWARP).exists():
         raise SystemExit(f"{SWARP} not found: apt-get install swarp")
@@ -234,9 +291,18 @@ def main() -> None:
                                str(out_l)], capture_output=True, text=True, check=True)  # fmt: skip
         lz = json.loads(proc.stdout.strip().splitlines()[-1])
         sw = run_swarp(images, out_l, root / "swarp-coadd.fits", args.resampling)
+        stages = None
+        if args.stages:
+            proc = subprocess.run([sys.executable, __file__, "--child", str(root / "cal"),
+                                   str(root / "stages-coadd.fits"), "stages"],
+                                  capture_output=True, text=True, check=True)  # fmt: skip
+            stages = json.loads(proc.stdout.strip().splitlines()[-1])
         res: dict[str, Any] = {"lazysky": lz, "swarp": sw}
-        res["lazysky"].update(measure(out_l, root))
-        res["swarp"].update(measure(root / "swarp-coadd.fits", root))
+        from astropy.io import fits
+
+        count = fits.getdata(out_l, "COUNT")
+        res["lazysky"].update(measure(out_l, root, count))
+        res["swarp"].update(measure(root / "swarp-coadd.fits", root, count))
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
@@ -245,13 +311,18 @@ def main() -> None:
         print(f"{tool:<8} wall {r['wall_s']:6.1f} s  cpu {r['cpu_s']:6.1f} s  peak "
               f"{r['peak_mib']:6.0f} MiB  stars {r['n_stars']}  flux/truth median "
               f"{r['flux_ratio_median']:.4f} scatter {r['flux_ratio_robust_scatter']:.4f}  "
-              f"CR surviving {r['cr_surviving_5sigma']}/{r['cr_hits_checked']}")  # fmt: skip
+              f"CR surviving {r['cr_surviving_5sigma']}/{r['cr_hits_checked']} "
+              f"(by exposures kept there: {r['cr_surviving_by_lazysky_count']})")  # fmt: skip
     both = np.array(res["lazysky"]["phot"]) / np.array(res["swarp"]["phot"])
     res["lazysky_over_swarp_flux_median"] = float(np.median(both))
     res["throughput_ratio_lazysky_over_swarp"] = res["swarp"]["wall_s"] / res["lazysky"]["wall_s"]
     print(f"throughput ratio lazysky / SWarp (wall): "
           f"{res['throughput_ratio_lazysky_over_swarp']:.2f}; "
           f"star flux lazysky / SWarp median {res['lazysky_over_swarp_flux_median']:.4f}")
+    if stages:
+        res["lazysky_stages"] = stages
+        print("lazysky stages (run again, each persisted): " + ", ".join(
+            f"{k} {v['wall_s']:.1f} s wall / {v['cpu_s']:.1f} s cpu" for k, v in stages.items()))
     if args.json:
         for tool in ("lazysky", "swarp"):
             res[tool].pop("phot")

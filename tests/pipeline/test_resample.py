@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import xarray as xr
+from astropy.wcs import WCS
 from conftest import INST, assert_same, raise_if_dask_computes
 
 from lazysky.errors import ParameterError
@@ -18,6 +19,7 @@ from lazysky.pipeline import (
     resample_exposure,
     resample_pixels,
 )
+from lazysky.pipeline.resample import MAP_TOLERANCE_PX, PixelMap, mapping_step
 
 
 def _mapping(ny: int, nx: int, *, scale: float = 1.0, dx: float = 0.0, dy: float = 0.0,
@@ -148,3 +150,76 @@ def test_resample_bad_input(calibrated: list[xr.Dataset], grid: SkyGrid) -> None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(resample_exposure(calibrated[0], grid, tiles=["t001_001"])) >= 1
+
+
+def _tan(crval: tuple[float, float], crpix: tuple[float, float], scale_deg: float,
+         rot_deg: float = 0.0) -> WCS:  # fmt: skip
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    c, s = np.cos(np.radians(rot_deg)), np.sin(np.radians(rot_deg))
+    w.wcs.cd = scale_deg * np.array([[-c, s], [s, c]])
+    w.wcs.crval, w.wcs.crpix = list(crval), list(crpix)
+    return w
+
+
+def _max_map_error(out: WCS, inp: WCS, rows: tuple[int, int], cols: tuple[int, int],
+                   step: int) -> float:  # fmt: skip
+    m = PixelMap(out, inp, rows=rows, cols=cols, step=step)
+    x, y = m.evaluate(0, rows[1] - rows[0])
+    cc, rr = np.meshgrid(np.arange(*cols, dtype=float), np.arange(*rows, dtype=float))
+    xe, ye = inp.world_to_pixel_values(*out.pixel_to_world_values(cc, rr))
+    return float(np.max(np.hypot(x - xe, y - ye)))
+
+
+def test_pixel_map_interpolation_stays_within_its_tolerance() -> None:
+    # a 2048² output tile, an input rotated by 7°, 5 % larger pixels, tangent point 0.2° away
+    out = _tan((150.0, 2.0), (1024.5, 1024.5), 0.26 / 3600)
+    inp = _tan((150.2, 2.1), (1000.0, 900.0), 1.05 * 0.26 / 3600, rot_deg=7.0)
+    step, err = mapping_step(out, inp, rows=(-1, 2049), cols=(-1, 2049))
+    assert step == 32
+    assert err < MAP_TOLERANCE_PX
+    full = _max_map_error(out, inp, (-1, 2049), (-1, 2049), step)
+    assert full < MAP_TOLERANCE_PX
+    assert full < 1e-4  # TAN to TAN nearby: far below the tolerance
+    # step 1 is the exact mapping
+    assert _max_map_error(out, inp, (100, 140), (3, 50), 1) == 0.0
+
+
+def test_pixel_map_refines_its_step_for_a_strongly_curved_mapping() -> None:
+    # a wide-field output (1′ pixels, 400 px ≈ 7°) onto a tangent point 20° away: the
+    # mapping's curvature makes 32-px cells too coarse
+    out = _tan((150.0, 60.0), (200.5, 200.5), 60 / 3600)
+    inp = _tan((170.0, 70.0), (200.5, 200.5), 60 / 3600, rot_deg=20.0)
+    err32 = _max_map_error(out, inp, (0, 400), (0, 400), 32)
+    assert err32 > MAP_TOLERANCE_PX  # the coarse grid alone would be wrong here
+    step, err = mapping_step(out, inp, rows=(0, 400), cols=(0, 400))
+    assert 1 <= step < 32
+    assert err < MAP_TOLERANCE_PX
+    assert _max_map_error(out, inp, (0, 400), (0, 400), step) < MAP_TOLERANCE_PX
+
+
+def test_pixel_map_rejects_a_bad_step() -> None:
+    w = _tan((10.0, 20.0), (50, 50), 1e-4)
+    with pytest.raises(ParameterError, match="step >= 1"):
+        PixelMap(w, w, rows=(0, 10), cols=(0, 10), step=0)
+    with pytest.raises(ParameterError, match="tolerance_px > 0"):
+        mapping_step(w, w, rows=(0, 10), cols=(0, 10), tolerance_px=0.0)
+
+
+def test_kernel_reads_a_box_cut_from_a_larger_array_without_copying_the_same() -> None:
+    rng = np.random.default_rng(4)
+    big = rng.normal(size=(40, 50)).astype(np.float32)
+    var = rng.uniform(1, 2, size=(40, 50)).astype(np.float32)
+    msk = (rng.uniform(size=(40, 50)) > 0.95).astype(np.uint16) * np.uint16(MaskBit.CR)
+    box = (slice(5, 25), slice(7, 37))  # strided views into the larger planes
+    x_in, y_in = _mapping(18, 28, scale=0.9, dx=0.3, dy=0.6)
+    a = resample_pixels(big[box], var[box], msk[box], x_in, y_in)
+    b = resample_pixels(big[box].copy(), var[box].copy(), msk[box].copy(), x_in, y_in)
+    assert_same(a.image, b.image)
+    assert_same(a.variance, b.variance)
+    assert_same(a.mask, b.mask)
+    assert (a.mask != 0).any()
+    # and against a float64, Fortran-ordered input (copied to contiguous float32)
+    c = resample_pixels(np.asfortranarray(big[box], dtype=np.float64), var[box], msk[box],
+                        x_in, y_in)  # fmt: skip
+    np.testing.assert_allclose(c.image, a.image, rtol=1e-6)

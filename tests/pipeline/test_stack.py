@@ -63,6 +63,37 @@ def test_kernel_clips_an_outlier_weights_and_counts() -> None:
     assert kept["count"].min() == 3
 
 
+def test_kernel_with_two_layers_rejects_the_higher_only_when_significant() -> None:
+    rng = np.random.default_rng(5)
+    sky_var = 400.0
+    img = rng.normal(0.0, np.sqrt(sky_var), (2, 200, 200)).astype(np.float32)
+    var = np.full_like(img, sky_var)
+    msk = np.zeros(img.shape, np.uint16)
+    img[1, 50, 60] += 3000.0  # a cosmic ray in the second of two frames
+    var[1, 50, 60] += 3000.0  # its own Poisson noise is in the variance plane
+    img[:, 120, 30] = [60.0, 0.0]  # below 3 sqrt(400 + 400) = 84.9: noise, kept
+    img[:, 121, 30] = [90.0, 0.0]  # above it: the higher goes
+    out = stack_pixels(img, var, msk)
+    assert out["rejected"][50, 60] == 1
+    assert out["count"][50, 60] == 1
+    assert out["image"][50, 60] == pytest.approx(img[0, 50, 60])
+    assert out["rejected"][120, 30] == 0
+    assert out["rejected"][121, 30] == 1
+    assert out["image"][121, 30] == 0.0
+    # pure noise: the higher of two goes only in the one-sided 3σ tail of their difference
+    noise = np.ones(img.shape[1:], bool)
+    noise[50, 60] = noise[120:122, 30] = False
+    frac = float(out["rejected"][noise].mean())
+    assert frac < 0.005
+    # a star whose two frames differ by seeing: the amplitude term keeps both
+    star = np.array([1000.0, 1250.0])[:, None, None] * np.ones((2, 3, 3))
+    kept = stack_pixels(star, np.full_like(star, 1000.0), np.zeros(star.shape, np.uint16))
+    assert kept["count"].min() == 2
+    # with only one valid layer nothing can be judged: it is kept
+    one = stack_pixels(img[:1], var[:1], msk[:1])
+    assert one["rejected"].max() == 0
+
+
 def test_kernel_rejects_bad_choices() -> None:
     a = np.zeros((3, 2, 2))
     with pytest.raises(ParameterError, match=r"method must be one of \['clipped-mean', 'median'\]"):

@@ -176,20 +176,27 @@ def _divisor_at_most(n: int, limit: int) -> int:
 _PACKED = np.dtype([("mean", np.float32), ("variance", np.float32)])
 
 
-def _pair_block(values: NDArray[Any], variance: NDArray[Any], **options: Any) -> NDArray[Any]:
+def _pair_block(
+    values: NDArray[Any], variance: NDArray[Any], *scale: NDArray[Any], **options: Any
+) -> NDArray[Any]:
     out = np.empty(values.shape[1:], dtype=_PACKED)
+    if scale and values.size:  # each frame divided by its level here, in the block
+        s = np.asarray(scale[0], dtype=np.float32)
+        values = values / s
+        variance = np.asarray(variance, dtype=np.float32) / (s * s)
     out["mean"], out["variance"] = clipped_mean_variance(values, variance, **options)
     return out
 
 
-def split_reads(x: da.Array, chunks: tuple[int, ...]) -> da.Array:
+def split_reads(x: da.Array, chunks: tuple[int, ...], *, salt: str = "") -> da.Array:
     """``x`` in ``chunks``, read from its source in those pieces when it can be.
 
     A plain ``da.from_array``/``da.from_zarr`` array (one getter layer over one source
     array, as :func:`lazysky.zarr_store.open_exposure` makes) is opened again on that
     source with the new chunks, so a small block is a small read: nothing holds a whole
-    source chunk to cut it up. Anything else is rechunked (each source chunk is then in
-    memory until all its pieces are used).
+    source chunk to cut it up. A ``salt`` gives the reads other keys: a second, independent
+    pass over the same source (nothing of the first is kept for it). Anything else is
+    rechunked (each source chunk is then in memory until all its pieces are used).
 
     Examples
     --------
@@ -202,7 +209,7 @@ def split_reads(x: da.Array, chunks: tuple[int, ...]) -> da.Array:
     if len(layers) == 2 and original is not None and len(original) == 1:
         source = next(iter(original.values()))
         if getattr(source, "shape", None) == x.shape and getattr(source, "dtype", None) == x.dtype:
-            name = f"{x.name}-split-{tokenize(x.name, chunks)}"
+            name = f"{x.name}-split-{tokenize(x.name, chunks, *([salt] if salt else []))}"
             return da.from_array(source, chunks=chunks, name=name, meta=x._meta)
     return x.rechunk(chunks)
 
@@ -223,6 +230,7 @@ def combine_frames(
     max_iters: int,
     max_block_bytes: int,
     name: str,
+    scale: da.Array | None = None,
 ) -> tuple[da.Array, da.Array | None]:
     """Clipped mean of a lazy ``(frame, detector, y, x)`` stack along ``frame``.
 
@@ -232,6 +240,10 @@ def combine_frames(
     With ``variance`` (per frame), the variance of the mean comes too (else None).
     ``variance`` may be ``(frame, detector, 1, 1)`` (one value per frame and detector):
     it is then broadcast inside each block, never materialised as full frames.
+    ``scale`` (``(frame, detector, 1, 1)``, needs ``variance``) divides each frame, and its
+    variance by the square, inside the block: a frame normalised by a frame-wide level
+    (a flat) is then read only when its tile is combined, instead of waiting, scaled,
+    in memory for the other frames' levels.
     """
     ty, tx = combine_tile(stack, with_variance=variance is not None,
                           max_block_bytes=max_block_bytes)  # fmt: skip
@@ -248,9 +260,15 @@ def combine_frames(
         var = variance.astype(np.float32).rechunk({0: -1, 1: 1, 2: 1, 3: 1})
     else:
         var = variance.astype(np.float32).rechunk(blocks.chunks)
-    token = tokenize(blocks, var, options)
+    extra = []
+    if scale is not None:
+        if scale.shape != (stack.shape[0], stack.shape[1], 1, 1):
+            msg = f"scale must be (frame, detector, 1, 1) = {stack.shape[:2]}, got {scale.shape}"
+            raise ParameterError(msg)
+        extra = [scale.astype(np.float32).rechunk({0: -1, 1: 1, 2: 1, 3: 1})]
+    token = tokenize(blocks, var, *extra, options)
     packed = da.map_blocks(
-        _pair_block, blocks, var, drop_axis=0, dtype=_PACKED, chunks=blocks.chunks[1:],
+        _pair_block, blocks, var, *extra, drop_axis=0, dtype=_PACKED, chunks=blocks.chunks[1:],
         meta=np.empty((0, 0, 0), dtype=_PACKED), name=f"{name}-{token}", **options,
     )  # fmt: skip
     return packed["mean"], packed["variance"]

@@ -83,7 +83,9 @@ def _frames(frames: Frames, kind: str) -> list[xr.DataArray]:
     return out
 
 
-def _read_in_tiles(scis: list[xr.DataArray], max_block_bytes: int) -> list[xr.DataArray]:
+def _read_in_tiles(
+    scis: list[xr.DataArray], max_block_bytes: int, *, salt: str = ""
+) -> list[xr.DataArray]:
     """The frames re-read in the combine's tiles, so no task holds more than its tile.
 
     The tile (:func:`combine_chunks` for this many frames, within the frames' own
@@ -94,7 +96,7 @@ def _read_in_tiles(scis: list[xr.DataArray], max_block_bytes: int) -> list[xr.Da
     ty, tx = combine_chunks(len(scis), (int(data.chunks[1][0]), int(data.chunks[2][0])),
                             max_block_bytes=max_block_bytes,
                             bytes_per_value=WORK_BYTES_PER_VALUE + 16)  # fmt: skip
-    return [s.copy(data=split_reads(da.asarray(s.data), (1, ty, tx))) for s in scis]
+    return [s.copy(data=split_reads(da.asarray(s.data), (1, ty, tx), salt=salt)) for s in scis]
 
 
 def _adu(sci: xr.DataArray, window_rows: int) -> da.Array:
@@ -136,6 +138,7 @@ def _combine(
     sigma: float,
     max_iters: int,
     max_block_bytes: int,
+    scale: da.Array | None = None,
 ) -> tuple[da.Array, da.Array]:
     if not sigma > 0:
         msg = f"sigma must be > 0, got {sigma}"
@@ -152,6 +155,7 @@ def _combine(
         max_iters=max_iters,
         max_block_bytes=max_block_bytes,
         name=f"master-{kind}",
+        scale=scale,
     )
     assert var is not None  # combine_frames returns it when given variances
     return mean, var
@@ -239,24 +243,34 @@ def master_flat(
     overscan_window_rows: int = 1,
 ) -> xr.Dataset:
     """Master flat (relative response, mean 1 over the mosaic) from flat exposures (lazy)."""
-    scis = _read_in_tiles(_frames(frames, "flat"), max_block_bytes)
+    parsed = _frames(frames, "flat")
+    scis = _read_in_tiles(parsed, max_block_bytes)
+    again = _read_in_tiles(parsed, max_block_bytes, salt="scaled")  # the second pass
     masters = [da.asarray(bias.data)] + ([] if dark is None else [da.asarray(dark.data)])
-    scaled, variances = [], []
-    for s in scis:
+
+    def electrons(s: xr.DataArray) -> tuple[da.Array, da.Array]:
         adu = _adu(s, overscan_window_rows)
         collected = (adu - da.asarray(bias.data).rechunk(adu.chunks)) * detector_values(s, "gain")
         e = collected
         if dark is not None:
             e = e - da.asarray(dark.data).rechunk(adu.chunks) * scalar_value(s, "exptime")
-        level = _mosaic_level(e, shared=masters)
-        # the frame again once its level is known, so its blocks do not wait for it in
-        # memory (the scaled frames still wait for the last frame's level: see the docs)
-        e, collected = bind((e, collected), level, omit=masters)
-        scaled.append(e / level)
-        rn2 = detector_values(s, "rdnoise") ** 2
-        variances.append((da.maximum(collected, 0) + rn2) / level**2)
-    combined, var = _combine(scaled, variances, kind="flat", sigma=sigma, max_iters=max_iters,
-                             max_block_bytes=max_block_bytes)  # fmt: skip
+        return e, collected
+
+    # pass 1: each frame's mosaic level (reductions: a few numbers per frame)
+    levels = [_mosaic_level(electrons(s)[0], shared=masters) for s in scis]
+    level = da.stack(levels).reshape(len(levels), 1, 1, 1)
+    level = da.broadcast_to(level, (len(levels), len(scis[0].detector), 1, 1))
+    # pass 2: the frames read again (other keys: nothing of pass 1 is kept for it), in the
+    # combine's tiles, and divided by their levels inside the combine kernel, so a tile
+    # of every frame is read only when that tile is combined
+    scaled, variances = [], []
+    for s in again:
+        e, collected = electrons(s)
+        scaled.append(e)
+        variances.append(da.maximum(collected, 0) + detector_values(s, "rdnoise") ** 2)
+    combined, var = _combine(scaled, variances, kind="flat", sigma=sigma,
+                             max_iters=max_iters, max_block_bytes=max_block_bytes,
+                             scale=level)  # fmt: skip
     norm = _mosaic_level(combined)
     data = (combined / norm).astype(np.float32)
     var = (var / norm**2).astype(np.float32)

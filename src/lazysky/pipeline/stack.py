@@ -10,9 +10,12 @@ finite positive variance):
 
 * ``clipped-mean`` (default): reject a layer when ``|x − m| > sigma · sqrt(v + (amp_frac · m)²)``,
   ``m`` the median of the kept layers, ``v`` the layer's variance, iterated up to
-  ``max_iters`` times (only where at least 3 layers are valid: with two, nobody can tell
-  which is wrong). The ``amp_frac`` term (SWarp's CLIP_AMPFRAC, 0.3) keeps the cores of
-  stars, which differ between frames by seeing and sub-pixel sampling more than by
+  ``max_iters`` times, where at least 3 layers are valid. Where exactly two are, the
+  higher is rejected when ``x_hi − x_lo > sigma · sqrt(v_hi + v_lo + (amp_frac · x_lo)²)``:
+  with two values nobody can tell which is wrong by symmetry, but cosmic rays and
+  satellite trails only ever add flux (with 3 dithered exposures, a third to a half of a
+  coadd is covered by just two). The ``amp_frac`` term (SWarp's CLIP_AMPFRAC, 0.3) keeps
+  the cores of stars, which differ between frames by seeing and sub-pixel sampling more than by
   noise; cosmic rays and satellite trails are far above both. Then the weighted mean of
   the kept layers, ``Σ w x / Σ w``, with variance ``Σ w² v / (Σ w)²``.
 * ``median``: the median of the valid layers, with variance ``π/2 · Σ v / n²``
@@ -61,8 +64,17 @@ COADD_DTYPE = np.dtype(
 )  # fmt: skip
 
 
-def _median(x: NDArray[np.float64], n: NDArray[np.intp]) -> NDArray[np.float64]:
+def _median(x: NDArray[Any], n: NDArray[np.intp]) -> NDArray[Any]:
     """Median along axis 0 ignoring NaN, NaN where ``n`` (valid count) is 0; no warnings."""
+    if x.shape[0] == 1:
+        return np.where(n > 0, x[0], np.nan)
+    if x.shape[0] <= 3:  # no sort: the median of ≤ 3 values from their sum, min and max
+        with np.errstate(invalid="ignore"):
+            total = np.nansum(x, axis=0)
+            lo, hi = np.fmin.reduce(x, axis=0), np.fmax.reduce(x, axis=0)
+            two = (lo + hi) / 2
+            one = np.where(n == 1, total, np.nan)
+            return np.where(n == 3, total - lo - hi, np.where(n == 2, two, one))
     s = np.sort(x, axis=0)  # NaN last
     lo = np.take_along_axis(s, np.maximum((n - 1) // 2, 0)[None], axis=0)[0]
     hi = np.take_along_axis(s, np.maximum(n // 2, 0)[None], axis=0)[0]
@@ -75,17 +87,22 @@ def _merge(
     mask: NDArray[Any],
     groups: Sequence[int],
     bad: int,
-) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[Any], NDArray[np.bool_]]:
-    """One layer per exposure (first valid detector wins)."""
+) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[Any], NDArray[np.bool_]]:
+    """One layer per exposure (first valid detector wins); invalid pixels: 0, ∞, their bits."""
+    ok_all = ((mask & bad) == 0) & np.isfinite(variance) & (variance > 0)
+    if len(set(groups)) == len(groups):  # one layer per exposure already: nothing to merge
+        x = np.where(ok_all, image, 0).astype(np.float32)
+        v = np.where(ok_all, variance, np.inf).astype(np.float32)
+        return x, v, np.asarray(mask, dtype=MASK_DTYPE), ok_all
     keys = list(dict.fromkeys(groups))
     shape = (len(keys), *image.shape[1:])
-    x = np.zeros(shape)
-    v = np.full(shape, np.inf)
+    x = np.zeros(shape, dtype=np.float32)
+    v = np.full(shape, np.inf, dtype=np.float32)
     m = np.full(shape, int(MaskBit.NODATA), dtype=MASK_DTYPE)
     valid = np.zeros(shape, dtype=bool)
     for k, g in enumerate(groups):
         j = keys.index(g)
-        ok = ((mask[k] & bad) == 0) & np.isfinite(variance[k]) & (variance[k] > 0)
+        ok = ok_all[k]
         take = ok & ~valid[j]
         x[j][take], v[j][take], m[j][take] = image[k][take], variance[k][take], mask[k][take]
         # an invalid pixel keeps the first layer's bits, so the coadd can tell why
@@ -93,6 +110,61 @@ def _merge(
         m[j][first] = mask[k][first]
         valid[j] |= ok
     return x, v, m, valid
+
+
+def _clip(
+    x: NDArray[np.float32],
+    v: NDArray[np.float32],
+    valid: NDArray[np.bool_],
+    *,
+    sigma: float,
+    amp_frac: float,
+    max_iters: int,
+) -> NDArray[np.bool_]:
+    """The layers kept by the clipped mean (module docstring): ≥ 3 valid, or exactly 2."""
+    n_valid = valid.sum(axis=0)
+    keep = valid.copy()
+    clip = n_valid >= 3
+    if clip.any():
+        n = x.shape[0]
+        flat_keep = keep.reshape(n, -1)
+        # the first pass over every pixel; later ones only where the previous changed
+        cols: NDArray[np.intp] | slice = slice(None)
+        xs, vs, va = x.reshape(n, -1), v.reshape(n, -1), valid.reshape(n, -1)
+        ks = flat_keep
+        ck = clip.reshape(-1)
+        for _ in range(max_iters):
+            centre = _median(np.where(ks, xs, np.float32(np.nan)), ks.sum(axis=0))
+            with np.errstate(invalid="ignore"):
+                thresh = np.float32(sigma) * np.sqrt(vs + (np.float32(amp_frac) * centre) ** 2)
+                new = va & (~ck | (np.abs(xs - centre) <= thresh))
+            changed = (new != ks).any(axis=0)
+            flat_keep[:, cols] = new
+            if not changed.any():
+                break
+            where = np.flatnonzero(changed)
+            cols = where if isinstance(cols, slice) else cols[where]
+            xs, vs, va = xs[:, where], vs[:, where], va[:, where]
+            ks, ck = new[:, where], ck[where]
+    pair = n_valid == 2
+    if pair.any():
+        # two layers: a positive outlier (cosmic ray, trail) is far more likely than a
+        # negative one, so the higher layer goes when it exceeds the lower by more than
+        # sigma × the noise of their difference (plus the amplitude term of the lower)
+        xp, vp = x[:, pair], v[:, pair]  # (layers, pixels with two valid layers)
+        valid_p = valid[:, pair]
+        hi = np.argmax(np.where(valid_p, xp, -np.inf), axis=0)
+        lo = np.argmin(np.where(valid_p, xp, np.inf), axis=0)
+        col = np.arange(xp.shape[1])
+        x_lo = xp[lo, col]
+        with np.errstate(invalid="ignore"):
+            noise = np.sqrt(vp[hi, col] + vp[lo, col] + (np.float32(amp_frac) * x_lo) ** 2)
+            drop = xp[hi, col] - x_lo > np.float32(sigma) * noise
+        if drop.any():
+            kp = keep[:, pair]
+            kp[hi[drop], col[drop]] = False
+            keep[:, pair] = kp
+    return keep
 
 
 def stack_pixels(
@@ -137,26 +209,18 @@ def stack_pixels(
         return out
     x, v, m, valid = _merge(image, variance, mask, groups, bad_bits)
     n_valid = valid.sum(axis=0)
-    xn = np.where(valid, x, np.nan)
-    keep = valid.copy()
     if method == "median":
-        centre = _median(xn, n_valid)
+        keep = valid
+        centre = _median(np.where(valid, x, np.float32(np.nan)), n_valid)
         n = n_valid
-        var_sum = np.where(valid, v, 0.0).sum(axis=0)
+        var_sum = np.where(valid, v, 0.0).sum(axis=0, dtype=np.float64)
         factor = np.where(n > 2, np.pi / 2, 1.0)
         coadd = centre
         var = factor * var_sum / np.maximum(n, 1) ** 2
         wsum = np.where(valid, 1.0 / np.where(valid, v, 1.0), 0.0).sum(axis=0)
+        shape = x.shape[1:]
     else:
-        clip = n_valid >= 3
-        for _ in range(max_iters):
-            nk = keep.sum(axis=0)
-            centre = _median(np.where(keep, x, np.nan), nk)
-            thresh = sigma * np.sqrt(v + (amp_frac * centre) ** 2)
-            new = valid & (~clip | (np.abs(x - centre) <= thresh))
-            if np.array_equal(new, keep):
-                break
-            keep = new
+        keep = _clip(x, v, valid, sigma=sigma, amp_frac=amp_frac, max_iters=max_iters)
         if weighting == "frame":
             w = np.zeros(x.shape[0])
             keys = list(dict.fromkeys(groups))
@@ -166,23 +230,35 @@ def stack_pixels(
                     continue
                 vj = v[j][valid[j]]
                 w[j] = 1.0 / float(np.median(vj)) if vj.size else 0.0
-            wt = np.where(keep, w[:, None, None], 0.0)
-        else:
-            wt = np.where(keep, 1.0 / np.where(keep, v, 1.0), 0.0)
-        wsum = wt.sum(axis=0)
-        n = keep.sum(axis=0)
+        # layer by layer (a reduction along the short first axis is slow in numpy)
+        shape = x.shape[1:]
+        wsum, num, var = np.zeros(shape), np.zeros(shape), np.zeros(shape)
+        n = np.zeros(shape, dtype=np.intp)
+        for j in range(x.shape[0]):
+            k = keep[j]
+            if weighting == "frame":
+                wj = np.where(k, np.float32(w[j]), np.float32(0))
+            else:
+                wj = np.where(k, 1 / np.where(k, v[j], np.float32(1)), np.float32(0))
+            wsum += wj
+            num += wj * x[j]  # x is 0 where not valid
+            var += wj * wj * np.where(k, v[j], np.float32(0))
+            n += k
         safe = np.where(wsum > 0, wsum, 1.0)
-        coadd = (wt * np.where(keep, x, 0.0)).sum(axis=0) / safe
-        var = (wt * wt * np.where(keep, v, 0.0)).sum(axis=0) / safe**2
+        coadd = num / safe
+        var /= safe**2
     none = n == 0
     out["image"] = np.where(none, 0.0, coadd)
     out["variance"] = np.where(none, np.inf, var)
     out["weight"] = np.where(none, 0.0, wsum)
     out["count"] = n
-    out["rejected"] = n_valid - keep.sum(axis=0)
-    bits = np.bitwise_or.reduce(np.where(keep, m, 0).astype(MASK_DTYPE), axis=0)
+    out["rejected"] = n_valid - (n if method != "median" else keep.sum(axis=0))
+    bits = np.zeros(shape, dtype=MASK_DTYPE)
+    bad = np.full(shape, MaskBit.NODATA, dtype=MASK_DTYPE)
+    for j in range(x.shape[0]):
+        bits |= np.where(keep[j], m[j], MASK_DTYPE.type(0))
+        bad |= m[j]
     # where nothing was kept: the bits that made the layers invalid, and NODATA
-    bad = np.bitwise_or.reduce(m, axis=0) | MASK_DTYPE.type(MaskBit.NODATA)
     out["mask"] = np.where(none, bad, bits)
     return out
 
