@@ -92,9 +92,9 @@ def tiny_survey(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tiny_client() -> Iterator[Any]:
-    """A local cluster of two one-thread worker processes."""
+    """A local cluster of two one-thread worker processes (per module)."""
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
@@ -104,16 +104,19 @@ def tiny_client() -> Iterator[Any]:
 
 @pytest.fixture(scope="session")
 def tiny_clean_rows(tiny_survey: Path, tmp_path_factory: pytest.TempPathFactory,
-                    tiny_client: Any, catalog: Catalog) -> dict[str, list[tuple[Any, ...]]]:
+                    catalog: Catalog) -> dict[str, list[tuple[Any, ...]]]:
     """The catalog rows of one clean run of the tiny survey (what other runs must equal)."""
+    from distributed import Client, LocalCluster
     from test_run_end_to_end import _config, _rows
 
     from lazysky.config import load_settings
     from lazysky.runner import run
 
     store = tmp_path_factory.mktemp("tiny-clean-store")
-    summary = run(_config(tiny_survey, store), settings=load_settings(catalog_dsn=catalog.dsn),
-                  client=tiny_client, catalog=catalog)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        summary = run(_config(tiny_survey, store), settings=load_settings(
+            catalog_dsn=catalog.dsn), client=client, catalog=catalog)
     assert summary.status == "done", summary.errors
     rows = _rows(catalog, summary.run_id)
     assert rows["coadd_sources"], "the clean run found no source"

@@ -69,7 +69,14 @@ def _count(cat: Catalog, table: sa.Table = batch_submissions) -> int:
 def test_a_v2_catalog_upgrades_to_v3_in_place(catalog: Catalog) -> None:
     from lazysky.catalog._extension import ensure_pg_sphere
     from lazysky.catalog.database import get_engine
-    from lazysky.catalog.schema import MIGRATIONS, current_version, runs, schema_version, upgrade
+    from lazysky.catalog.schema import (
+        MIGRATIONS,
+        SCHEMA_VERSION,
+        current_version,
+        runs,
+        schema_version,
+        upgrade,
+    )
     from lazysky.runs import new_run_id
 
     name = f"v2_{uuid.uuid4().hex[:8]}"
@@ -89,14 +96,15 @@ def test_a_v2_catalog_upgrades_to_v3_in_place(catalog: Catalog) -> None:
                                               status="done"))
             assert conn.execute(sa.text("SELECT to_regclass('batch_submissions')")).scalar() \
                 is None
-        assert upgrade(engine) == 3
+        assert upgrade(engine) == SCHEMA_VERSION >= 3
         with engine.connect() as conn:
-            assert current_version(conn) == 3
+            assert current_version(conn) == SCHEMA_VERSION
             assert conn.execute(sa.select(runs.c.run_id)).scalars().all() == [run_id]
         sub = batch.submit(CONFIG, catalog=Catalog(dsn))
         assert sub.state == "queued"
         assert sub.submission_id >= 1
-        assert upgrade(engine) == 3  # idempotent
+        assert upgrade(engine) == SCHEMA_VERSION  # idempotent
+        assert batch.list_submissions(catalog=Catalog(dsn)) == [sub]
     finally:
         _drop(admin, name, dsn)
 
@@ -207,6 +215,13 @@ def test_the_cli_refuses_a_bad_cron_and_queues_nothing(queue: Catalog, tmp_path:
                             check=True)
     assert "0 3 * * *" in listed.stdout
     assert "queued" in listed.stdout
+    shown = subprocess.run([exe, "batch", "show", "1"], env=env, capture_output=True,
+                           text=True, check=True)
+    assert "submission 1: queued" in shown.stdout
+    assert "type        exp, cron '0 3 * * *' (UTC)" in shown.stdout
+    idle = subprocess.run([exe, "batch", "run-due"], env=env, capture_output=True, text=True,
+                          check=True)  # the cron submission is not due before 03:00
+    assert idle.stdout.strip() == "nothing due"
     cancelled = subprocess.run([exe, "batch", "cancel", "1"], env=env, capture_output=True,
                                text=True, check=True)
     assert "submission 1: cancelled" in cancelled.stdout

@@ -120,19 +120,20 @@ class Submission:
         lines = [
             f"submission {self.submission_id}: {self.state}",
             f"  type        {self.run_type}, {when}, from {self.source or '(mapping)'}",
-            f"  due         {self.due_at:%Y-%m-%d %H:%M:%S %Z}",
+            f"  due         {self.due_at.astimezone(dt.UTC):%Y-%m-%d %H:%M:%S} UTC",
             f"  attempts    {self.attempts} of {self.max_attempts}",
             f"  run         {self.run_id or '-'}",
         ]
         if self.state == "running":
             lines.append(f"  lease       {self.lease_owner} until "
-                         f"{self.lease_expires_at:%H:%M:%S}")
+                         f"{self.lease_expires_at:%Y-%m-%d %H:%M:%S %z}")
         if self.error:
             lines.append(f"  error       {self.error}")
         for e in self.executions:
             took = (f"{(e.finished_at - e.started_at).total_seconds():.0f} s"
                     if e.finished_at else "…")
-            lines.append(f"  execution {e.execution_id}: due {e.due_at:%Y-%m-%d %H:%M} "
+            lines.append(f"  execution {e.execution_id}: due "
+                         f"{e.due_at.astimezone(dt.UTC):%Y-%m-%d %H:%M} "
                          f"attempt {e.attempt} {e.state} ({took}) run {e.run_id}"
                          + (f": {e.error}" if e.error else ""))
         return "\n".join(lines)

@@ -426,6 +426,8 @@ def _cmd_batch_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch_list(args: argparse.Namespace) -> int:
+    import datetime as dt
+
     from lazysky.batch import list_submissions
     from lazysky.config import load_settings
 
@@ -435,7 +437,7 @@ def _cmd_batch_list(args: argparse.Namespace) -> int:
           f"{'SCHEDULE':14s} RUN")
     for s in subs:
         print(f"{s.submission_id:>6}  {s.state:22s} {s.run_type:5s} "
-              f"{s.due_at.astimezone():%Y-%m-%d %H:%M} {s.attempts:>2}/{s.max_attempts:<2}  "
+              f"{s.due_at.astimezone(dt.UTC):%Y-%m-%d %H:%M} {s.attempts:>2}/{s.max_attempts:<2}  "
               f"{s.cron or 'once':14s} {s.run_id or '-'}")
     return 0
 
