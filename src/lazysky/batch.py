@@ -37,7 +37,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -531,18 +531,27 @@ class _Heartbeat(threading.Thread):
 def execute(execution: Execution, *, lease_seconds: float = DEFAULT_LEASE_SECONDS,
             catalog: Any = None, settings: Settings | None = None,
             client: Any = None) -> Execution:
-    """Run a claimed execution under its lease (heartbeat), and record how it ended."""
+    """Run a claimed execution under its lease (heartbeat), and record how it ended.
+
+    ``client`` is the Dask client to run on (default: the runner connects its own).
+    """
+    cat = _catalog(catalog, settings)
+    return _execute(execution, cat=cat, settings=settings or load_settings(),
+                    lease_seconds=lease_seconds, get_client=lambda: client)
+
+
+def _execute(execution: Execution, *, cat: Any, settings: Settings, lease_seconds: float,
+             get_client: Callable[[], Any]) -> Execution:
     from lazysky.runner import run
 
-    cat = _catalog(catalog, settings)
-    settings = settings if settings is not None else load_settings()
-    sub = get_submission(execution.submission_id, catalog=cat)
-    cfg = RunConfig.model_validate({**sub.config, "run_id": execution.run_id})
+    # the lease is renewed from the start: connecting a cluster takes a while, too
     beat = _Heartbeat(cat, execution, lease_seconds)
     beat.start()
     state, error = "failed", None
     try:
-        summary = run(cfg, settings=settings, client=client, catalog=cat)
+        sub = get_submission(execution.submission_id, catalog=cat)
+        cfg = RunConfig.model_validate({**sub.config, "run_id": execution.run_id})
+        summary = run(cfg, settings=settings, client=get_client(), catalog=cat)
         state = _RESULT.get(summary.status, "failed")
         if summary.errors:
             error = "; ".join(f"{k}: {v}" for k, v in summary.errors.items())
@@ -595,7 +604,19 @@ def run_due(*, lease_seconds: float = DEFAULT_LEASE_SECONDS, max_submissions: in
     settings = settings if settings is not None else load_settings()
     owner = owner or _owner()
     done: list[Execution] = []
-    own_client = None
+    own: list[Any] = []
+
+    def get_client() -> Any:
+        """The given client, or one cluster connected on first need and kept for all."""
+        if client is not None:
+            return client
+        if not own:
+            from lazysky.cluster import connect
+            from lazysky.pipeline.detect import SepSettings
+
+            own.append(connect(settings, worker_plugins=[SepSettings()]))
+        return own[0]
+
     try:
         while max_submissions is None or len(done) < max_submissions:
             claimed = claim(owner=owner, lease_seconds=lease_seconds, catalog=cat)
@@ -603,14 +624,9 @@ def run_due(*, lease_seconds: float = DEFAULT_LEASE_SECONDS, max_submissions: in
                 break
             logger.info("submission %d: attempt %d, run %s", claimed.submission_id,
                         claimed.attempt, claimed.run_id)
-            if client is None and own_client is None:
-                from lazysky.cluster import connect
-                from lazysky.pipeline.detect import SepSettings
-
-                own_client = connect(settings, worker_plugins=[SepSettings()])
-            done.append(execute(claimed, lease_seconds=lease_seconds, catalog=cat,
-                                settings=settings, client=client or own_client))
+            done.append(_execute(claimed, cat=cat, settings=settings,
+                                 lease_seconds=lease_seconds, get_client=get_client))
     finally:
-        if own_client is not None:
-            own_client.close()
+        for c in own:
+            c.close()
     return done
