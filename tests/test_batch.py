@@ -326,3 +326,16 @@ def test_an_expired_lease_is_taken_again_with_the_same_run_id(queue: Catalog) ->
     assert "gave up after 2 attempt(s)" in (final.error or "")
     assert [(e.owner, e.state) for e in final.executions] == [("a", "completed"),
                                                                ("b", "lost")]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"lease_seconds": 0}, "lease_seconds must be > 0"),
+    ({"lease_seconds": float("nan")}, "lease_seconds must be > 0"),
+    ({"max_submissions": 0}, "max_submissions must be >= 1"),
+])
+def test_run_due_refuses_bad_limits_before_claiming(
+        queue: Catalog, kwargs: dict[str, Any], match: str) -> None:
+    sub = batch.submit(CONFIG, catalog=queue)
+    with pytest.raises(ParameterError, match=match):
+        batch.run_due(catalog=queue, **kwargs)
+    assert batch.get_submission(sub.submission_id, catalog=queue).state == "queued"

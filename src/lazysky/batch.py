@@ -597,8 +597,11 @@ def run_due(*, lease_seconds: float = DEFAULT_LEASE_SECONDS, max_submissions: in
     --------
     >>> run_due(max_submissions=1)  # doctest: +SKIP
     """
-    if lease_seconds <= 0:
-        msg = f"lease_seconds must be > 0; got {lease_seconds!r}"
+    if not lease_seconds > 0:
+        msg = f"lease_seconds must be > 0 (seconds); got {lease_seconds!r}"
+        raise ParameterError(msg)
+    if max_submissions is not None and max_submissions < 1:
+        msg = f"max_submissions must be >= 1 or None (no limit); got {max_submissions!r}"
         raise ParameterError(msg)
     cat = _catalog(catalog, settings)
     settings = settings if settings is not None else load_settings()
