@@ -330,6 +330,11 @@ def get_submission(submission_id: int, *, catalog: Any = None,
     ------
     ParameterError
         No submission has that id.
+
+    Examples
+    --------
+    >>> print(get_submission(7))  # doctest: +SKIP
+    submission 7: completed
     """
     cat = _catalog(catalog, settings)
     with cat.engine().connect() as conn:
@@ -353,6 +358,11 @@ def list_submissions(*, states: Sequence[str] | None = None, catalog: Any = None
     ------
     ParameterError
         An unknown state (the message lists the allowed ones).
+
+    Examples
+    --------
+    >>> [s.submission_id for s in list_submissions(states=["failed"])]  # doctest: +SKIP
+    [3]
     """
     query = sa.select(batch_submissions).order_by(batch_submissions.c.submission_id)
     if states is not None:
@@ -377,6 +387,11 @@ def cancel(submission_id: int, *, catalog: Any = None,
     ------
     ParameterError
         No such submission, or it has already ended (completed, failed, cancelled).
+
+    Examples
+    --------
+    >>> cancel(7).state  # doctest: +SKIP
+    'cancelled'
     """
     cat = _catalog(catalog, settings)
     with cat.engine().begin() as conn:
@@ -414,6 +429,12 @@ def claim(*, owner: str, lease_seconds: float = DEFAULT_LEASE_SECONDS,
     picked ``FOR UPDATE SKIP LOCKED``, gets ``running``, the lease and a run id (a new
     one, or the one of the attempt before: a retry resumes that run), and an execution
     row. A submission whose attempts are used up is ``failed`` instead.
+
+    Examples
+    --------
+    >>> claimed = claim(owner="me", lease_seconds=60)  # doctest: +SKIP
+    >>> claimed.attempt, claimed.run_id  # doctest: +SKIP
+    (1, 'prod-20261124-…')
     """
     from lazysky.runs import new_run_id
 
@@ -534,6 +555,12 @@ def execute(execution: Execution, *, lease_seconds: float = DEFAULT_LEASE_SECOND
     """Run a claimed execution under its lease (heartbeat), and record how it ended.
 
     ``client`` is the Dask client to run on (default: the runner connects its own).
+    :func:`run_due` is claim + execute, in a loop.
+
+    Examples
+    --------
+    >>> execute(claim(owner="me"), client=client).state  # doctest: +SKIP
+    'completed'
     """
     cat = _catalog(catalog, settings)
     return _execute(execution, cat=cat, settings=settings or load_settings(),

@@ -9,6 +9,9 @@ replaces atomically.
 
 The ``*_prod`` views show production rows only (runs of type ``prod``).
 
+``batch_submissions`` and ``batch_executions`` (v3) hold the queue of scheduled batch
+submissions and the history of their executions (:mod:`lazysky.batch`, docs/batch.md).
+
 The schema is versioned: :data:`MIGRATIONS` lists the steps, the table
 ``lazysky_schema`` records those applied, and :func:`upgrade` applies the missing ones
 under an advisory lock (safe when many processes open the catalog at once).
