@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,7 +57,15 @@ def test_a_killed_run_due_is_taken_again_and_ends_with_the_clean_rows(
         tiny_survey: Path, tiny_clean_rows: dict[str, Any], tiny_client: Any,
         catalog: Catalog, tmp_path: Path) -> None:
     store = tmp_path / "store"
-    sub = batch.submit(_config(tiny_survey, store), catalog=catalog)
+    # among the inputs, a truncated file: skipped and recorded, so the run ends with errors
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_survey / "raw", raw)
+    good = (raw / "deep1-r-e002-d00.fits").read_bytes()
+    bad = raw / "deep1-r-e009-d00.fits"
+    bad.write_bytes(good[: len(good) // 2])
+    cfg = _config(tiny_survey, store).model_copy(
+        update={"ingest": [str(raw), str(tiny_survey / "calib")]})
+    sub = batch.submit(cfg, catalog=catalog)
     proc = subprocess.Popen([EXE, "batch", "run-due", "--lease-seconds", str(LEASE_S)],
                             env=_env(catalog.dsn), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -94,16 +103,17 @@ def test_a_killed_run_due_is_taken_again_and_ends_with_the_clean_rows(
     done_runs = batch.run_due(lease_seconds=LEASE_S, catalog=catalog, client=tiny_client,
                               settings=load_settings(catalog_dsn=catalog.dsn))
     assert [(e.submission_id, e.attempt, e.run_id, e.state) for e in done_runs] == [
-        (sub.submission_id, 2, run_id, "completed")]
+        (sub.submission_id, 2, run_id, "completed-with-errors")]
     final = batch.get_submission(sub.submission_id, catalog=catalog)
-    assert final.state == "completed"
+    assert final.state == "completed-with-errors"
+    assert str(bad) in (final.error or "")
     assert final.lease_owner is None
-    assert [e.state for e in final.executions] == ["lost", "completed"]
+    assert [e.state for e in final.executions] == ["lost", "completed-with-errors"]
     assert "lease expired" in (final.executions[0].error or "")
     assert final.executions[1].finished_at is not None
     with catalog.engine().connect() as conn:
         status = conn.execute(sa.select(runs.c.status).where(runs.c.run_id == run_id)).scalar()
-    assert status == "done"
+    assert status == "done_with_errors"
     assert _rows(catalog, str(run_id)) == tiny_clean_rows
 
 
