@@ -77,3 +77,47 @@ def catalog(catalog_dir: Path) -> Catalog:
     from lazysky.config import load_settings
 
     return open_catalog(load_settings(catalog_dir=catalog_dir, catalog_dsn=None))
+
+
+# --- a tiny survey and its clean run, shared by the batch and autoscaling tests ------------
+@pytest.fixture(scope="session")
+def tiny_survey(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny survey of tests/test_run_end_to_end.py (same SurveySpec), simulated once."""
+    from test_run_end_to_end import SPEC
+
+    from lazysky.simulator import simulate_survey
+
+    root = tmp_path_factory.mktemp("tiny-survey")
+    simulate_survey(SPEC, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_client() -> Iterator[Any]:
+    """A local cluster of two one-thread worker processes (per module)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def tiny_clean_rows(tiny_survey: Path, tmp_path_factory: pytest.TempPathFactory,
+                    catalog: Catalog) -> dict[str, list[tuple[Any, ...]]]:
+    """The catalog rows of one clean run of the tiny survey (what other runs must equal)."""
+    from distributed import Client, LocalCluster
+    from test_run_end_to_end import _config, _rows
+
+    from lazysky.config import load_settings
+    from lazysky.runner import run
+
+    store = tmp_path_factory.mktemp("tiny-clean-store")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        summary = run(_config(tiny_survey, store), settings=load_settings(
+            catalog_dsn=catalog.dsn), client=client, catalog=catalog)
+    assert summary.status == "done", summary.errors
+    rows = _rows(catalog, summary.run_id)
+    assert rows["coadd_sources"], "the clean run found no source"
+    return rows

@@ -466,6 +466,111 @@ def _add_kube_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 # --- end of kubernetes ----------------------------------------------------------------
 
 
+# --- batch submissions (issue 10) ------------------------------------------------------
+
+
+def _cmd_batch_submit(args: argparse.Namespace) -> int:
+    from lazysky.batch import submit
+    from lazysky.config import load_settings
+
+    sub = submit(args.config, at=args.at, cron=args.cron, run_type=args.type,
+                 max_attempts=args.max_attempts, settings=load_settings(args.settings))
+    print(sub)
+    return 0
+
+
+def _cmd_batch_list(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from lazysky.batch import list_submissions
+    from lazysky.config import load_settings
+
+    states = args.state or (None if args.all else ["queued", "running"])
+    subs = list_submissions(states=states, settings=load_settings(args.settings))
+    print(f"{'ID':>6}  {'STATE':22s} {'TYPE':5s} {'DUE (UTC)':17s} {'TRY':>5}  "
+          f"{'SCHEDULE':14s} RUN")
+    for s in subs:
+        print(f"{s.submission_id:>6}  {s.state:22s} {s.run_type:5s} "
+              f"{s.due_at.astimezone(dt.UTC):%Y-%m-%d %H:%M} {s.attempts:>2}/{s.max_attempts:<2}  "
+              f"{s.cron or 'once':14s} {s.run_id or '-'}")
+    return 0
+
+
+def _cmd_batch_show(args: argparse.Namespace) -> int:
+    from lazysky.batch import get_submission
+    from lazysky.config import load_settings
+
+    print(get_submission(args.id, settings=load_settings(args.settings)))
+    return 0
+
+
+def _cmd_batch_cancel(args: argparse.Namespace) -> int:
+    from lazysky.batch import cancel
+    from lazysky.config import load_settings
+
+    print(cancel(args.id, settings=load_settings(args.settings)))
+    return 0
+
+
+def _cmd_batch_run_due(args: argparse.Namespace) -> int:
+    from lazysky.batch import run_due
+    from lazysky.config import load_settings
+
+    done = run_due(lease_seconds=args.lease_seconds, max_submissions=args.max,
+                   settings=load_settings(args.settings))
+    for e in done:
+        print(f"submission {e.submission_id} attempt {e.attempt}: {e.state} (run {e.run_id})"
+              + (f": {e.error}" if e.error else ""), flush=True)
+    if not done:
+        print("nothing due")
+    return 0 if all(e.state.startswith("completed") for e in done) else 3
+
+
+def _add_batch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("batch", help="scheduled batch submissions: submit, list, show, "
+                       "cancel, run-due")
+
+    def usage(args: argparse.Namespace) -> int:
+        p.print_help()
+        return 2
+
+    p.set_defaults(handler=usage)
+    bsub = p.add_subparsers(dest="batch_command", metavar="ACTION")
+    q = bsub.add_parser("submit", help="queue a run configuration (validated now)")
+    q.add_argument("config", help="run configuration (YAML; see docs/run.md)")
+    when = q.add_mutually_exclusive_group()
+    when.add_argument("--at", help="due once at this time (ISO 8601; no zone = UTC)")
+    when.add_argument("--cron", help="recurring: 5-field cron expression in UTC, "
+                      "e.g. '0 3 * * *'")
+    q.add_argument("--type", choices=["prod", "exp"], help="run type (default: the "
+                   "configuration's type)")
+    q.add_argument("--max-attempts", type=int, default=3, help="attempts per due time "
+                   "(default 3)")
+    q.set_defaults(handler=_cmd_batch_submit)
+    q = bsub.add_parser("list", help="submissions (default: queued and running)")
+    q.add_argument("--state", action="append", help="only this state (repeatable)")
+    q.add_argument("--all", action="store_true", help="every submission")
+    q.set_defaults(handler=_cmd_batch_list)
+    q = bsub.add_parser("show", help="one submission and its executions")
+    q.add_argument("id", type=int, help="submission id")
+    q.set_defaults(handler=_cmd_batch_show)
+    q = bsub.add_parser("cancel", help="cancel a queued or running submission")
+    q.add_argument("id", type=int, help="submission id")
+    q.set_defaults(handler=_cmd_batch_cancel)
+    q = bsub.add_parser("run-due", help="run every due submission (what the CronJob runs)")
+    q.add_argument("--lease-seconds", type=float, default=300.0,
+                   help="lease length; a dead run-due's submission is retaken after it "
+                   "(default 300)")
+    q.add_argument("--max", type=int, help="stop after this many submissions")
+    q.set_defaults(handler=_cmd_batch_run_due)
+    for action in bsub.choices.values():
+        action.add_argument("--settings", help="lazysky settings YAML "
+                            "(default: $LAZYSKY_CONFIG)")
+
+
+# --- end of batch submissions -------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lazysky`` command."""
     parser = argparse.ArgumentParser(
@@ -512,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_detect_parser(sub)  # detect (issue 6)
     _add_diff_parser(sub)  # difference imaging (issue 6)
     _add_kube_parser(sub)  # kubernetes (issue 10)
+    _add_batch_parser(sub)  # batch submissions (issue 10)
     return parser
 
 

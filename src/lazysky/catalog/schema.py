@@ -9,6 +9,9 @@ replaces atomically.
 
 The ``*_prod`` views show production rows only (runs of type ``prod``).
 
+``batch_submissions`` and ``batch_executions`` (v3) hold the queue of scheduled batch
+submissions and the history of their executions (:mod:`lazysky.batch`, docs/batch.md).
+
 The schema is versioned: :data:`MIGRATIONS` lists the steps, the table
 ``lazysky_schema`` records those applied, and :func:`upgrade` applies the missing ones
 under an advisory lock (safe when many processes open the catalog at once).
@@ -36,6 +39,8 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "SOURCE_TABLES",
+    "batch_executions",
+    "batch_submissions",
     "coadd_sources",
     "diff_sources",
     "exposures",
@@ -216,6 +221,78 @@ def _v2_run_errors_and_tiles(conn: sa.Connection) -> None:
     run_tiles.create(conn)
 
 
+#: States of a batch submission (lazysky.batch); ``running`` holds a lease.
+SUBMISSION_STATES = ("queued", "running", "completed", "completed-with-errors", "failed",
+                     "cancelled")
+#: States of one execution (attempt) of a submission; ``lost``: its lease expired.
+EXECUTION_STATES = ("running", "completed", "completed-with-errors", "failed", "lost")
+_SUB_STATES_SQL = ", ".join(f"'{s}'" for s in SUBMISSION_STATES)
+_EXEC_STATES_SQL = ", ".join(f"'{s}'" for s in EXECUTION_STATES)
+
+batch_submissions = sa.Table(
+    "batch_submissions",
+    metadata,
+    sa.Column("submission_id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("run_type", sa.Text, nullable=False),
+    sa.Column("config", JSONB, nullable=False, comment="the run configuration, validated"),
+    sa.Column("source", sa.Text, nullable=False, server_default="",
+              comment="where the configuration came from (file)"),
+    sa.Column("cron", sa.Text, nullable=True, comment="5-field cron (UTC); NULL: once"),
+    sa.Column("state", sa.Text, nullable=False, server_default="queued"),
+    sa.Column("due_at", sa.DateTime(timezone=True), nullable=False,
+              comment="when the next execution is due"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0",
+              comment="attempts at the current due time"),
+    sa.Column("max_attempts", sa.Integer, nullable=False, server_default="3"),
+    sa.Column("run_id", sa.Text, nullable=True,
+              comment="the run of the current (or last) execution; a retry resumes it"),
+    sa.Column("lease_owner", sa.Text, nullable=True),
+    sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("submitted_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.CheckConstraint(f"state IN ({_SUB_STATES_SQL})", name="submission_state"),
+    sa.CheckConstraint(f"run_type IN ({_RUN_TYPES_SQL})", name="submission_run_type"),
+    sa.CheckConstraint("max_attempts >= 1", name="submission_max_attempts"),
+    sa.CheckConstraint("attempts >= 0", name="submission_attempts"),
+    sa.CheckConstraint("state <> 'running' OR (lease_owner IS NOT NULL AND "
+                       "lease_expires_at IS NOT NULL AND run_id IS NOT NULL)",
+                       name="submission_running_has_lease"),
+    sa.Index("ix_batch_submissions_due", "state", "due_at"),
+    comment="scheduled batch submissions (lazysky batch)",
+)
+
+batch_executions = sa.Table(
+    "batch_executions",
+    metadata,
+    sa.Column("execution_id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("submission_id", sa.BigInteger,
+              sa.ForeignKey("batch_submissions.submission_id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("due_at", sa.DateTime(timezone=True), nullable=False,
+              comment="the due time (cron slot) this execution serves"),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("run_id", sa.Text, nullable=False),
+    sa.Column("owner", sa.Text, nullable=False, comment="host:pid:token of the run-due"),
+    sa.Column("state", sa.Text, nullable=False, server_default="running"),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.CheckConstraint(f"state IN ({_EXEC_STATES_SQL})", name="execution_state"),
+    sa.UniqueConstraint("submission_id", "due_at", "attempt", name="execution_once"),
+    comment="every execution (attempt) of a batch submission: its history",
+)
+
+
+def _v3_batch_submissions(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=[batch_submissions, batch_executions])
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step of the schema's history."""
@@ -231,6 +308,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               _v1_create),
     Migration(2, "runs: errors and status done_with_errors; run_tiles for resumable runs",
               _v2_run_errors_and_tiles),
+    Migration(3, "batch submissions and their executions (lazysky batch)",
+              _v3_batch_submissions),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 LOCK_KEY = 0x6C617A79  # 'lazy': the advisory lock serialising upgrades
