@@ -59,6 +59,9 @@ SERVER_SETTINGS: Mapping[str, str] = {
     "max_connections": "100",
     "shared_buffers": "256MB",
     "max_wal_size": "4GB",
+    # bulk loads write ~0.5 kB of WAL per row: with the default (1/32 of shared_buffers,
+    # 8MB) the loaders keep stalling to write WAL themselves instead of the WAL writer
+    "wal_buffers": "64MB",
     "checkpoint_timeout": "15min",
     "log_min_messages": "warning",
     "jit": "off",  # compiling costs more than short cone and cross-match queries take
