@@ -163,8 +163,10 @@ def _prepare(table: sa.Table, sources: Any) -> tuple[np.ndarray, list[str], list
     # Store a tile's rows in spatial order (1′ Dec strips, then RA): a cone search then
     # reads a few heap pages instead of one per row, and GiST inserts stay local.
     # Rows keep their ``number``; only their physical order changes.
-    order = np.lexsort((arrays["ra"], np.floor(dec * 60.0)))
-    return rows[order], names, exposure_ids
+    # One float key (strip * 400 + RA; RA < 360) sorts several times faster than
+    # lexsort on two, and take() copies records ~20x faster than fancy indexing.
+    order = np.argsort(np.floor(dec * 60.0) * 400.0 + arrays["ra"])
+    return rows.take(order), names, exposure_ids
 
 
 def _stage_sql(table: sa.Table, names: list[str], kinds: dict[str, str]) -> sql.Composed:
