@@ -146,30 +146,34 @@ def to_table(result: sa.CursorResult[Any], stmt: sa.Select[Any]) -> Table:
     return _build_table(rows, list(result.keys()), list(stmt.selected_columns))
 
 
+class _BinaryCursor(psycopg.Cursor[Any]):
+    """A psycopg cursor asking for binary results (``connection.cursor(binary=True)``)."""
+
+    def __init__(self, connection: psycopg.Connection[Any], *,
+                 row_factory: Any = None) -> None:
+        super().__init__(connection, row_factory=row_factory)
+        self.format = psycopg.pq.Format.BINARY
+
+
 def _fetch_binary(conn: sa.Connection, stmt: sa.Select[Any]
-                  ) -> tuple[list[tuple[Any, ...]], list[str]] | None:
-    """Run ``stmt`` on the driver's cursor with binary results (None: not possible).
+                  ) -> tuple[list[tuple[Any, ...]], list[str]]:
+    """Run ``stmt`` through SQLAlchemy (its compiled-statement cache) with binary rows.
 
     psycopg parses binary floats several times faster than their text, the bulk of a
-    cone's fetch; SQLAlchemy's own execution only asks for text. Statements whose SQL
-    SQLAlchemy completes at execution time (``in_()`` lists) take the ordinary path.
+    cone's fetch, and the rows are read from the driver's cursor as plain tuples. The
+    cursor class is swapped only while this (checked-out) connection runs ``stmt``. Every
+    selected column needs a binary output function: ``pos`` (pgSphere has none) is never
+    selected by :func:`cone_query`.
     """
-    compiled = stmt.compile(dialect=conn.dialect)
-    if compiled.post_compile_params or compiled.literal_execute_params:
-        return None
-    params = compiled.construct_params(escape_names=False)
-    for name, bind in compiled.binds.items():
-        proc = bind.type.dialect_impl(conn.dialect).bind_processor(conn.dialect)
-        if proc is not None and name in params:
-            params[name] = proc(params[name])
-    escaped = compiled.escaped_bind_names
-    if escaped:
-        params = {escaped.get(k, k): v for k, v in params.items()}
     driver: psycopg.Connection[Any] = conn.connection.driver_connection  # type: ignore[assignment]
-    with driver.cursor(binary=True) as cur:
-        cur.execute(str(compiled), params)
-        rows = cur.fetchall()
-        return rows, [d.name for d in cur.description or ()]
+    default = driver.cursor_factory
+    driver.cursor_factory = _BinaryCursor
+    try:
+        result = conn.execute(stmt)
+        # the driver's cursor itself: plain tuples, no SQLAlchemy Row per row
+        return list(result.cursor.fetchall()), list(result.keys())
+    finally:
+        driver.cursor_factory = default
 
 
 def cone_search(ra: Any, dec: Any, radius: Any, *, table: str = "coadd",
@@ -219,8 +223,5 @@ def cone_search(ra: Any, dec: Any, radius: Any, *, table: str = "coadd",
     catalog = catalog if catalog is not None else open_catalog()
     # autocommit: a single SELECT needs no BEGIN/ROLLBACK round trips
     with catalog.engine().connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        fetched = _fetch_binary(conn, stmt)
-        if fetched is None:
-            return to_table(conn.execute(stmt), stmt)
-        rows, names = fetched
+        rows, names = _fetch_binary(conn, stmt)
         return _build_table(rows, names, list(stmt.selected_columns))
