@@ -52,13 +52,23 @@ def _field_ra_span(rows: int) -> float:
 
 
 def _tile(rng: np.random.Generator, n: int, t: int) -> dict[str, np.ndarray]:
-    """One tile's sources, as the pipeline writes them (uniform within the tile)."""
+    """One tile's sources, as the pipeline writes them.
+
+    Uniform within the tile, in detection order: ``sep.extract`` reports sources as its
+    raster scan finishes them, i.e. by increasing ``y`` (checked: rank correlation 0.99998
+    on a synthetic image), and the runner numbers them 1…n in that order. ``y`` runs
+    along Dec here (north up). Until 2026-11-24 the benchmark wrote them in random
+    order, which costs the primary-key btree ~10 % more server CPU per row (A/B in
+    docs/catalog.md).
+    """
     ra0, dec0 = _tile_origin(t)
     lo, hi = np.sin(np.radians([dec0, dec0 + TILE_DEG]))
+    dra = rng.uniform(0, TILE_DEG, n)
+    dec = np.sort(np.degrees(np.arcsin(rng.uniform(lo, hi, n))))
     return {
-        "x": rng.uniform(0, 2048, n), "y": rng.uniform(0, 2048, n),
-        "ra": (ra0 + rng.uniform(0, TILE_DEG, n)) % 360,
-        "dec": np.degrees(np.arcsin(rng.uniform(lo, hi, n))),
+        "x": dra / TILE_DEG * 2048, "y": (dec - dec0) / TILE_DEG * 2048,
+        "ra": (ra0 + dra) % 360,
+        "dec": dec,
         "flux_aper": rng.lognormal(5, 1, n), "fluxerr_aper": rng.uniform(1, 10, n),
         "flux_kron": rng.lognormal(5, 1, n), "fluxerr_kron": rng.uniform(1, 10, n),
         "snr": rng.uniform(5, 500, n), "a": rng.uniform(1, 3, n), "b": rng.uniform(0.5, 1, n),
