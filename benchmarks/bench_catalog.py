@@ -91,7 +91,11 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def server_cpu_seconds(catalog_dir: Path) -> float:
-    """CPU seconds (user + system) used so far by the embedded server's processes."""
+    """CPU seconds (user + system) used so far by the embedded server's processes.
+
+    The postmaster's own time, its running children's, and (``cutime``/``cstime``) that
+    of the children it has reaped: backends of closed connections count too.
+    """
     try:
         postmaster = int((catalog_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -104,7 +108,9 @@ def server_cpu_seconds(catalog_dir: Path) -> float:
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(entry) == postmaster or int(fields[1]) == postmaster:
+        if int(entry) == postmaster:
+            total += sum(int(f) for f in fields[11:15]) / _TICK
+        elif int(fields[1]) == postmaster:
             total += (int(fields[11]) + int(fields[12])) / _TICK
     return total
 
