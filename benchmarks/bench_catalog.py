@@ -4,12 +4,15 @@ throughput with several clients, cross-match.
 Run (it starts its own embedded server in --dir, by default /var/tmp/lazysky-bench)::
 
     python benchmarks/bench_catalog.py --rows 1000000
-    python benchmarks/bench_catalog.py --rows 10000000 --queries 300
+    python benchmarks/bench_catalog.py --rows 10000000 --queries 200 --dir DIR
 
 q3c (Debian package ``postgresql-15-q3c``) is installed with apt-get when run as root
 and missing; otherwise its columns are skipped with a note. Prints a Markdown report
-(paste it into docs/catalog.md). Timings are wall-clock on whatever machine runs it:
-the numbers mean something only next to the machine's description, which is printed.
+(paste it into docs/catalog.md), ending with a verdict table per goal of issue 7.
+Timings are wall-clock on whatever machine runs it: the numbers mean something only next
+to the machine's description and load average, which are printed. On a shared machine
+the CPU columns (µs per row or query, client processes + every server process) are the
+steadier guide.
 """
 
 from __future__ import annotations
