@@ -4,12 +4,15 @@ throughput with several clients, cross-match.
 Run (it starts its own embedded server in --dir, by default /var/tmp/lazysky-bench)::
 
     python benchmarks/bench_catalog.py --rows 1000000
-    python benchmarks/bench_catalog.py --rows 10000000 --queries 300
+    python benchmarks/bench_catalog.py --rows 10000000 --queries 200 --dir DIR
 
 q3c (Debian package ``postgresql-15-q3c``) is installed with apt-get when run as root
 and missing; otherwise its columns are skipped with a note. Prints a Markdown report
-(paste it into docs/catalog.md). Timings are wall-clock on whatever machine runs it:
-the numbers mean something only next to the machine's description, which is printed.
+(paste it into docs/catalog.md), ending with a verdict table per goal of issue 7.
+Timings are wall-clock on whatever machine runs it: the numbers mean something only next
+to the machine's description and load average, which are printed. On a shared machine
+the CPU columns (µs per row or query, client processes + every server process) are the
+steadier guide.
 """
 
 from __future__ import annotations
@@ -52,13 +55,23 @@ def _field_ra_span(rows: int) -> float:
 
 
 def _tile(rng: np.random.Generator, n: int, t: int) -> dict[str, np.ndarray]:
-    """One tile's sources, as the pipeline writes them (uniform within the tile)."""
+    """One tile's sources, as the pipeline writes them.
+
+    Uniform within the tile, in detection order: ``sep.extract`` reports sources as its
+    raster scan finishes them, i.e. by increasing ``y`` (checked: rank correlation 0.99998
+    on a synthetic image), and the runner numbers them 1…n in that order. ``y`` runs
+    along Dec here (north up). Until 2026-11-24 the benchmark wrote them in random
+    order, which costs the primary-key btree ~10 % more server CPU per row (A/B in
+    docs/catalog.md).
+    """
     ra0, dec0 = _tile_origin(t)
     lo, hi = np.sin(np.radians([dec0, dec0 + TILE_DEG]))
+    dra = rng.uniform(0, TILE_DEG, n)
+    dec = np.sort(np.degrees(np.arcsin(rng.uniform(lo, hi, n))))
     return {
-        "x": rng.uniform(0, 2048, n), "y": rng.uniform(0, 2048, n),
-        "ra": (ra0 + rng.uniform(0, TILE_DEG, n)) % 360,
-        "dec": np.degrees(np.arcsin(rng.uniform(lo, hi, n))),
+        "x": dra / TILE_DEG * 2048, "y": (dec - dec0) / TILE_DEG * 2048,
+        "ra": (ra0 + dra) % 360,
+        "dec": dec,
         "flux_aper": rng.lognormal(5, 1, n), "fluxerr_aper": rng.uniform(1, 10, n),
         "flux_kron": rng.lognormal(5, 1, n), "fluxerr_kron": rng.uniform(1, 10, n),
         "snr": rng.uniform(5, 500, n), "a": rng.uniform(1, 3, n), "b": rng.uniform(0.5, 1, n),
@@ -67,26 +80,57 @@ def _tile(rng: np.random.Generator, n: int, t: int) -> dict[str, np.ndarray]:
 
 
 def _load_worker(args: tuple[str, str, int, int, int]) -> float:
+    """Write ``n_tiles`` tiles; returns this process's CPU seconds spent on them."""
     dsn, run, first, n_tiles, seed = args
     catalog = open_catalog(dsn=dsn)
     rng = np.random.default_rng(seed)
-    spent = 0.0
+    cpu0 = time.process_time()
     for t in range(first, first + n_tiles):
-        res = write_sources("coadd", run, f"bench-{t:06d}", _tile(rng, TILE_ROWS, t),
-                            catalog=catalog)
-        spent += res.seconds
-    return spent
+        write_sources("coadd", run, f"bench-{t:06d}", _tile(rng, TILE_ROWS, t), catalog=catalog)
+    return time.process_time() - cpu0
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_seconds(catalog_dir: Path) -> float:
+    """CPU seconds (user + system) used so far by the embedded server's processes.
+
+    The postmaster's own time, its running children's, and (``cutime``/``cstime``) that
+    of the children it has reaped: backends of closed connections count too.
+    """
+    try:
+        postmaster = int((catalog_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(entry) == postmaster:
+            total += sum(int(f) for f in fields[11:15]) / _TICK
+        elif int(fields[1]) == postmaster:
+            total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
 
 
 def _warm_worker(dsn: str) -> None:
     open_catalog(dsn=dsn).engine().dispose()
 
 
-def load(catalog: Catalog, run: str, rows: int, *, writers: int) -> list[tuple[int, float]]:
-    """Load ``rows`` rows with ``writers`` processes; returns (rows so far, rows/s) steps."""
+def load(catalog: Catalog, run: str, rows: int, *, writers: int,
+         catalog_dir: Path | None = None) -> list[tuple[int, float, float]]:
+    """Load ``rows`` rows with ``writers`` processes.
+
+    Returns (rows so far, rows/s, CPU µs per row: writers + server) per step.
+    """
     n_tiles = rows // TILE_ROWS
     step_tiles = max(n_tiles // 10, writers)
-    steps: list[tuple[int, float]] = []
+    steps: list[tuple[int, float, float]] = []
     done = 0
     ctx = mp.get_context("spawn")
     with ctx.Pool(writers) as pool:
@@ -96,14 +140,18 @@ def load(catalog: Catalog, run: str, rows: int, *, writers: int) -> list[tuple[i
             todo = min(step_tiles, n_tiles - done)
             share = [todo // writers + (1 if i < todo % writers else 0) for i in range(writers)]
             starts = np.cumsum([0, *share[:-1]]) + done
+            srv0 = server_cpu_seconds(catalog_dir) if catalog_dir else float("nan")
             t0 = time.perf_counter()
-            pool.map(_load_worker, [(catalog.dsn, run, int(s), k, int(s) + 7)
-                                    for s, k in zip(starts, share, strict=True) if k])
+            spent = pool.map(_load_worker, [(catalog.dsn, run, int(s), k, int(s) + 7)
+                                            for s, k in zip(starts, share, strict=True) if k])
             dt = time.perf_counter() - t0
+            srv = (server_cpu_seconds(catalog_dir) if catalog_dir else float("nan")) - srv0
             done += todo
-            steps.append((done * TILE_ROWS, todo * TILE_ROWS / dt))
-            print(f"  loaded {done * TILE_ROWS:>10,d} rows: {todo * TILE_ROWS / dt:,.0f} rows/s",
-                  flush=True)
+            us_per_row = (sum(spent) + srv) / (todo * TILE_ROWS) * 1e6
+            steps.append((done * TILE_ROWS, todo * TILE_ROWS / dt, us_per_row))
+            print(f"  loaded {done * TILE_ROWS:>10,d} rows: {todo * TILE_ROWS / dt:,.0f} rows/s, "
+                  f"{us_per_row:.1f} CPU-µs/row (writers + server), load average "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
     return steps
 
 
@@ -156,17 +204,31 @@ def _centres(n: int, seed: int) -> np.ndarray:
     return np.column_stack([ra, dec])
 
 
-def sql_latency(dsn: str, kind: str, radius: float, n: int, *, seqscan: bool = False
-                ) -> tuple[float, float, float]:
-    """p50, p95 (ms) and mean rows of ``n`` prepared cone queries."""
+def _connect(dsn: str, *, prepared: bool) -> psycopg.Connection[Any]:
+    """A client connection; ``prepared``: as an application serving cones would run one.
+
+    Prepared: the cone statement is prepared on first use and planned once
+    (``plan_cache_mode = force_generic_plan``; the generic plan is the same GiST index
+    scan) and rows come back binary. Otherwise every query is parsed and planned anew
+    and rows come back as text (the way of the earlier runs, kept for comparison).
+    """
+    conn = psycopg.connect(dsn, autocommit=True, prepare_threshold=0 if prepared else None)
+    if prepared:
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+    return conn
+
+
+def sql_latency(dsn: str, kind: str, radius: float, n: int, *, seqscan: bool = False,
+                prepared: bool = True) -> tuple[float, float, float]:
+    """p50, p95 (ms) and mean rows of ``n`` cone queries."""
     times, rows = [], []
-    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+    with _connect(dsn, prepared=prepared) as conn, conn.cursor(binary=prepared) as cur:
         if seqscan:
-            conn.execute("SET enable_indexscan = off")
-            conn.execute("SET enable_bitmapscan = off")
+            cur.execute("SET enable_indexscan = off")
+            cur.execute("SET enable_bitmapscan = off")
         for ra, dec in _centres(n, seed=int(radius * 1e6) + n):
             t0 = time.perf_counter()
-            got = conn.execute(QUERIES[kind], (ra, dec, radius)).fetchall()
+            got = cur.execute(QUERIES[kind], (ra, dec, radius)).fetchall()
             times.append(time.perf_counter() - t0)
             rows.append(len(got))
     ms = np.array(times) * 1e3
@@ -183,25 +245,42 @@ def api_latency(catalog: Catalog, radius: float, n: int) -> tuple[float, float]:
     return float(np.percentile(ms, 50)), float(np.percentile(ms, 95))
 
 
-def _qps_worker(args: tuple[str, float, float, int, float]) -> int:
-    dsn, radius, seconds, seed, span = args
+def _qps_worker(args: tuple[str, float, float, int, float, bool]) -> tuple[int, float]:
+    """Queries done in ``seconds`` and this client's CPU seconds."""
+    dsn, radius, seconds, seed, span, prepared = args
     _SPAN[0] = span
     done = 0
     centres = _centres(5000, seed)
-    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+    with _connect(dsn, prepared=prepared) as conn, conn.cursor(binary=prepared) as cur:
+        cur.execute(QUERIES["pgsphere"], (0.0, 0.0, radius)).fetchall()  # prepare
+        cpu0 = time.process_time()
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
             ra, dec = centres[done % len(centres)]
-            conn.execute(QUERIES["pgsphere"], (ra, dec, radius)).fetchall()
+            cur.execute(QUERIES["pgsphere"], (ra, dec, radius)).fetchall()
             done += 1
-    return done
+        return done, time.process_time() - cpu0
 
 
-def throughput(dsn: str, radius: float, clients: int, seconds: float) -> float:
+def throughput(dsn: str, radius: float, clients: int, seconds: float, *,
+               rounds: int = 2, catalog_dir: Path | None = None
+               ) -> dict[bool, list[tuple[float, float]]]:
+    """Queries/s of ``clients`` processes, unprepared and prepared clients interleaved.
+
+    Returns, per ``prepared`` flag, (queries/s, CPU µs per query: clients + server) of
+    each round.
+    """
+    out: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
     with mp.get_context("spawn").Pool(clients) as pool:
-        counts = pool.map(_qps_worker, [(dsn, radius, seconds, 100 + i, _SPAN[0])
-                                        for i in range(clients)])
-    return sum(counts) / seconds
+        for _ in range(rounds):
+            for prepared in (False, True):
+                srv0 = server_cpu_seconds(catalog_dir) if catalog_dir else float("nan")
+                got = pool.map(_qps_worker, [(dsn, radius, seconds, 100 + i, _SPAN[0],
+                                              prepared) for i in range(clients)])
+                srv = (server_cpu_seconds(catalog_dir) if catalog_dir else float("nan")) - srv0
+                n = sum(g[0] for g in got)
+                out[prepared].append((n / seconds, (sum(g[1] for g in got) + srv) / n * 1e6))
+    return out
 
 
 def main() -> None:
@@ -229,20 +308,25 @@ def main() -> None:
         have = conn.execute("SELECT count(*) FROM coadd_sources").fetchone()
     report = [f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.platform()}, "
               f"load average {os.getloadavg()[0]:.2f} at start"]
+    load_rates: list[float] | None = None
     if not have or have[0] < args.rows:
         run = Run(new_run_id("test"), description="benchmark")
         register_run(run, catalog=catalog)
         print(f"bulk load {args.rows:,d} rows, {args.writers} writer processes, "
               f"{TILE_ROWS:,d} rows per (run, tile)", flush=True)
         steps = load(catalog, run.run_id, args.rows - (have[0] if have else 0),
-                     writers=args.writers)
+                     writers=args.writers, catalog_dir=bench_dir)
         rbr = row_by_row(catalog, run.run_id, 20_000)
-        total = [s for s in steps]
+        rates = [st[1] for st in steps]
+        cpu = [st[2] for st in steps]
+        load_rates = rates
         report.append(f"bulk load (write_sources, {args.writers} processes, indexed table): "
-                      f"first 10 %: {total[0][1]:,.0f} rows/s, last 10 %: "
-                      f"{total[-1][1]:,.0f} rows/s, mean {np.mean([s[1] for s in total]):,.0f}"
-                      f" rows/s; row-by-row INSERT: {rbr:,.0f} rows/s; ratio "
-                      f"{np.mean([s[1] for s in total]) / rbr:.0f}×")
+                      f"first 10 %: {rates[0]:,.0f} rows/s, last 10 %: {rates[-1]:,.0f} rows/s, "
+                      f"mean {np.mean(rates):,.0f} rows/s, per step: "
+                      f"{', '.join(f'{r:,.0f}' for r in rates)}; CPU (writers + server) "
+                      f"{np.median(cpu):.1f} µs/row (median of steps, i.e. "
+                      f"{2e6 / np.median(cpu):,.0f} rows/s if 2 cores did nothing else); "
+                      f"row-by-row INSERT: {rbr:,.0f} rows/s; ratio {np.mean(rates) / rbr:.0f}×")
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE coadd_sources")
         nrows = conn.execute("SELECT count(*) FROM coadd_sources").fetchone()
@@ -253,21 +337,33 @@ def main() -> None:
                   f"{_SPAN[0]:g}° (across 0/360) × Dec {FIELD_DEC[0]:g}…{FIELD_DEC[1]:g}°, "
                   f"{TILE_ROWS / TILE_DEG**2:,.0f} sources/deg²")
     report.append("")
+    report.append("SQL columns: prepared statements planned once, binary rows (see _connect); "
+                  "seq scan: unprepared.")
+    report.append("")
     report.append("| radius | mean rows | pgSphere SQL p50/p95 ms | q3c SQL p50/p95 ms | "
                   "seq scan p50/p95 ms | cone_search() p50/p95 ms |")
     report.append("|---|---|---|---|---|---|")
+    sql_p95: dict[str, float] = {}
+    api_p95: dict[str, float] = {}
     for label, radius in RADII_DEG.items():
         p50, p95, mean_rows = sql_latency(dsn, "pgsphere", radius, args.queries)
         q = sql_latency(dsn, "q3c", radius, args.queries) if q3c else None
-        s = sql_latency(dsn, "pgsphere", radius, 5, seqscan=True)
+        s = sql_latency(dsn, "pgsphere", radius, 5, seqscan=True, prepared=False)
         a = api_latency(catalog, radius, args.queries)
+        sql_p95[label], api_p95[label] = p95, a[1]
         qtxt = f"{q[0]:.2f} / {q[1]:.2f}" if q else "n/a"
         report.append(f"| {label} | {mean_rows:,.0f} | {p50:.2f} / {p95:.2f} | {qtxt} | "
                       f"{s[0]:.0f} / {s[1]:.0f} | {a[0]:.2f} / {a[1]:.2f} |")
         print(report[-1], flush=True)
-    qps = throughput(dsn, 1 / 60, args.clients, 10.0)
+    tput = throughput(dsn, 1 / 60, args.clients, 5.0, rounds=2, catalog_dir=bench_dir)
     report.append("")
-    report.append(f"throughput, {args.clients} clients, r = 1′ (SQL): {qps:,.0f} queries/s")
+    for prepared, label in ((False, "unprepared, text rows"), (True, "prepared, binary rows")):
+        got = tput[prepared]
+        report.append(f"throughput, {args.clients} clients, r = 1′ (SQL, {label}): "
+                      f"{', '.join(f'{q:,.0f}' for q, _ in got)} queries/s in "
+                      f"{len(got)} interleaved rounds of 5 s; CPU (clients + server) "
+                      f"{np.median([c for _, c in got]):.0f} µs/query")
+    qps = float(np.median([q for q, _ in tput[True]]))
     with psycopg.connect(dsn) as conn:
         sample = conn.execute("SELECT ra, dec FROM coadd_sources TABLESAMPLE SYSTEM (1) "
                               "LIMIT %s", (args.xmatch // 2,)).fetchall()
@@ -275,11 +371,54 @@ def main() -> None:
     far = _centres(args.xmatch - len(near), seed=17)
     ra = np.concatenate([near[:, 0], far[:, 0]])
     dec = np.concatenate([near[:, 1], far[:, 1]])
-    t0 = time.perf_counter()
-    matched = crossmatch(ra, dec, "1arcsec", catalog=catalog)
-    report.append(f"cross-match {args.xmatch:,d} positions at 1″: {time.perf_counter() - t0:.2f} s "
-                  f"({len(matched):,d} matches)")
+    xm_times, xm_cpu = [], []
+    for _ in range(3):
+        srv0, cpu0 = server_cpu_seconds(bench_dir), time.process_time()
+        t0 = time.perf_counter()
+        matched = crossmatch(ra, dec, "1arcsec", catalog=catalog)
+        xm_times.append(time.perf_counter() - t0)
+        xm_cpu.append(time.process_time() - cpu0 + server_cpu_seconds(bench_dir) - srv0)
+    xm = float(np.median(xm_times))
+    report.append(f"cross-match {args.xmatch:,d} positions (half on sources) at 1″: "
+                  f"{', '.join(f'{t:.2f}' for t in xm_times)} s (median {xm:.2f} s; CPU "
+                  f"client + server {np.median(xm_cpu):.2f} s; {len(matched):,d} matches)")
+    report.append(f"load average at the end: {os.getloadavg()[0]:.2f}")
+    report.append("")
+    report.extend(verdicts(total_rows, load_rates, sql_p95, api_p95, qps, xm, args.xmatch))
     print("\n".join(report))
+
+
+def verdicts(rows: int, load_rates: list[float] | None, sql_p95: dict[str, float],
+             api_p95: dict[str, float], qps: float, xmatch_s: float,
+             xmatch_n: int) -> list[str]:
+    """The goals of issue 7 against this run's numbers, as a Markdown table."""
+    def mark(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    out = [f"Goals (stated at 10 M rows on 2 cores; this run: {rows:,d} rows, "
+           f"{os.cpu_count()} cores)", "",
+           "| goal | measured | verdict |", "| --- | --- | --- |"]
+    if load_rates:
+        ok = min(float(np.mean(load_rates)), load_rates[-1]) >= 150_000
+        out.append(f"| bulk load ≥ 150 000 rows/s, sustained as the table grows | mean "
+                   f"{np.mean(load_rates):,.0f}, last 10 % {load_rates[-1]:,.0f} rows/s | "
+                   f"{mark(bool(ok))} |")
+    else:
+        out.append("| bulk load ≥ 150 000 rows/s | not measured (rows already loaded, --keep) "
+                   "| n/a |")
+    small = [k for k in RADII_DEG if RADII_DEG[k] <= 0.1]
+    out.append(f"| SQL p95 ≤ 1 ms for r ≤ 6′ | "
+               f"{', '.join(f'{k}: {sql_p95[k]:.2f} ms' for k in small)} | "
+               f"{mark(all(sql_p95[k] <= 1.0 for k in small))} |")
+    out.append(f"| cone_search p95 ≤ 5 ms (r ≤ 6′) | "
+               f"{', '.join(f'{k}: {api_p95[k]:.2f} ms' for k in small)} | "
+               f"{mark(all(api_p95[k] <= 5.0 for k in small))} |")
+    out.append(f"| ≥ 10 000 queries/s with 4 clients | {qps:,.0f} /s (prepared, median) | "
+               f"{mark(qps >= 10_000)} |")
+    out.append(f"| cross-match 100 000 × 10 M at 1″ ≤ 2 s | {xmatch_n:,d} positions: "
+               f"{xmatch_s:.2f} s (median of 3) | "
+               f"{mark(xmatch_s <= 2.0)} |")
+    return out
 
 
 if __name__ == "__main__":

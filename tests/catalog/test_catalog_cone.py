@@ -157,3 +157,41 @@ def test_bad_options() -> None:
         cone_query(1, 1, 1, limit=0)
     with pytest.raises(ParameterError, match="run id"):
         cone_query(1, 1, 1, run="x' OR '1'='1")
+
+
+def test_binary_fetch_equals_sqlalchemy_execution(catalog: Catalog, make_run: Callable[..., str],
+                                                  sources: Sources) -> None:
+    """cone_search reads binary rows from the driver; the same query with SQLAlchemy's
+    ordinary (text) rows gives the same Table: NULLs as NaN, ints, text, units; a where
+    clause SQLAlchemy completes at execution (``in_``) works too; the connection's
+    cursors are text again afterwards."""
+    import psycopg
+
+    from lazysky.catalog.cone import _fetch_binary, to_table
+
+    run = make_run()
+    data = sources(400, seed=11, ra_range=(200.0, 200.5), dec_range=(10.0, 10.5))
+    data["flux_kron"] = np.where(np.arange(400) % 3 == 0, np.nan, 7.5)
+    write_sources("coadd", run, "bin-0", data, catalog=catalog)
+    flags_in = coadd_sources.c.flags.in_([0, 2])
+    for where in ([], [coadd_sources.c.snr > 100], [flags_in]):
+        got = cone_search(200.25, 10.25, "10arcmin", run=run, where=where, catalog=catalog)
+        stmt = cone_query(200.25, 10.25, "10arcmin", run=run, where=where)
+        with catalog.engine().connect() as conn:
+            ref = to_table(conn.execute(stmt), stmt)
+        assert len(got) > 20
+        assert got.colnames == ref.colnames
+        for name in got.colnames:
+            assert got[name].dtype == ref[name].dtype, name
+            assert got[name].unit == ref[name].unit, name
+            np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(ref[name]))
+        assert np.isnan(np.asarray(got["flux_kron"])).any()
+        assert set(got["run_id"]) == {run}
+    assert set(np.asarray(got["flags"])) <= {0, 2}
+    with catalog.engine().connect() as conn:
+        rows, names = _fetch_binary(conn, stmt)
+        assert len(rows) == len(got)
+        assert names == got.colnames
+        driver = conn.connection.driver_connection
+        assert driver.cursor_factory is psycopg.Cursor  # the pooled connection is as it was
+        assert driver.cursor().format == psycopg.pq.Format.TEXT

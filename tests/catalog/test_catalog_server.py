@@ -34,6 +34,20 @@ def test_session_server_runs_and_has_pgsphere(catalog: Catalog, catalog_dir: Pat
     assert listen == ("",), "the embedded server must not listen on TCP"
 
 
+def test_server_settings_are_in_force(catalog: Catalog) -> None:
+    """Every setting lazysky writes into the embedded cluster's postgresql.conf applies
+    (e.g. wal_buffers, which loaders need; a typo would only be a log line)."""
+    with psycopg.connect(libpq_dsn(catalog.dsn)) as conn:
+        for name, value in catalog_server.SERVER_SETTINGS.items():
+            got = conn.execute(
+                "SELECT setting, unit, pending_restart FROM pg_settings WHERE name = %s",
+                (name,)).fetchone()
+            assert got is not None, name
+            shown = conn.execute(f"SHOW {name}").fetchone()
+            assert shown == (value.strip("'"),), (name, shown, value)
+            assert got[2] is False, name
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="root-only behaviour")
 def test_as_root_the_server_runs_as_postgres(catalog_dir: Path, catalog: Catalog) -> None:
     import pwd

@@ -166,6 +166,32 @@ def test_bad_arguments(catalog: Catalog, make_run: Callable[..., str], sources: 
         write_sources("coadd", make_run(), "", sources(1, seed=0), catalog=catalog)
     with pytest.raises(ParameterError, match="astropy Table"):
         write_sources("coadd", make_run(), "t", [1, 2, 3], catalog=catalog)
+    with pytest.raises(ParameterError, match="durable must be True or False"):
+        write_sources("coadd", make_run(), "t", sources(1, seed=0), catalog=catalog,
+                      durable="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_asynchronous_commit_stays_inside_the_write(catalog: Catalog,
+                                                    make_run: Callable[..., str],
+                                                    sources: Sources, durable: bool) -> None:
+    """The loader's ``synchronous_commit = off`` is SET LOCAL: the connection (pooled,
+    reused by e.g. mark_tile_done right after) is back to synchronous commits, and the
+    rows are committed either way."""
+    from lazysky.catalog.schema import SOURCE_TABLES
+    from lazysky.catalog.write import _columns_of, _prepare, _replace
+
+    run = make_run()
+    tbl = SOURCE_TABLES["coadd"]
+    rows, names, _ = _prepare(tbl, sources(30, seed=4))
+    # autocommit: like the pool's idle connections, so the write is its own transaction
+    with psycopg.connect(libpq_dsn(catalog.dsn), autocommit=True) as conn:
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        deleted, inserted = _replace(conn, tbl, run, "async", rows, names, _columns_of(tbl),
+                                     [], durable=durable)
+        assert (deleted, inserted) == (0, 30)
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
+    assert len(_rows(catalog, coadd_sources, run, "async")) == 30
 
 
 _WRITER = textwrap.dedent("""

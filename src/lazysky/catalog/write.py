@@ -11,7 +11,14 @@ the staged ones. So:
 - a writer killed at any point (even with SIGKILL in the middle of the COPY) changes
   nothing: the transaction never commits, the previous rows stay;
 - rows are stored in spatial order within the tile (1′ Dec strips, then RA), so a cone
-  search touches few heap pages.
+  search touches few heap pages;
+- by default the transaction commits without waiting for its WAL to reach the disk
+  (``synchronous_commit = off`` for this transaction only): still all-or-nothing, but a
+  crash of the server or the machine within ~0.6 s of the commit may forget that
+  (run, tile)'s write. Every later synchronous commit flushes the WAL written before it,
+  so the :func:`~lazysky.catalog.mark_tile_done` that follows a write in the pipeline
+  (or :func:`~lazysky.catalog.finish_run`) makes it durable; a tile lost that way is not
+  marked done and is written again on resume. ``durable=True`` waits for the flush.
 
 ``pos`` (the ``spoint``) is computed by the database from ``ra``/``dec``.
 
@@ -156,8 +163,10 @@ def _prepare(table: sa.Table, sources: Any) -> tuple[np.ndarray, list[str], list
     # Store a tile's rows in spatial order (1′ Dec strips, then RA): a cone search then
     # reads a few heap pages instead of one per row, and GiST inserts stay local.
     # Rows keep their ``number``; only their physical order changes.
-    order = np.lexsort((arrays["ra"], np.floor(dec * 60.0)))
-    return rows[order], names, exposure_ids
+    # One float key (strip * 400 + RA; RA < 360) sorts several times faster than
+    # lexsort on two, and take() copies records ~20x faster than fancy indexing.
+    order = np.argsort(np.floor(dec * 60.0) * 400.0 + arrays["ra"])
+    return rows.take(order), names, exposure_ids
 
 
 def _stage_sql(table: sa.Table, names: list[str], kinds: dict[str, str]) -> sql.Composed:
@@ -187,7 +196,7 @@ def _insert_sql(table: sa.Table, names: list[str], kinds: dict[str, str]) -> sql
 
 
 def write_sources(table: str, run_id: str, tile_id: str, sources: Any, *,
-                  catalog: Catalog | None = None) -> WriteResult:
+                  catalog: Catalog | None = None, durable: bool = False) -> WriteResult:
     """Replace the rows of one (run, tile) in a source table, atomically.
 
     Parameters
@@ -206,6 +215,11 @@ def write_sources(table: str, run_id: str, tile_id: str, sources: Any, *,
         NaN in an optional float column is stored as NULL; RA is wrapped into [0, 360).
     catalog
         The opened catalog (default: :func:`open_catalog` with the settings in force).
+    durable
+        Wait until the commit is on disk (``synchronous_commit = on``). The default
+        commits asynchronously (atomic all the same; made durable by the next synchronous
+        commit, e.g. :func:`~lazysky.catalog.mark_tile_done`): waiting for the disk costs
+        a loader more than the COPY itself on a busy machine.
 
     Returns
     -------
@@ -228,6 +242,9 @@ def write_sources(table: str, run_id: str, tile_id: str, sources: Any, *,
     if not isinstance(tile_id, str) or not tile_id:
         msg = f"tile_id must be a non-empty string, got {tile_id!r}"
         raise ParameterError(msg)
+    if not isinstance(durable, bool):
+        msg = f"durable must be True or False, got {durable!r}"
+        raise ParameterError(msg)
     rows, names, exposure_ids = _prepare(tbl, sources)
     kinds = _columns_of(tbl)
     catalog = catalog if catalog is not None else open_catalog()
@@ -236,7 +253,7 @@ def write_sources(table: str, run_id: str, tile_id: str, sources: Any, *,
     try:
         conn: psycopg.Connection[Any] = raw.driver_connection  # type: ignore[assignment]
         deleted, inserted = _replace(conn, tbl, run_id, tile_id, rows, names, kinds,
-                                     exposure_ids)
+                                     exposure_ids, durable=durable)
     finally:
         raw.close()
     seconds = time.perf_counter() - t0
@@ -280,11 +297,13 @@ def _check_references_once(cur: psycopg.Cursor[Any], tbl: sa.Table, run_id: str,
 
 def _replace(conn: psycopg.Connection[Any], tbl: sa.Table, run_id: str, tile_id: str,
              rows: np.ndarray, names: list[str], kinds: dict[str, str],
-             exposure_ids: list[str]) -> tuple[int, int]:
+             exposure_ids: list[str], *, durable: bool = True) -> tuple[int, int]:
     payload = memoryview(rows.tobytes())
     params = {"run": run_id, "tile": tile_id, "exposures": exposure_ids}
     try:
         with conn.transaction(), conn.cursor() as cur:
+            if not durable:
+                cur.execute("SET LOCAL synchronous_commit = off")
             cur.execute(_stage_sql(tbl, names, kinds))
             copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
                 sql.Identifier(f"_stage_{tbl.name}"),

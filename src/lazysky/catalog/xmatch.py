@@ -79,22 +79,24 @@ def _query(table: str, run: str | None) -> sql.Composed:
     # index (all the run's rows per position) instead of the GiST probes (tested).
     run_filter = (sql.SQL(" AND s.run_id || '' = %(run)s") if run is not None
                   else sql.SQL(""))
+    # no ORDER BY: the parts are probed concurrently and merged in numpy anyway, and a
+    # sort of the matches on the server would spill to disk under the default work_mem
     return sql.SQL(
         "SELECT x.idx, s.run_id, s.tile_id, s.number, s.ra, s.dec, "
         "(s.pos <-> spoint(radians(x.ra), radians(x.dec))) * %(to_arcsec)s AS distance "
         "FROM _xmatch x JOIN {t} s "
-        "ON s.pos <@ scircle(spoint(radians(x.ra), radians(x.dec)), %(radius)s){run} "
-        "ORDER BY x.idx, distance"
+        "ON s.pos <@ scircle(spoint(radians(x.ra), radians(x.dec)), %(radius)s){run}"
     ).format(t=sql.Identifier(SOURCE_TABLES[table].name),
              run=run_filter)
 
 
 def _probe(catalog: Catalog, payload: bytes, query: sql.Composed,
-           params: dict[str, Any]) -> list[tuple[Any, ...]]:
+           params: dict[str, Any], *, binary: bool = True) -> list[tuple[Any, ...]]:
     raw = catalog.engine().raw_connection()
     try:
         conn: psycopg.Connection[Any] = raw.driver_connection  # type: ignore[assignment]
-        with conn.transaction(), conn.cursor() as cur:
+        # binary results: psycopg parses them several times faster than text
+        with conn.transaction(), conn.cursor(binary=binary) as cur:
             # binary COPY cannot fill an spoint column (pgSphere has no binary input),
             # so the positions arrive as floats and become spoints in the join
             cur.execute("CREATE TEMP TABLE _xmatch (idx int4, ra float8, dec float8) "
@@ -110,7 +112,8 @@ def _probe(catalog: Catalog, payload: bytes, query: sql.Composed,
 
 def _run(ra: Any, dec: Any, radius: Any, *, table: str, run: str | None,
          catalog: Catalog | None, explain: bool, n_connections: int
-         ) -> list[tuple[Any, ...]]:
+         ) -> list[list[tuple[Any, ...]]]:
+    """The rows of each part (one part for ``explain``: the plan's lines)."""
     radius_rad = math.radians(parse_radius(radius))
     if run is not None:
         validate_run_id(run)
@@ -129,13 +132,27 @@ def _run(ra: Any, dec: Any, radius: Any, *, table: str, run: str | None,
     parts = [_payload(chunk, ra_a[chunk], dec_a[chunk])
              for chunk in np.array_split(order, n_parts)]
     if n_parts == 1:
-        return _probe(catalog, parts[0], query, params)
+        return [_probe(catalog, parts[0], query, params, binary=not explain)]
     # one connection per part, probed concurrently (psycopg waits without the GIL)
     with ThreadPoolExecutor(n_parts) as pool:
-        results = list(pool.map(lambda p: _probe(catalog, p, query, params), parts))
-    rows = [r for part in results for r in part]
-    rows.sort(key=lambda r: (r[0], r[6]))
-    return rows
+        return list(pool.map(lambda p: _probe(catalog, p, query, params), parts))
+
+
+def _matches_table(parts: list[list[tuple[Any, ...]]]) -> Table:
+    """The parts' rows as one Table ordered by position index, then distance."""
+    rows = [r for part in parts for r in part]
+    cols: list[tuple[Any, ...]] = list(zip(*rows, strict=True)) if rows else [()] * 7
+    index = np.asarray(cols[0], dtype=np.int64)
+    distance = np.asarray(cols[6], dtype=np.float64)
+    order = np.lexsort((distance, index))
+    return Table(
+        [index[order], np.asarray(cols[1], dtype=str)[order],
+         np.asarray(cols[2], dtype=str)[order],
+         np.asarray(cols[3], dtype=np.int64)[order],
+         np.asarray(cols[4], dtype=np.float64)[order],
+         np.asarray(cols[5], dtype=np.float64)[order], distance[order]],
+        names=["index", "run_id", "tile_id", "number", "ra", "dec", "distance"],
+        units={"ra": u.deg, "dec": u.deg, "distance": u.arcsec}, copy=False)
 
 
 def crossmatch(ra: Any, dec: Any, radius: Any, *, table: str = "coadd",
@@ -162,21 +179,14 @@ def crossmatch(ra: Any, dec: Any, radius: Any, *, table: str = "coadd",
         (arcsec); ordered by ``index`` then distance. Positions without a match are
         absent.
     """
-    rows = _run(ra, dec, radius, table=table, run=run, catalog=catalog, explain=False,
-                n_connections=n_connections)
-    cols: list[tuple[Any, ...]] = list(zip(*rows, strict=True)) if rows else [()] * 7
-    return Table(
-        [np.asarray(cols[0], dtype=np.int64), np.asarray(cols[1], dtype=str),
-         np.asarray(cols[2], dtype=str), np.asarray(cols[3], dtype=np.int64),
-         np.asarray(cols[4], dtype=np.float64) * u.deg,
-         np.asarray(cols[5], dtype=np.float64) * u.deg,
-         np.asarray(cols[6], dtype=np.float64) * u.arcsec],
-        names=["index", "run_id", "tile_id", "number", "ra", "dec", "distance"])
+    parts = _run(ra, dec, radius, table=table, run=run, catalog=catalog, explain=False,
+                 n_connections=n_connections)
+    return _matches_table(parts)
 
 
 def crossmatch_plan(ra: Any, dec: Any, radius: Any, *, table: str = "coadd",
                     run: str | None = None, catalog: Catalog | None = None) -> str:
     """PostgreSQL's plan (``EXPLAIN``) of :func:`crossmatch` for these positions."""
-    rows = _run(ra, dec, radius, table=table, run=run, catalog=catalog, explain=True,
-                n_connections=1)
+    (rows,) = _run(ra, dec, radius, table=table, run=run, catalog=catalog, explain=True,
+                   n_connections=1)
     return "\n".join(str(r[0]) for r in rows)
