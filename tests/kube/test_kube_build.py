@@ -160,7 +160,8 @@ def test_cron_accepted(good: str) -> None:
     assert check_cron(good) == good
 
 
-@pytest.mark.parametrize("bad", ["every night", "* * * *", "61 * * * * *", "*/x * * * *", ""])
+@pytest.mark.parametrize("bad", ["every night", "* * * *", "61 * * * * *", "*/x * * * *", "",
+                                 "61 * * * *", "0 25 * * *", "0 3 32 * *"])
 def test_bad_cron(bad: str) -> None:
     with pytest.raises(ParameterError, match=r"schedule=.*not a cron expression"):
         build_batch_cronjob(namespace="lazysky", image=IMAGE, schedule=bad)

@@ -18,6 +18,7 @@ Examples
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -68,8 +69,7 @@ DB_OWNER, DB_READER, DB_NAME = "lazysky", "lazysky_reader", "lazysky"
 _SECRET_KEY = re.compile(r"PASSWORD|PASSWD|SECRET|TOKEN|PRIVATE|CREDENTIAL|ACCESS_KEY",
                          re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"://[^/@\s:]*:[^/@\s]+@")
-_CRON_FIELD = re.compile(r"^(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?"
-                         r"(,(\*|[0-9A-Za-z]+(-[0-9A-Za-z]+)?)(/[0-9]+)?)*$")
+_CRON_EPOCH = datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)
 _CRON_MACROS = {"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight",
                 "@hourly"}
 
@@ -387,10 +387,16 @@ def check_cron(schedule: str, *, field: str = "schedule") -> str:
     >>> check_cron("*/5 * * * *")
     '*/5 * * * *'
     """
+    from cronsim import CronSim, CronSimError
+
     if isinstance(schedule, str) and schedule.strip() in _CRON_MACROS:
         return schedule.strip()
     fields = schedule.split() if isinstance(schedule, str) else []
-    if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
+    try:  # the parser `lazysky batch` uses, so ranges are checked too (61 minutes is not)
+        ok = len(fields) == 5 and CronSim(" ".join(fields), _CRON_EPOCH) is not None
+    except CronSimError:
+        ok = False
+    if not ok:
         msg = (
             f"{field}={schedule!r} is not a cron expression; expected five fields "
             f"'minute hour day-of-month month day-of-week' (e.g. '*/5 * * * *') or one of "

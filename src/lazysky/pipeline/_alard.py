@@ -39,13 +39,11 @@ from numpy.typing import NDArray
 from scipy import fft, ndimage, signal
 
 from lazysky.errors import ParameterError
-from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
-from lazysky.pipeline._zogy import ZogyResult, _spectrum
+from lazysky.pipeline._mask import MaskBit
+from lazysky.pipeline._zogy import ZogyResult, _inputs, _spectrum, output_mask
 
 __all__ = ["alard_lupton_pixels", "basis", "broader", "moment_sigma"]
 
-_NODATA = int(MaskBit.NODATA)
-_EDGE = int(MaskBit.EDGE)
 DEGREES = (4, 3, 2)
 
 
@@ -133,22 +131,10 @@ def alard_lupton_pixels(
     >>> round(float(r.image[68:93, 68:93].sum()) / 2000, 1), bool(r.score[80, 80] > 8)
     (1.0, True)
     """
-    if not (new.shape == ref.shape == var_new.shape == var_ref.shape) or new.ndim != 2:
-        msg = (f"new, ref and their variances must be 2-d of one shape, got {new.shape}, "
-               f"{ref.shape}, {var_new.shape}, {var_ref.shape}")  # fmt: skip
-        raise ParameterError(msg)
     ny, nx = new.shape
-    m_new = np.zeros(new.shape, MASK_DTYPE) if mask_new is None else np.asarray(mask_new)
-    m_ref = np.zeros(new.shape, MASK_DTYPE) if mask_ref is None else np.asarray(mask_ref)
-    vn = np.asarray(var_new, dtype=np.float64)
-    vr = np.asarray(var_ref, dtype=np.float64)
-    ok_n = np.isfinite(vn) & (vn > 0) & np.isfinite(new) & ((m_new & _NODATA) == 0)
-    ok_r = np.isfinite(vr) & (vr > 0) & np.isfinite(ref) & ((m_ref & _NODATA) == 0)
+    n_img, r_img, vn, vr, m_new, m_ref, ok_n, ok_r = _inputs(
+        new, ref, var_new, var_ref, mask_new, mask_ref)  # fmt: skip
     both = ok_n & ok_r
-    n_img = np.where(ok_n, new, 0.0)
-    r_img = np.where(ok_r, ref, 0.0)
-    vn = np.where(ok_n, vn, 0.0)
-    vr = np.where(ok_r, vr, 0.0)
     pn = np.asarray(psf_new, dtype=np.float64)
     pr = np.asarray(psf_ref, dtype=np.float64)
     pn, pr = pn / pn.sum(), pr / pr.sum()
@@ -217,12 +203,7 @@ def alard_lupton_pixels(
                 v_s = v_s + sx**2 * gx**2 + sy**2 * gy**2
         tiny = 1e-10 * float(np.max(v_s)) if v_s.size else 0.0
         corr = np.where(both & (v_s > tiny), score / np.sqrt(np.maximum(v_s, tiny)), 0.0)
-        mask = (m_new | m_ref).astype(MASK_DTYPE)
-        missing = ~both
-        mask[missing] |= MASK_DTYPE.type(_NODATA)
-        if missing.any():
-            near = ndimage.binary_dilation(missing, iterations=max(size // 2, half)) & ~missing
-            mask[near] |= MASK_DTYPE.type(_EDGE)
+        mask = output_mask(m_new, m_ref, both, reach_px=max(size // 2, half))
         image = np.where(both, d, 0.0)
         variance = np.where(both, np.maximum(var_d, 0.0), np.inf)
         return ZogyResult(image, variance, corr, mask, p_d, float(flux_ratio))

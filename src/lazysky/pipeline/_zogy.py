@@ -51,6 +51,7 @@ __all__ = [
     "correlation_from_sums",
     "correlation_sums",
     "difference_psf",
+    "output_mask",
     "partial_coverage",
     "zogy_pixels",
 ]
@@ -162,10 +163,6 @@ def zogy_pixels(
     >>> round(float(r.image[22:43, 22:43].sum()) / 2000, 1), float(r.score.max()) > 8
     (1.0, True)
     """
-    if not (new.shape == ref.shape == var_new.shape == var_ref.shape) or new.ndim != 2:
-        msg = (f"new, ref and their variances must be 2-d of one shape, got {new.shape}, "
-               f"{ref.shape}, {var_new.shape}, {var_ref.shape}")  # fmt: skip
-        raise ParameterError(msg)
     if not (np.isfinite(flux_ratio) and flux_ratio > 0):
         msg = f"flux_ratio must be finite and > 0, got {flux_ratio}"
         raise ParameterError(msg)
@@ -174,16 +171,8 @@ def zogy_pixels(
         msg = f"astrometric_sigma_px must be (σx, σy) >= 0, got {astrometric_sigma_px}"
         raise ParameterError(msg)
     ny, nx = new.shape
-    m_new = np.zeros(new.shape, MASK_DTYPE) if mask_new is None else np.asarray(mask_new)
-    m_ref = np.zeros(new.shape, MASK_DTYPE) if mask_ref is None else np.asarray(mask_ref)
-    vn = np.asarray(var_new, dtype=np.float64)
-    vr = np.asarray(var_ref, dtype=np.float64)
-    ok_n = np.isfinite(vn) & (vn > 0) & np.isfinite(new) & ((m_new & _NODATA) == 0)
-    ok_r = np.isfinite(vr) & (vr > 0) & np.isfinite(ref) & ((m_ref & _NODATA) == 0)
-    n_img = np.where(ok_n, new, 0.0)
-    r_img = np.where(ok_r, ref, 0.0)
-    vn = np.where(ok_n, vn, 0.0)
-    vr = np.where(ok_r, vr, 0.0)
+    n_img, r_img, vn, vr, m_new, m_ref, ok_n, ok_r = _inputs(
+        new, ref, var_new, var_ref, mask_new, mask_ref)  # fmt: skip
     fr = float(flux_ratio)
     s2n = float(sigma2_new) if sigma2_new is not None else _median_or_one(vn[ok_n])
     s2r = float(sigma2_ref) if sigma2_ref is not None else _median_or_one(vr[ok_r])
@@ -236,12 +225,7 @@ def zogy_pixels(
     tiny = 1e-10 * float(np.max(v_s)) if v_s.size else 0.0
     both = ok_n & ok_r
     corr = np.where(both & (v_s > tiny), score[core] / np.sqrt(np.maximum(v_s, tiny)), 0.0)
-    mask = (m_new | m_ref).astype(MASK_DTYPE)
-    missing = ~both
-    mask[missing] |= MASK_DTYPE.type(_NODATA)
-    if missing.any():  # near missing data a source is only partly seen: flag it
-        near = ndimage.binary_dilation(missing, iterations=max(size // 2, 1)) & ~missing
-        mask[near] |= MASK_DTYPE.type(_EDGE)
+    mask = output_mask(m_new, m_ref, both, reach_px=max(size // 2, 1))
     image = np.where(both, image, 0.0)
     variance = np.where(both, variance, np.inf)
     p_d = difference_psf(psf_new, psf_ref, flux_ratio=fr, sigma2_new=s2n, sigma2_ref=s2r,
@@ -379,6 +363,41 @@ def correlation_from_sums(sums: NDArray[Any], *, min_pairs: int = 1000) -> NDArr
     c = s[0] / s[1]
     out: NDArray[np.float64] = 0.5 * (c + c[::-1, ::-1])
     return out
+
+
+def _inputs(
+    new: NDArray[Any], ref: NDArray[Any], var_new: NDArray[Any], var_ref: NDArray[Any],
+    mask_new: NDArray[Any] | None, mask_ref: NDArray[Any] | None,
+) -> tuple[NDArray[Any], ...]:  # fmt: skip
+    """A pair's pixels for a difference kernel: ``(new, ref, var_new, var_ref, mask_new,
+    mask_ref, ok_new, ok_ref)`` with missing pixels (non-finite, variance ≤ 0, NODATA)
+    set to zero signal and zero noise."""
+    if not (new.shape == ref.shape == var_new.shape == var_ref.shape) or new.ndim != 2:
+        msg = (f"new, ref and their variances must be 2-d of one shape, got {new.shape}, "
+               f"{ref.shape}, {var_new.shape}, {var_ref.shape}")  # fmt: skip
+        raise ParameterError(msg)
+    m_new = np.zeros(new.shape, MASK_DTYPE) if mask_new is None else np.asarray(mask_new)
+    m_ref = np.zeros(new.shape, MASK_DTYPE) if mask_ref is None else np.asarray(mask_ref)
+    vn = np.asarray(var_new, dtype=np.float64)
+    vr = np.asarray(var_ref, dtype=np.float64)
+    ok_n = np.isfinite(vn) & (vn > 0) & np.isfinite(new) & ((m_new & _NODATA) == 0)
+    ok_r = np.isfinite(vr) & (vr > 0) & np.isfinite(ref) & ((m_ref & _NODATA) == 0)
+    return (np.where(ok_n, new, 0.0), np.where(ok_r, ref, 0.0), np.where(ok_n, vn, 0.0),
+            np.where(ok_r, vr, 0.0), m_new, m_ref, ok_n, ok_r)  # fmt: skip
+
+
+def output_mask(
+    m_new: NDArray[Any], m_ref: NDArray[Any], both: NDArray[np.bool_], *, reach_px: int
+) -> NDArray[Any]:
+    """The difference's mask: the inputs' bits, NODATA where either has no data, EDGE within
+    ``reach_px`` of that (near missing data a source is only partly seen)."""
+    mask = (m_new | m_ref).astype(MASK_DTYPE)
+    missing = ~both
+    mask[missing] |= MASK_DTYPE.type(_NODATA)
+    if missing.any():
+        near = ndimage.binary_dilation(missing, iterations=reach_px) & ~missing
+        mask[near] |= MASK_DTYPE.type(_EDGE)
+    return mask
 
 
 def _median_or_one(v: NDArray[np.float64]) -> float:
