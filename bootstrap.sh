@@ -7,7 +7,8 @@
 #
 # It installs the system packages lazysky needs (the PostgreSQL server and pg_sphere for
 # the embedded catalog; python3-venv where the system Python lacks it; for `test`, the
-# reference tools Source Extractor and SWarp) with apt-get, as
+# reference tools Source Extractor and SWarp, and chromium for the dashboard's browser test)
+# with apt-get, as
 # root or through `sudo -n`, and the Python environment in .venv (pyproject.toml, extras
 # `all` and `test`). Each step is skipped when what it installs is already there, so a
 # second run costs seconds. Environment: PYTHON (default python3), LAZYSKY_VENV (.venv).
@@ -85,6 +86,9 @@ if command -v apt-get >/dev/null 2>&1; then
   if [ "$action" = test ]; then
     command -v source-extractor >/dev/null 2>&1 || pkgs+=("source-extractor")
     command -v SWarp >/dev/null 2>&1 || command -v swarp >/dev/null 2>&1 || pkgs+=("swarp")
+    # the dashboard page's browser test (tests/dashboard): Debian's headless chromium,
+    # driven by Playwright from the venv (no browser download)
+    command -v chromium >/dev/null 2>&1 || pkgs+=("chromium")
   fi
   apt_install "${pkgs[@]}"
 else

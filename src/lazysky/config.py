@@ -125,6 +125,10 @@ class ClusterSettings(BaseModel):
         default_factory=dict, description="kind=kube: environment variables taken from "
         "Secrets, as {VAR: 'secret-name/key'}."
     )
+    watch: bool = Field(
+        True, description="Register lazysky's scheduler plugin (the /lazysky dashboard page, "
+        "lazysky_* metrics on /metrics, per-stage progress bars) on the cluster a run uses."
+    )
 
     @field_validator("address")
     @classmethod

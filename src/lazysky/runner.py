@@ -199,15 +199,16 @@ def _stage(name: str, timings: dict[str, float]) -> Iterator[None]:
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - t0, 3)
 
 
-def _compute(client: Any, collection: Any, *, label: str, show: bool) -> Any:
-    """Compute at a stage's edge on the cluster, with a progress bar in the terminal."""
-    futures = client.compute(collection)
-    if show:
-        from distributed import progress
+def _compute(client: Any, collection: Any, *, label: str, show: bool, run_id: str = "",
+             stage: str = "") -> Any:
+    """Compute at a stage's edge on the cluster, with progress bars per stage in the terminal
+    (its tasks are annotated with run and stage for the dashboard page: lazysky.dashboard)."""
+    from lazysky.dashboard import annotate, show_progress
 
-        print(f"[{label}]", flush=True)
-        progress(futures)
-        print(flush=True)
+    with annotate(run_id, stage):
+        futures = client.compute(collection)
+    if show:
+        show_progress(client, futures, run_id=run_id, stage=stage, label=label)
     return client.gather(futures)
 
 
@@ -223,6 +224,9 @@ def _write_catalog_tile(parts: Sequence[Table], *, dsn: str, table: str, run_id:
         rows["number"] = np.arange(1, len(rows) + 1, dtype=np.int32)
     write_sources(table, run_id, tile, _catalog_columns(rows, table), catalog=catalog)
     mark_tile_done(run_id, stage, tile, rows=len(rows), catalog=catalog)
+    from lazysky.dashboard import report_rows
+
+    report_rows(run_id, table, tile, len(rows))  # the dashboard's live count
     return len(rows)
 
 
@@ -373,6 +377,11 @@ def run(
         grid = SkyGrid.covering(footprints, pixel_scale_arcsec=scale, tile_px=cfg.field.tile_px)
         tiles = grid.tile_ids()
         name = cfg.field.name
+        if settings.cluster.watch:  # the dashboard page, /metrics, progress bars
+            from lazysky.dashboard import announce_run, watch
+
+            watch(client)
+            announce_run(client, run_id, field=name, grid=grid, exposures=list(cals))
 
         def coadd_of(ids: Sequence[str]) -> xr.Dataset:
             """The coadd of ``ids`` with its PSF per tile (stored with it: the difference
@@ -392,7 +401,8 @@ def run(
                 ref_writes = write_product(store, run_id, "coadd", name,
                                            coadd_of(sel.reference), tiles=todo, compute=False,
                                            settings=settings)
-                _compute(client, ref_writes, label="reference coadd", show=show_progress)
+                _compute(client, ref_writes, label="reference coadd", show=show_progress,
+                         run_id=run_id, stage="reference")
             reference = open_product(store, run_id, "coadd", name, settings=settings)
 
         diff_names = {epoch: f"{name}-{epoch}" for epoch in sel.epochs}
@@ -427,7 +437,8 @@ def run(
                 writes.append(write_product(store, run_id, "diff", diff_names[epoch], keep,
                                             tiles=todo, compute=False, settings=settings))
             if writes:
-                _compute(client, writes, label="differences", show=show_progress)
+                _compute(client, writes, label="differences", show=show_progress,
+                         run_id=run_id, stage="difference")
             diffs = {epoch: open_product(store, run_id, "diff", n, settings=settings)
                      for epoch, n in diff_names.items()}
 
@@ -454,7 +465,7 @@ def run(
                     stage="detect-diff", dask_key_name=f"catalog-diff-{tile}-{run_id}")
             if tasks:
                 _compute(client, list(tasks.values()), label="detect + catalog",
-                         show=show_progress)
+                         show=show_progress, run_id=run_id, stage="detect")
         done_co = done_tiles(run_id, "detect-coadd", catalog=catalog)
         done_dia = done_tiles(run_id, "detect-diff", catalog=catalog)
         status = "done_with_errors" if errors else "done"
@@ -466,6 +477,10 @@ def run(
             timings=dict(timings), errors=dict(errors), dashboard=dashboard,
         )
     finally:
+        if settings.cluster.watch:
+            from lazysky.dashboard import announce_end
+
+            announce_end(client, run_id, status=status, timings=timings, errors=errors)
         with suppress(LazySkyError, OSError):  # a run never registered (bad config)
             finish_run(run_id, status=status, timings=timings, errors=errors, catalog=catalog)
             # the products say how their run ended, too

@@ -1,0 +1,105 @@
+"""Terminal progress bars per stage, fed by the scheduler's lazysky plugin.
+
+While a stage's futures run, :func:`show_progress` asks the scheduler (the plugin's
+``lazysky_runs`` handler) twice a second how many tiles of each stage are done and draws
+one bar per stage; it works the same under a local or a remote (Kubernetes) client.
+On a terminal the bars are redrawn in place; elsewhere (a log file, a CronJob's output)
+only the final state is printed, once. Without the plugin it falls back to Dask's own
+progress bar.
+
+Examples
+--------
+>>> from lazysky.dashboard._progress import bar
+>>> bar("reference", 3, 4, width=8, seconds=1.5)
+'reference   [######··]   3/4   tiles  1.5 s'
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from lazysky.errors import ParameterError
+
+__all__ = ["bar", "show_progress", "stages_of"]
+
+POLL_S = 0.5
+
+
+def bar(stage: str, done: int, total: int, *, width: int = 30, failed: int = 0,
+        seconds: float = 0.0, unit: str = "tiles") -> str:
+    """One line: ``stage  [#####·····]  done/total unit  seconds`` (pure)."""
+    frac = done / total if total else 0.0
+    n = round(frac * width)
+    fail = f"  {failed} failed" if failed else ""
+    return (f"{stage:<11} [{'#' * n}{'·' * (width - n)}] {done:>3}/{total:<3} {unit:<5} "
+            f"{seconds:.1f} s{fail}")
+
+
+def stages_of(stage: str) -> tuple[str, ...]:
+    """The page stages one runner compute covers (detection carries the catalog writes)."""
+    return ("detect", "catalog") if stage == "detect" else (stage,)
+
+
+def _lines(snap: dict[str, Any], stages: Sequence[str]) -> list[str]:
+    out = []
+    for stage in stages:
+        st = snap["stages"].get(stage)
+        if st is None:
+            continue
+        if st["total"]:
+            out.append(bar(stage, st["done"], st["total"], failed=st["failed"],
+                           seconds=st["seconds"]))
+        else:
+            out.append(bar(stage, st["tasks_done"], st["tasks"], seconds=st["seconds"],
+                           unit="tasks"))
+    return out
+
+
+def show_progress(client: Any, futures: Any, *, run_id: str, stage: str, label: str = "",
+                  out: TextIO | None = None) -> None:
+    """Draw per-stage bars until ``futures`` are finished (or one failed).
+
+    Parameters
+    ----------
+    client
+        The ``distributed.Client`` the futures run on.
+    futures
+        A future or a list of them (what ``client.compute`` returned).
+    run_id, stage
+        The run and the runner stage the futures compute.
+    label
+        The heading printed above the bars.
+    out
+        Where to draw (default ``sys.stdout``).
+    """
+    from lazysky.dashboard._plugin import runs
+
+    out = out if out is not None else sys.stdout
+    futs = futures if isinstance(futures, list | tuple) else [futures]
+    print(f"[{label or stage}]", file=out, flush=True)
+    try:
+        runs(client, run_id)
+    except ParameterError:  # no plugin on that scheduler: Dask's own bar
+        from distributed import progress
+
+        progress(futs)
+        print(file=out, flush=True)
+        return
+    live = bool(getattr(out, "isatty", lambda: False)())
+    drawn = 0
+    while True:
+        finished = all(f.done() for f in futs)
+        snaps = runs(client, run_id)
+        lines = _lines(snaps[0], stages_of(stage)) if snaps else []
+        if live or finished:
+            if drawn:
+                out.write(f"\x1b[{drawn}F")  # back to the first bar, redraw in place
+            out.write("".join(f"{line}\x1b[K\n" if live else f"{line}\n" for line in lines))
+            out.flush()
+            drawn = len(lines)
+        if finished:
+            return
+        time.sleep(POLL_S)
