@@ -568,7 +568,7 @@ def execute(execution: Execution, *, lease_seconds: float = DEFAULT_LEASE_SECOND
 
 
 def _execute(execution: Execution, *, cat: Any, settings: Settings, lease_seconds: float,
-             get_client: Callable[[], Any]) -> Execution:
+             get_client: Callable[[], Any], show_progress: bool = False) -> Execution:
     from lazysky.runner import run
 
     # the lease is renewed from the start: connecting a cluster takes a while, too
@@ -578,7 +578,8 @@ def _execute(execution: Execution, *, cat: Any, settings: Settings, lease_second
     try:
         sub = get_submission(execution.submission_id, catalog=cat)
         cfg = RunConfig.model_validate({**sub.config, "run_id": execution.run_id})
-        summary = run(cfg, settings=settings, client=get_client(), catalog=cat)
+        summary = run(cfg, settings=settings, client=get_client(), catalog=cat,
+                      show_progress=show_progress)
         state = _RESULT.get(summary.status, "failed")
         if summary.errors:
             error = "; ".join(f"{k}: {v}" for k, v in summary.errors.items())
@@ -598,7 +599,7 @@ def _execute(execution: Execution, *, cat: Any, settings: Settings, lease_second
 
 def run_due(*, lease_seconds: float = DEFAULT_LEASE_SECONDS, max_submissions: int | None = None,
             catalog: Any = None, settings: Settings | None = None, client: Any = None,
-            owner: str | None = None) -> list[Execution]:
+            owner: str | None = None, show_progress: bool = False) -> list[Execution]:
     """Run every submission that is due, one after the other (what the CronJob runs).
 
     Parameters
@@ -614,6 +615,8 @@ def run_due(*, lease_seconds: float = DEFAULT_LEASE_SECONDS, max_submissions: in
         The Dask client to run on (default: :func:`lazysky.cluster.connect` once, for all).
     owner
         This process's name in leases (default ``host:pid:token``).
+    show_progress
+        Print progress bars per stage of each run (``lazysky batch run-due`` does).
 
     Returns
     -------
@@ -655,7 +658,8 @@ def run_due(*, lease_seconds: float = DEFAULT_LEASE_SECONDS, max_submissions: in
             logger.info("submission %d: attempt %d, run %s", claimed.submission_id,
                         claimed.attempt, claimed.run_id)
             done.append(_execute(claimed, cat=cat, settings=settings,
-                                 lease_seconds=lease_seconds, get_client=get_client))
+                                 lease_seconds=lease_seconds, get_client=get_client,
+                                 show_progress=show_progress))
     finally:
         for c in own:
             c.close()

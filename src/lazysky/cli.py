@@ -517,7 +517,8 @@ def _cmd_batch_run_due(args: argparse.Namespace) -> int:
     from lazysky.config import load_settings
 
     done = run_due(lease_seconds=args.lease_seconds, max_submissions=args.max,
-                   settings=load_settings(args.settings))
+                   settings=load_settings(args.settings),
+                   show_progress=not args.no_progress)
     for e in done:
         print(f"submission {e.submission_id} attempt {e.attempt}: {e.state} (run {e.run_id})"
               + (f": {e.error}" if e.error else ""), flush=True)
@@ -562,6 +563,7 @@ def _add_batch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    help="lease length; a dead run-due's submission is retaken after it "
                    "(default 300)")
     q.add_argument("--max", type=int, help="stop after this many submissions")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars")
     q.set_defaults(handler=_cmd_batch_run_due)
     for action in bsub.choices.values():
         action.add_argument("--settings", help="lazysky settings YAML "

@@ -133,7 +133,7 @@ def test_plugin_keeps_the_newest_runs() -> None:
     assert plugin.snapshot("r0") == []
 
 
-def test_progress_falls_back_without_plugin() -> None:
+def test_progress_says_so_without_plugin() -> None:
     from distributed import Client, LocalCluster
 
     out = io.StringIO()
@@ -142,4 +142,28 @@ def test_progress_falls_back_without_plugin() -> None:
         fut = client.submit(sum, [1, 2])
         show_progress(client, [fut], run_id=RUN, stage="reference", label="sums", out=out)
         assert fut.result() == 3
-    assert out.getvalue().startswith("[sums]\n")
+    assert out.getvalue() == ("[sums]\n  (no progress bars: lazysky's scheduler plugin is off, "
+                              "cluster.watch)\n")
+
+
+def test_grafana_dashboard_uses_the_metrics_lazysky_serves() -> None:
+    """Every lazysky_* series a panel queries is one the collector serves."""
+    import json
+    import re
+    from pathlib import Path
+
+    st = _state()
+    st.add_qa("t000_000", {"fwhm_px": 2.0})
+    served = set()
+    for fam in collect([st.snapshot()]):
+        served |= {s.name for s in fam.samples}
+    dash = json.loads((Path(__file__).parents[2] / "kube" / "grafana"
+                       / "lazysky-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs += [v["definition"] for v in dash["templating"]["list"] if "definition" in v]
+    used = {m for e in exprs for m in re.findall(r"\blazysky_[a-z_]+", e)}
+    assert used, "the dashboard queries no lazysky metric"
+    assert used <= served, sorted(used - served)
+    assert {"lazysky_tiles", "lazysky_rows_written_total", "lazysky_stage_seconds",
+            "lazysky_qa"} <= used
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])

@@ -123,7 +123,10 @@ def lazysky_doc(plugin: Any, scheduler: Any, extra: dict[str, Any], doc: Any) ->
         snaps = plugin.snapshot(select.value) if select.value else plugin.snapshot()
         return snaps[0] if snaps else None
 
-    select = Select(title="run", options=list(reversed(plugin.runs)), value="", width=360)
+    def run_options() -> list[tuple[str, str]]:
+        return [("", "the newest run"), *((r, r) for r in reversed(plugin.runs))]
+
+    select = Select(title="run", options=run_options(), value="", width=420)
     colour = Select(title="colour by", options=["state"], value="state", width=200)
     header = Div(text=_header(None), sizing_mode="stretch_width")
     empty = map_data({"tiles": []})
@@ -157,9 +160,9 @@ def lazysky_doc(plugin: Any, scheduler: Any, extra: dict[str, Any], doc: Any) ->
         name="lazysky-failure-table")
 
     def update() -> None:
-        ids = list(reversed(plugin.runs))
-        if select.options != ids:
-            select.options = ids
+        options = run_options()
+        if [tuple(o) for o in select.options] != options:
+            select.options = options
         snap = current()
         header.text = _header(snap)
         if snap is None:

@@ -4,8 +4,8 @@ While a stage's futures run, :func:`show_progress` asks the scheduler (the plugi
 ``lazysky_runs`` handler) twice a second how many tiles of each stage are done and draws
 one bar per stage; it works the same under a local or a remote (Kubernetes) client.
 On a terminal the bars are redrawn in place; elsewhere (a log file, a CronJob's output)
-only the final state is printed, once. Without the plugin it falls back to Dask's own
-progress bar.
+only the final state is printed, once. Without the plugin (``cluster.watch: false``) it
+only says so and waits.
 
 Examples
 --------
@@ -82,11 +82,12 @@ def show_progress(client: Any, futures: Any, *, run_id: str, stage: str, label: 
     print(f"[{label or stage}]", file=out, flush=True)
     try:
         runs(client, run_id)
-    except ParameterError:  # no plugin on that scheduler: Dask's own bar
-        from distributed import progress
+    except ParameterError:  # no plugin on that scheduler (cluster.watch false)
+        from distributed import wait
 
-        progress(futs)
-        print(file=out, flush=True)
+        print("  (no progress bars: lazysky's scheduler plugin is off, cluster.watch)",
+              file=out, flush=True)
+        wait(futs)
         return
     live = bool(getattr(out, "isatty", lambda: False)())
     drawn = 0
