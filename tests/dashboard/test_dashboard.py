@@ -218,7 +218,7 @@ def test_terminal_shows_a_bar_per_stage(watched: dict[str, Any]) -> None:
 def test_runs_without_plugin_is_a_clear_error() -> None:
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=0, processes=False, dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client, \
             pytest.raises(ParameterError, match=r"lazysky\.dashboard\.watch"):
         runs(client)

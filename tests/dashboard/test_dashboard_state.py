@@ -137,7 +137,7 @@ def test_progress_says_so_without_plugin() -> None:
     from distributed import Client, LocalCluster
 
     out = io.StringIO()
-    with LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster, \
+    with LocalCluster(n_workers=1, processes=False, dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         fut = client.submit(sum, [1, 2])
         show_progress(client, [fut], run_id=RUN, stage="reference", label="sums", out=out)

@@ -130,7 +130,8 @@ class LazySkyPlugin(SchedulerPlugin):
         kind, run_id = msg.get("kind"), msg.get("run_id")
         if not isinstance(run_id, str):
             return
-        if kind == "run":
+        if kind == "run":  # a new attempt of a run id starts afresh
+            self.runs.pop(run_id, None)
             st = self._run(run_id)
             st.field = str(msg.get("field", ""))
             st.tiles = {str(t): [list(map(float, c)) for c in corners]

@@ -135,6 +135,8 @@ class RunState:
     def task(self, key: Any, stage: str, state: str, *, now: float | None = None,
              error: str = "", blamed: Any = None) -> None:
         """A task of this run moved to ``state`` (``processing``, ``memory``, ``erred``)."""
+        if self.finished is not None:
+            return  # the run ended: what it shows is final
         name = key_name(key) if not isinstance(key, tuple) else repr(key)
         if name not in self._seen:
             self.add_tasks([key], stage)
@@ -195,6 +197,7 @@ class RunState:
         for tiles in self.stages.values():  # nothing runs any more
             for rec in tiles.values():
                 rec.running = 0
+        self._seen.clear()  # late transitions change nothing: free the per-task memory
 
     # --- facts out --------------------------------------------------------------------
     def tile_state(self, stage: str, tile: str) -> str:
