@@ -167,3 +167,14 @@ def test_grafana_dashboard_uses_the_metrics_lazysky_serves() -> None:
     assert {"lazysky_tiles", "lazysky_rows_written_total", "lazysky_stage_seconds",
             "lazysky_qa"} <= used
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+
+
+def test_annotate_marks_only_a_named_run() -> None:
+    import dask
+
+    from lazysky.dashboard import annotate
+
+    with annotate(RUN, "reference"):
+        assert dask.get_annotations() == {"lazysky": {"run": RUN, "stage": "reference"}}
+    with annotate("", "reference"):
+        assert "lazysky" not in dask.get_annotations()

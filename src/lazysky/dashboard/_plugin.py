@@ -103,7 +103,8 @@ class LazySkyPlugin(SchedulerPlugin):
             return
         by: dict[tuple[str, str], list[Any]] = {}
         for key, ann in ours.items():
-            by.setdefault((ann["run"], ann["stage"]), []).append(key)
+            if isinstance(ann, Mapping) and ann.get("run"):
+                by.setdefault((str(ann["run"]), str(ann.get("stage", ""))), []).append(key)
         for (run_id, stage), ks in by.items():
             self._run(run_id).add_tasks(ks, stage)
 
@@ -114,7 +115,7 @@ class LazySkyPlugin(SchedulerPlugin):
             return
         ts: Any = self.scheduler.tasks.get(key) if self.scheduler is not None else None
         ann = ts.annotations.get(ANNOTATION) if ts is not None and ts.annotations else None
-        if ann is None:
+        if not isinstance(ann, Mapping) or not ann.get("run"):
             return
         error, blamed = "", None
         if finish == "erred":
@@ -179,7 +180,11 @@ def watch(client: Any, *, max_runs: int = MAX_RUNS) -> None:
 
 @contextmanager
 def annotate(run_id: str, stage: str) -> Iterator[None]:
-    """Mark the tasks of graphs submitted inside as ``stage`` of ``run_id``."""
+    """Mark the tasks of graphs submitted inside as ``stage`` of ``run_id`` (no run id:
+    nothing is marked)."""
+    if not run_id:
+        yield
+        return
     with dask.annotate(**{ANNOTATION: {"run": run_id, "stage": stage}}):
         yield
 
