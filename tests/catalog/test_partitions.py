@@ -132,17 +132,13 @@ def test_a_production_search_reads_only_the_partitions_of_production(
 
 
 def test_a_v4_catalog_upgrades_to_partitions_with_its_rows(scratch: str) -> None:
-    from lazysky.catalog.schema import MIGRATIONS, SCHEMA_VERSION, schema_version, upgrade
+    from lazysky.catalog.schema import SCHEMA_VERSION, apply_up_to, upgrade
 
     engine = get_engine(scratch)
     runs = [new_run_id("prod", date="2026-01-05"), new_run_id("exp", date="2025-12-31")]
     try:
         with engine.begin() as conn:
-            schema_version.create(conn)
-            for step in MIGRATIONS[:4]:
-                step.apply(conn)
-                conn.execute(schema_version.insert().values(version=step.version,
-                                                            description=step.description))
+            apply_up_to(conn, 4)
             for i, run in enumerate(runs):
                 conn.execute(sa.text("INSERT INTO runs (run_id, software_version) "
                                      "VALUES (:r, '0')"), {"r": run})

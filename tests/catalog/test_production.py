@@ -221,17 +221,13 @@ def test_list_runs_and_record(catalog: Catalog, field_runs: dict[str, Any]) -> N
 def test_production_runs_finished_before_v4_become_production(scratch: str) -> None:
     """Upgrading a v3 catalog: the newest finished production run of each tile is its
     production (as the old type-based views showed every production run)."""
-    from lazysky.catalog.schema import MIGRATIONS, SCHEMA_VERSION, schema_version, upgrade
+    from lazysky.catalog.schema import SCHEMA_VERSION, apply_up_to, upgrade
 
     engine = get_engine(scratch)
     old, new, failed = new_run_id("prod"), new_run_id("prod"), new_run_id("prod")
     try:
         with engine.begin() as conn:
-            schema_version.create(conn)
-            for step in MIGRATIONS[:3]:
-                step.apply(conn)
-                conn.execute(schema_version.insert().values(version=step.version,
-                                                            description=step.description))
+            apply_up_to(conn, 3)
             for i, (run, status, tiles) in enumerate([(old, "done", TILES),
                                                       (new, "done_with_errors", TILES[:1]),
                                                       (failed, "failed", TILES)]):

@@ -46,6 +46,7 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "SOURCE_TABLES",
+    "apply_up_to",
     "batch_executions",
     "batch_submissions",
     "coadd_sources",
@@ -568,6 +569,16 @@ def current_version(conn: sa.Connection) -> int:
         return 0
     got = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
     return int(got or 0)
+
+
+def apply_up_to(conn: sa.Connection, version: int) -> None:
+    """Make an empty database what ``version`` made (the upgrade tests start there)."""
+    schema_version.create(conn, checkfirst=True)
+    for step in MIGRATIONS:
+        if current_version(conn) < step.version <= version:
+            step.apply(conn)
+            conn.execute(schema_version.insert().values(
+                version=step.version, description=step.description))
 
 
 def upgrade(engine: sa.Engine) -> int:
