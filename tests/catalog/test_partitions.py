@@ -161,3 +161,24 @@ def test_a_v4_catalog_upgrades_to_partitions_with_its_rows(scratch: str) -> None
             assert counts == {runs[0]: 10, runs[1]: 20}
     finally:
         engine.dispose()
+
+
+def test_a_month_partition_is_dropped_whole(catalog: Catalog, sources: Sources) -> None:
+    """What gc does when every run of a type and month has expired."""
+    from lazysky.catalog import register_run
+    from lazysky.catalog.schema import drop_month_partitions, month_partitions
+    from lazysky.runs import Run
+
+    gone = new_run_id("test", date="2020-02-10")
+    register_run(Run(gone), catalog=catalog)
+    write_sources("diff", gone, "t", {**sources(5, seed=2), "sign": np.ones(5)},
+                  catalog=catalog)
+    with catalog.engine().begin() as conn:
+        assert ("test", dt.date(2020, 2, 1)) in month_partitions(conn)
+        dropped = drop_month_partitions(conn, "test", dt.date(2020, 2, 29))
+        assert ("test", dt.date(2020, 2, 1)) not in month_partitions(conn)
+        assert conn.execute(sa.text("SELECT count(*) FROM diff_sources WHERE run_id = :r"),
+                            {"r": gone}).scalar() == 0
+    assert dropped == ["coadd_sources__test__2020_02", "diff_sources__test__2020_02"]
+    with catalog.engine().begin() as conn:  # again: nothing left to drop
+        assert drop_month_partitions(conn, "test", dt.date(2020, 2, 1)) == []

@@ -51,10 +51,12 @@ __all__ = [
     "batch_submissions",
     "coadd_sources",
     "diff_sources",
+    "drop_month_partitions",
     "ensure_partitions",
     "ensure_upcoming_partitions",
     "exposures",
     "metadata",
+    "month_partitions",
     "partition_name",
     "production_tiles",
     "promotions",
@@ -487,6 +489,37 @@ def ensure_upcoming_partitions(conn: sa.Connection, *, today: dt.date | None = N
         wanted += [(t, month) for t in RUN_TYPES]
         month = _next_month(month)
     return ensure_partitions(conn, wanted)
+
+
+def month_partitions(conn: sa.Connection) -> list[tuple[str, dt.date]]:
+    """Every (run type, month) that has month partitions, oldest first."""
+    got = conn.execute(sa.text(
+        "SELECT c.relname FROM pg_class c WHERE c.relkind = 'r' AND c.relispartition "
+        "AND c.relname ~ '^coadd_sources__[a-z]+__[0-9]{4}_[0-9]{2}$'"))
+    out = set()
+    for (name,) in got:
+        _, run_type, stamp = str(name).split("__")
+        out.add((run_type, dt.date(int(stamp[:4]), int(stamp[5:7]), 1)))
+    return sorted(out, key=lambda tm: (tm[1], tm[0]))
+
+
+def drop_month_partitions(conn: sa.Connection, run_type: str, month: dt.date) -> list[str]:
+    """Drop the month partitions of ``run_type`` (both source tables): every row in them
+    goes at once, without the cost and bloat of a DELETE. The caller decides that every
+    run of that type and month has expired (see :mod:`lazysky.gc`). Returns the names."""
+    if run_type not in RUN_TYPES:
+        msg = f"run type must be one of {', '.join(RUN_TYPES)}; got {run_type!r}"
+        raise ValueError(msg)
+    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PARTITION_LOCK)))
+    dropped = []
+    for tbl in (coadd_sources, diff_sources):
+        name = partition_name(tbl.name, run_type, _month(month))
+        if conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": name}).scalar() is not None:
+            conn.execute(sa.text(f"DROP TABLE {name}"))
+            dropped.append(name)
+    if dropped:
+        logger.info("catalog: dropped partitions %s", ", ".join(dropped))
+    return dropped
 
 
 def _production_view_sql(table: sa.Table) -> str:
