@@ -21,8 +21,6 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from lazysky.errors import ParameterError
-
 __all__ = ["bar", "show_progress", "stages_of"]
 
 POLL_S = 0.5
@@ -58,6 +56,19 @@ def _lines(snap: dict[str, Any], stages: Sequence[str]) -> list[str]:
     return out
 
 
+def _plugin_registered(dask_scheduler: Any) -> bool:
+    return "lazysky" in dask_scheduler.plugins
+
+
+def _watched(client: Any) -> bool:
+    """Whether the lazysky plugin is on ``client``'s scheduler (asked without a failed
+    handler call, which the scheduler would log as an error)."""
+    try:
+        return bool(client.run_on_scheduler(_plugin_registered))
+    except (ImportError, AttributeError, ValueError):  # a scheduler without lazysky
+        return False
+
+
 def show_progress(client: Any, futures: Any, *, run_id: str, stage: str, label: str = "",
                   out: TextIO | None = None) -> None:
     """Draw per-stage bars until ``futures`` are finished (or one failed).
@@ -80,9 +91,7 @@ def show_progress(client: Any, futures: Any, *, run_id: str, stage: str, label: 
     out = out if out is not None else sys.stdout
     futs = futures if isinstance(futures, list | tuple) else [futures]
     print(f"[{label or stage}]", file=out, flush=True)
-    try:
-        runs(client, run_id)
-    except ParameterError:  # no plugin on that scheduler (cluster.watch false)
+    if not _watched(client):  # no plugin on that scheduler (cluster.watch false)
         from distributed import wait
 
         print("  (no progress bars: lazysky's scheduler plugin is off, cluster.watch)",
