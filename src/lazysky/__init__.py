@@ -29,6 +29,12 @@ _LAZY: dict[str, str] = {
     "promote": "lazysky.catalog.production",
     "rollback": "lazysky.catalog.production",
     "list_runs": "lazysky.catalog.production",
+    "register_workflow": "lazysky.workflows",
+    "activate_workflow": "lazysky.workflows",
+    "promote_workflow": "lazysky.workflows",
+    "rollback_workflow": "lazysky.workflows",
+    "list_workflows": "lazysky.workflows",
+    "active_workflow": "lazysky.workflows",
 }
 
 
@@ -50,9 +56,15 @@ __all__ = [
     "OutputError",
     "ParameterError",
     "__version__",
+    "activate_workflow",
+    "active_workflow",
     "connect",
     "list_runs",
+    "list_workflows",
     "promote",
+    "promote_workflow",
+    "register_workflow",
     "rollback",
+    "rollback_workflow",
     "run",
 ]

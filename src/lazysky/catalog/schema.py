@@ -45,6 +45,7 @@ __all__ = [
     "SOURCE_TABLES",
     "batch_executions",
     "batch_submissions",
+    "canary_runs",
     "coadd_sources",
     "diff_sources",
     "exposures",
@@ -55,6 +56,8 @@ __all__ = [
     "runs",
     "schema_version",
     "upgrade",
+    "workflow_activations",
+    "workflow_versions",
 ]
 
 logger = logging.getLogger(__name__)
@@ -388,6 +391,97 @@ def _v4_production_tiles(conn: sa.Connection) -> None:
             "JOIN production_tiles p ON p.run_id = t.run_id AND p.tile_id = t.tile_id"))
 
 
+#: How a workflow version became active for a processing type (lazysky.workflows).
+WORKFLOW_ACTIONS = ("activate", "promote", "rollback")
+_WF_ACTIONS_SQL = ", ".join(f"'{a}'" for a in WORKFLOW_ACTIONS)
+#: What a workflow version's name may be (also its spelling in run configurations).
+WORKFLOW_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+workflow_versions = sa.Table(
+    "workflow_versions",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("steps", JSONB, nullable=False, comment="every step's parameters, validated"),
+    sa.Column("software_version", sa.Text, nullable=False),
+    sa.Column("sha256", sa.Text, nullable=False,
+              comment="of the canonical JSON of steps and software version"),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("registered_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.Column("registered_by", sa.Text, nullable=False),
+    sa.CheckConstraint(f"name ~ '{WORKFLOW_NAME_PATTERN}'", name="workflow_name_form"),
+    sa.CheckConstraint("sha256 ~ '^[0-9a-f]{64}$'", name="workflow_sha256_form"),
+    sa.Index("ix_workflow_versions_sha256", "sha256"),
+    comment="named, immutable pipeline configurations (a trigger refuses changes)",
+)
+
+workflow_activations = sa.Table(
+    "workflow_activations",
+    metadata,
+    sa.Column("activation_id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("run_type", sa.Text, nullable=False),
+    sa.Column("version", sa.Text, sa.ForeignKey("workflow_versions.name"), nullable=False,
+              comment="the version active for run_type from this row on"),
+    sa.Column("previous", sa.Text, sa.ForeignKey("workflow_versions.name"), nullable=True,
+              comment="the version active before"),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("undoes", sa.BigInteger, sa.ForeignKey("workflow_activations.activation_id"),
+              nullable=True, unique=True, comment="the activation a rollback undoes"),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("by", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.CheckConstraint(f"run_type IN ({_RUN_TYPES_SQL})", name="activation_run_type"),
+    sa.CheckConstraint(f"action IN ({_WF_ACTIONS_SQL})", name="activation_action"),
+    sa.CheckConstraint("(action = 'rollback') = (undoes IS NOT NULL)",
+                       name="activation_rollback_undoes"),
+    sa.CheckConstraint("version IS DISTINCT FROM previous", name="activation_changes"),
+    sa.CheckConstraint("length(reason) > 0", name="activation_reason"),
+    sa.Index("ix_workflow_activations_type", "run_type", "activation_id"),
+    comment="history of the active workflow version per processing type: the newest "
+            "row of a type names its active version",
+)
+
+canary_runs = sa.Table(
+    "canary_runs",
+    metadata,
+    sa.Column("execution_id", sa.BigInteger,
+              sa.ForeignKey("batch_executions.execution_id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("run_id", sa.Text, nullable=False, comment="the run of the active version"),
+    sa.Column("version", sa.Text, sa.ForeignKey("workflow_versions.name"), nullable=True,
+              comment="the version that run runs (NULL: explicit steps)"),
+    sa.Column("canary_run_id", sa.Text, nullable=False, comment="the candidate's run"),
+    sa.Column("canary_version", sa.Text, sa.ForeignKey("workflow_versions.name"),
+              nullable=False),
+    sa.Column("share", sa.Float(53), nullable=False, comment="percent of science exposures"),
+    sa.CheckConstraint("share >= 0 AND share <= 100", name="canary_share_range"),
+    comment="the two runs of a batch execution split by a canary",
+)
+
+
+def _v5_workflow_versions(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=[workflow_versions, workflow_activations, canary_runs])
+    # versions and their activation history are immutable: refused in the database too,
+    # so no client (psql included) can change what a past run ran
+    conn.execute(sa.text("""
+        CREATE OR REPLACE FUNCTION lazysky_refuse_change() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION '% is append-only: % refused (register a new workflow '
+                'version, or activate or roll back, instead)', TG_TABLE_NAME, TG_OP
+                USING ERRCODE = 'integrity_constraint_violation';
+        END $$"""))
+    for table in ("workflow_versions", "workflow_activations"):
+        conn.execute(sa.text(
+            f"CREATE TRIGGER {table}_immutable BEFORE UPDATE OR DELETE ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION lazysky_refuse_change()"))
+    # the active version per type: the newest activation of that type (one by construction)
+    conn.execute(sa.text(
+        "CREATE OR REPLACE VIEW workflow_active AS SELECT DISTINCT ON (run_type) run_type, "
+        "version, activation_id, at, by, reason FROM workflow_activations "
+        "ORDER BY run_type, activation_id DESC"))
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step of the schema's history."""
@@ -407,6 +501,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               _v3_batch_submissions),
     Migration(4, "production tiles and promotions: production views switch per tile",
               _v4_production_tiles),
+    Migration(5, "workflow versions, their activations per type, canary runs",
+              _v5_workflow_versions),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 LOCK_KEY = 0x6C617A79  # 'lazy': the advisory lock serialising upgrades
