@@ -322,9 +322,8 @@ def _version(conn: sa.Connection, name: str) -> WorkflowVersion:
 
 
 def _actives(conn: sa.Connection) -> dict[str, str]:
-    a = workflow_activations
-    got = conn.execute(sa.select(a.c.run_type, a.c.version).distinct(a.c.run_type)
-                       .order_by(a.c.run_type, a.c.activation_id.desc())).all()
+    # the view of schema v5: the newest activation of each type names its version
+    got = conn.execute(sa.text("SELECT run_type, version FROM workflow_active")).all()
     return {str(t): str(v) for t, v in got}
 
 
