@@ -200,6 +200,20 @@ def test_promote_and_rollback_change_what_the_next_batch_runs(wfcat: Catalog) ->
     # a resolved configuration round-trips (what a run records, what a resume reloads)
     again = RunConfig.model_validate(main.model_dump(mode="json"))
     assert _steps(workflows.resolve_run_config(again, catalog=wfcat)) == _expanded(BASE)
+    # a run that started (registered) keeps its version when resumed after a promotion;
+    # a new run takes the promoted one
+    from lazysky.catalog import register_run
+    from lazysky.runs import Run
+
+    register_run(Run(str(main.run_id), config=main.model_dump(mode="json",
+                                                              exclude={"run_id"})),
+                 catalog=wfcat)
+    workflows.promote("pr-cand", run_type="exp", reason="second try", catalog=wfcat)
+    resumed, _ = next_batch()
+    assert (resumed.run_id, resumed.workflow) == (main.run_id, "pr-base")
+    fresh = workflows.plan_runs(RunConfig.model_validate(
+        batch.get_submission(sub.submission_id, catalog=wfcat).config), catalog=wfcat)
+    assert [(c.workflow, c.type) for c in fresh] == [("pr-cand", "exp")]
 
 
 def test_bad_input_is_refused_and_changes_nothing(wfcat: Catalog) -> None:

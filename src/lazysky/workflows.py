@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from lazysky.catalog.schema import (
     WORKFLOW_NAME_PATTERN,
@@ -596,7 +597,14 @@ def resolve_run_config(config: RunConfig, *, catalog: Any = None) -> RunConfig:
         return config
     cat = _catalog(catalog)
     if name is None and config.run_id is not None:
-        name = _recorded_workflow(config.run_id, catalog=cat)  # a resumed run keeps it
+        # a resumed run (a retry, a lost execution) keeps what it started with, even if
+        # another version became active meanwhile: one run never mixes two versions
+        recorded = _recorded(config.run_id, catalog=cat)
+        if recorded is not None and recorded.get("steps") is not None:
+            name = recorded.get("workflow")
+            if name is None:
+                return config.model_copy(update={
+                    "steps": StepParameters.model_validate(recorded["steps"])})
     if name is None:
         name = active_version(config.type, catalog=cat)
         if name is None:  # no version for this type yet: the defaults, as before
@@ -618,13 +626,14 @@ def resolve_run_config(config: RunConfig, *, catalog: Any = None) -> RunConfig:
     return config.model_copy(update={"steps": steps, "workflow": name, "description": text})
 
 
-def _recorded_workflow(run_id: str, *, catalog: Any) -> str | None:
+def _recorded(run_id: str, *, catalog: Any) -> dict[str, Any] | None:
+    """The configuration a registered run recorded (None: not registered yet)."""
     from lazysky.catalog.schema import runs
 
     with catalog.engine().connect() as conn:
-        got = conn.execute(sa.select(runs.c.config["workflow"].astext).where(
+        got = conn.execute(sa.select(runs.c.config).where(
             runs.c.run_id == run_id)).scalar_one_or_none()
-    return str(got) if got else None
+    return dict(got) if got is not None else None
 
 
 def check_config(config: RunConfig, *, catalog: Any = None) -> None:
@@ -695,7 +704,7 @@ def plan_runs(config: RunConfig, *, run_id: str | None = None, catalog: Any = No
                        "science exposures"}), catalog=cat)
     if execution_id is not None:
         with cat.engine().begin() as conn:
-            conn.execute(sa.dialects.postgresql.insert(canary_runs).values(
+            conn.execute(pg_insert(canary_runs).values(
                 execution_id=int(execution_id), run_id=rid, version=main.workflow,
                 canary_run_id=candidate.run_id, canary_version=canary.version, share=share,
             ).on_conflict_do_nothing())
