@@ -286,9 +286,13 @@ def test_the_cli_registers_activates_and_compares(
     # errors: a message, exit 1, nothing changed
     assert main(["workflows", "activate", "nope", "--type", "val", "--reason", "x"]) == 1
     assert main(["workflows", "rollback", "--type", "val", "--reason", "x"]) == 1
+    assert main(["workflows", "compare", "--execution", "987654"]) == 1
+    assert main(["workflows", "compare", "cli-v1"]) == 1
     err = capsys.readouterr().err
     assert "unknown workflow version 'nope'" in err
     assert "no earlier workflow version" in err
+    assert "batch execution 987654 ran no canary" in err
+    assert "give two versions, two run ids, or --execution ID" in err
     assert main(["workflows", "history", "--type", "val"]) == 0
     assert "active now: " in capsys.readouterr().out
     assert workflows.active_version("val", catalog=wfcat) == "cli-v1"
@@ -297,7 +301,8 @@ def test_the_cli_registers_activates_and_compares(
 # --- one real canary batch: two runs beside each other --------------------------------------
 @pytest.mark.slow
 def test_a_canary_batch_runs_both_versions_on_their_shares(
-        wfcat: Catalog, tiny_survey: Path, tiny_client: Any, tmp_path: Path) -> None:
+        wfcat: Catalog, tiny_survey: Path, tiny_client: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from lazysky.catalog.production import production_tiles, run_record
     from lazysky.config import load_settings
 
@@ -347,6 +352,15 @@ def test_a_canary_batch_runs_both_versions_on_their_shares(
     assert (cmp.science_a, cmp.science_b) == (1, 1)
     assert str(cmp).startswith(f"A          {main.run_id}")
     assert workflows.canary_of(done.execution_id, catalog=wfcat) == (main.run_id, cand.run_id)
+    from lazysky.cli import main as cli
+
+    monkeypatch.setenv("LAZYSKY_CATALOG_DSN", wfcat.dsn)
+    assert cli(["workflows", "canaries"]) == 0
+    assert cli(["workflows", "compare", "--execution", str(done.execution_id)]) == 0
+    out = capsys.readouterr().out
+    assert f"canary run-cand {share:g} % {cand.run_id}" in out
+    assert "matched" in out
+    assert "flux       median B/A" in out
     assert batch.get_submission(sub.submission_id, catalog=wfcat).state == "completed"
 
 

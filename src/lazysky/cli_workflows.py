@@ -116,6 +116,18 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_canaries(args: argparse.Namespace) -> int:
+    from lazysky.workflows import executions_with_canary
+
+    rows = executions_with_canary(catalog=_catalog(args))
+    if not rows:
+        print("no canary has run")
+    for r in rows:
+        print(f"execution {r['execution_id']}: {r['version'] or '(steps)'} {r['run_id']} | "
+              f"canary {r['canary_version']} {r['share']:g} % {r['canary_run_id']}")
+    return 0
+
+
 def add_workflows_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``lazysky workflows ACTION …`` to the command's sub-parsers."""
     from lazysky.runs import RUN_TYPES
@@ -166,6 +178,8 @@ def add_workflows_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser
     q = wsub.add_parser("history", help="activations, promotions, rollbacks; active now")
     q.add_argument("--type", choices=RUN_TYPES, help="of this type only")
     q.set_defaults(handler=_cmd_history)
+    q = wsub.add_parser("canaries", help="batch executions split by a canary, newest first")
+    q.set_defaults(handler=_cmd_canaries)
     for one in wsub.choices.values():
         one.add_argument("--settings", help="lazysky settings YAML "
                             "(default: $LAZYSKY_CONFIG)")

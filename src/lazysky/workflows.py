@@ -74,6 +74,7 @@ __all__ = [
     "compare_runs",
     "compare_versions",
     "content_hash",
+    "executions_with_canary",
     "get_version",
     "history",
     "in_canary",
