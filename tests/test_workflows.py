@@ -151,7 +151,8 @@ def test_promote_and_rollback_change_what_the_next_batch_runs(wfcat: Catalog) ->
     workflows.activate("pr-base", run_type="exp", reason="first version", by="ops",
                        catalog=wfcat)
     sub = batch.submit({**CONFIG, "type": "exp", "canary": {"version": "pr-cand",
-                                                            "share": 10}}, catalog=wfcat)
+                                                            "share": 10}},
+                       at="2099-01-01T00:00", catalog=wfcat)  # never due here
     assert "steps" not in sub.config  # resolved when it runs, not when it was queued
 
     def next_batch() -> list[RunConfig]:
