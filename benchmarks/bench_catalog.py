@@ -289,15 +289,15 @@ def _backend_cpu_ns(pid: int) -> int:
 
 
 def ab_key(catalog: Catalog, tiles: int) -> list[str]:
-    """Interleaved A/B of the replace path's index (schema v5) on the loaded table.
+    """Interleaved A/B of the replace path's index (schema v6) on the loaded table.
 
     The catalog is copied (``CREATE DATABASE … TEMPLATE``) into ``lazysky_pk``, whose
-    coadd_sources gets back the primary key ``(run_id, tile_id, number)`` instead of the
-    index on ``(run_id, tile_id)``. The same ``tiles`` new tiles are then written into
-    both, alternately (which database goes first alternates too), and the CPU time of
-    each database's backend (``/proc/<pid>/schedstat``: the embedded server runs here)
-    is read around every write: CPU-µs per row, steadier than wall time on a shared
-    machine. Returns the report lines.
+    coadd_sources gets back the primary key ``(run_id, tile_id, number)`` (plus the
+    partition keys) instead of the index on ``(run_id, tile_id)``. The same ``tiles``
+    new tiles are then written into both, alternately (which database goes first
+    alternates too), and the CPU time of each database's backend is read around every
+    write from ``/proc/<pid>/schedstat`` (the embedded server runs here): CPU-µs per
+    row, steadier than wall time on a shared machine. Returns the report lines.
     """
     dsn = libpq_dsn(catalog.dsn)
     copy_dsn = dsn.replace("/lazysky?", "/lazysky_pk?")
@@ -306,8 +306,12 @@ def ab_key(catalog: Catalog, tiles: int) -> list[str]:
         conn.execute("DROP DATABASE IF EXISTS lazysky_pk")
         conn.execute("CREATE DATABASE lazysky_pk TEMPLATE lazysky")
     with psycopg.connect(copy_dsn, autocommit=True) as conn:
+        partitioned = conn.execute(  # a key of a partitioned table includes its keys
+            "SELECT 1 FROM pg_attribute WHERE attrelid = 'coadd_sources'::regclass "
+            "AND attname = 'run_month'").fetchone() is not None
         conn.execute("ALTER TABLE coadd_sources ADD CONSTRAINT coadd_sources_pkey "
-                     "PRIMARY KEY (run_id, tile_id, number)")
+                     "PRIMARY KEY (run_id, tile_id, number"
+                     f"{', run_type, run_month' if partitioned else ''})")
         conn.execute("DROP INDEX ix_coadd_sources_run_tile")
         conn.execute("VACUUM ANALYZE coadd_sources")
     sides = {"(run_id, tile_id) index": catalog, "primary key": open_catalog(dsn=copy_dsn)}
@@ -344,8 +348,9 @@ def ab_key(catalog: Catalog, tiles: int) -> list[str]:
                      f"{np.median(wall[label]) * 1e3:.0f} ms per tile")
     with psycopg.connect(dsn) as a, psycopg.connect(copy_dsn) as b:
         for conn, name in ((a, "ix_coadd_sources_run_tile"), (b, "coadd_sources_pkey")):
-            size = conn.execute("SELECT pg_size_pretty(pg_relation_size(%s::regclass))",
-                                (name,)).fetchone()
+            size = conn.execute(  # summed over the partitions' indexes
+                "SELECT pg_size_pretty(sum(pg_relation_size(relid))) "
+                "FROM pg_partition_tree(%s::regclass)", (name,)).fetchone()
             lines.append(f"  size of {name}: {size[0] if size else '?'}")
     return lines
 
