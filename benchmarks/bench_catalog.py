@@ -33,8 +33,9 @@ import psycopg
 from lazysky.catalog import Catalog, cone_search, crossmatch, open_catalog, write_sources
 from lazysky.catalog.database import libpq_dsn
 from lazysky.catalog.records import register_run
+from lazysky.catalog.schema import coadd_sources
 from lazysky.config import load_settings
-from lazysky.runs import Run, new_run_id
+from lazysky.runs import Run, new_run_id, parse_run_id
 
 RADII_DEG = {"1′": 1 / 60, "6′": 0.1, "1°": 1.0}
 TILE_ROWS = 10_000      # sources per (run, tile) write
@@ -159,12 +160,18 @@ def row_by_row(catalog: Catalog, run: str, n: int) -> float:
     """rows/s of one INSERT per row (one transaction), the naive way."""
     data = _tile(np.random.default_rng(99), n, 0)
     cols = list(data)
+    keys: tuple[Any, ...] = ()
+    if "run_month" in coadd_sources.c:  # partitioned (v5): the writer fills the keys
+        rid = parse_run_id(run)
+        keys = (rid.type, rid.date.replace(day=1))
+        cols = ["run_type", "run_month", *cols]
     sql = (f"INSERT INTO coadd_sources (run_id, tile_id, number, {', '.join(cols)}) "
            f"VALUES (%s, %s, %s, {', '.join(['%s'] * len(cols))})")
     with psycopg.connect(libpq_dsn(catalog.dsn)) as conn, conn.cursor() as cur:
         t0 = time.perf_counter()
         for i in range(n):
-            cur.execute(sql, (run, "rowbyrow", i + 1, *(data[c][i].item() for c in cols)))
+            cur.execute(sql, (run, "rowbyrow", i + 1, *keys,
+                              *(data[c][i].item() for c in cols[len(keys):])))
         conn.commit()
         return n / (time.perf_counter() - t0)
 
