@@ -580,8 +580,8 @@ sa.Index("ix_coadd_sources_run_tile", coadd_sources.c.run_id, coadd_sources.c.ti
 def _v6_coadd_run_tile_index(conn: sa.Connection) -> None:
     """Replace coadd_sources' primary key by a non-unique index on (run_id, tile_id).
 
-    The primary key (run_id, tile_id, number) cost ~11 % of a loading backend's CPU
-    (docs/catalog.md): one entry of ~70 bytes per row. The replace path
+    The primary key (run_id, tile_id, number) cost 11–13 % of a loading backend's CPU
+    (interleaved A/Bs in docs/catalog.md): one entry of ~70 bytes per row. The replace path
     (:func:`lazysky.catalog.write_sources`) needs only "the rows of this (run, tile)",
     which a btree on (run_id, tile_id) finds; its equal keys are deduplicated into
     posting lists (~16x smaller). ``number`` stays unique within a (run, tile) because

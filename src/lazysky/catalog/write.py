@@ -238,7 +238,8 @@ def write_sources(table: str, run_id: str, tile_id: str, sources: Any, *,
     Raises
     ------
     ParameterError
-        Unknown or missing columns, non-finite positions, Dec outside [-90, 90].
+        Unknown or missing columns, non-finite positions, Dec outside [-90, 90], a
+        ``number`` that repeats.
     CatalogWriteError
         The database refused the rows (unregistered run, failed constraint); nothing
         was changed.
