@@ -468,3 +468,28 @@ def test_parse_now() -> None:
     assert parse_now("2027-01-01T03:00:00+02:00").utcoffset() == dt.timedelta(hours=2)
     assert parse_now(None).tzinfo is not None
     assert isinstance(GcReport(now=NOW, dry_run=True).bytes, int)
+
+
+def test_gc_cronjob() -> None:
+    from lazysky.kube import build_gc_cronjob, build_manifests
+
+    job = build_gc_cronjob(namespace="lazysky", image="lazysky:0.1.0", schedule="0 5 * * *",
+                           dry_run=True)
+    spec = job["spec"]
+    assert (spec["schedule"], spec["concurrencyPolicy"]) == ("0 5 * * *", "Forbid")
+    pod = spec["jobTemplate"]["spec"]["template"]
+    assert pod["spec"]["containers"][0]["args"] == ["lazysky", "gc", "--dry-run"]
+    assert pod["spec"]["automountServiceAccountToken"] is False  # no API access needed
+    labels = pod["metadata"]["labels"]
+    assert labels["lazysky.io/catalog-client"] == labels["lazysky.io/store-client"] == "true"
+    assert "lazysky.io/dask-client" not in labels
+    objects = build_manifests(overlay="prod")
+    assert [o["metadata"]["name"] for o in objects if o["kind"] == "CronJob"] == [
+        "lazysky-batch", "lazysky-gc"]
+    store = next(o for o in objects if o["metadata"]["name"] == "store-clients")
+    assert store["spec"]["egress"][0]["ports"] == [{"protocol": "TCP", "port": 443}]
+    for bad, message in ((dict(schedule="nightly"), "not a cron expression"),
+                         (dict(backoff_limit=-1), "backoff_limit"),
+                         (dict(dry_run="yes"), "dry_run")):
+        with pytest.raises(ParameterError, match=message):
+            build_gc_cronjob(namespace="lazysky", image="lazysky:0.1.0", **bad)
