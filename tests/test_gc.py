@@ -431,9 +431,8 @@ def test_retention_from_the_environment_keeps_other_defaults(
     assert s.retention.raw == "until-unused"
 
 
-def test_bad_now_and_short_retention_change_nothing(databases: Any, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]
-                                                    ) -> None:
+def test_bad_input_changes_nothing_and_a_run_started_during_gc_is_respected(
+        databases: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lazysky.cli import main
 
     w = _world(databases.new(), str(tmp_path / "store"))
@@ -461,6 +460,30 @@ def test_bad_now_and_short_retention_change_nothing(databases: Any, tmp_path: Pa
     assert shown["dry_run"] is True
     assert {r["run_id"] for r in shown["runs"]} == {w.runs[k] for k in GONE}
     assert _snapshot(w) == before
+
+    # a run started while gc works (after its plan): a reprocessing of exp_old, reading
+    # e1; gc re-checks under its locks, so exp_old, e1 and the bias master made from e1
+    # stay, while test_old (planned before it and unrelated) goes
+    from lazysky.catalog import register_run
+    from lazysky.runs import Run, new_run_id
+
+    late = w.runs["late"] = new_run_id("exp", date=NOW.date())
+
+    def start_a_child(step: str, run_id: str) -> None:
+        if step == "catalog" and run_id == w.runs["test_old"]:
+            register_run(Run(late, config={}, inputs={"e1": SHA["e1"]},
+                             parent_run_id=w.runs["exp_old"]), catalog=w.catalog)
+
+    report = collect(now=NOW, settings=w.settings, catalog=w.catalog, store=w.store,
+                     on_step=start_a_child)
+    assert [r.run_id for r in report.runs] == [w.runs["test_old"]]
+    assert (w.runs["exp_old"], f"in use: parent of {late}, which is kept") in {
+        (k.run_id, k.why) for k in report.kept}
+    after = _snapshot(w)
+    assert after["expiry"] == {"test_old": "expired"}
+    assert "exp_old" in after["products"]
+    assert after["raw"] == ["e1", "e2", "e3", "e4"]
+    assert after["calib"] == ["bias", "flat"]
 
 
 def test_parse_now() -> None:

@@ -497,6 +497,11 @@ def _expire_catalog(engine: sa.Engine, run: _Run, reason: str, nbytes: int,
         why = _protections(conn, [run.run_id]).get(run.run_id)
         if why is not None:
             return why
+        child = conn.execute(sa.select(runs.c.run_id).where(  # a child made since the plan
+            runs.c.parent_run_id == run.run_id,
+            runs.c.run_id.not_in(sa.select(run_expiry.c.run_id))).limit(1)).scalar()
+        if child is not None:
+            return f"in use: parent of {child}, which is kept"
         rows = _count_rows(conn, [run.run_id])[run.run_id]
         conn.execute(insert(run_expiry).values(
             run_id=run.run_id, state="expiring", reason=reason, bytes=nbytes, rows=rows,
@@ -575,10 +580,15 @@ def _raw(plan: _Plan, gone: set[str]) -> list[str]:
 
 def _remove_exposure(engine: sa.Engine, root: StoreRoot, eid: str) -> str | None:
     """The catalog's exposure row first, then the Zarr group; a reason if kept."""
-    from lazysky.catalog.schema import exposures
+    from lazysky.catalog.schema import exposures, run_expiry, runs
 
+    expired = sa.select(run_expiry.c.run_id).where(run_expiry.c.state == "expired")
     try:
         with engine.begin() as conn:
+            user = conn.execute(sa.select(runs.c.run_id).where(  # a run made since the plan
+                runs.c.inputs.has_key(eid), runs.c.run_id.not_in(expired)).limit(1)).scalar()
+            if user is not None:
+                return f"used by {user}, which is kept"
             conn.execute(exposures.delete().where(exposures.c.exposure_id == eid))
     except sa.exc.IntegrityError as exc:
         return f"still referenced in the catalog ({str(exc.orig).splitlines()[0]})"
@@ -701,6 +711,9 @@ def collect(
                                  exc)
                     done.append(RunExpiry(rid, run.run_type, run.status, reason, nbytes,
                                           counts[rid], "expiring"))
+            if not dry_run:  # what the silver and bronze layers see: the catalog now
+                with engine.connect() as conn:
+                    plan = _plan(conn, settings, when)
             gone = set(plan.expired) | ({r for r, _ in plan.go} | set(plan.resume)
                                         if dry_run else set())
             groups = _collect_groups(engine, plan, gone, root, settings, when,
