@@ -167,8 +167,8 @@ def _world(cat: Catalog, store: Any) -> World:
         "test_old": _run(cat, root, "test", days_ago=10, inputs=["e1", "e2"], seed=2),
         # a test run 2 days old: stays
         "test_new": _run(cat, root, "test", days_ago=2, inputs=["e3"], seed=3),
-        # an experiment 100 days old (90d): expires
-        "exp_old": _run(cat, root, "exp", days_ago=100, inputs=["e1"], seed=4),
+        # an experiment 200 days old (90d): expires; the only exp run of its month
+        "exp_old": _run(cat, root, "exp", days_ago=200, inputs=["e1"], seed=4),
         # an experiment as old, but promoted: never
         "exp_promoted": _run(cat, root, "exp", days_ago=100, inputs=["e2"], seed=5),
         # a test run started 30 days ago and still running: in use
@@ -315,6 +315,15 @@ def test_gc_removes_exactly_the_expired_runs(databases: Any, store: Any) -> None
     assert done.rows == dry.rows == 24
     after = _snapshot(w)
     _check_collected(before, after)
+
+    # exp_old was the last run of a month that is over: its month partitions went whole;
+    # test_old shares its month with a kept run: row-wise delete, partitions stay
+    exp_month = f"coadd_sources__exp__{NOW - dt.timedelta(days=200):%Y_%m}"
+    test_month = f"diff_sources__test__{NOW - dt.timedelta(days=10):%Y_%m}"
+    with w.catalog.engine().connect() as conn:
+        exists = {n: conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": n}).scalar()
+                  for n in (exp_month, test_month)}
+    assert exists == {exp_month: None, test_month: test_month}
 
     again = collect(now=NOW, settings=w.settings, catalog=w.catalog, store=w.store)
     assert (again.runs, again.groups, again.bytes) == ((), (), 0)  # idempotent

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from lazysky.config import Settings
     from lazysky.zarr_store._layout import StoreRoot
 
-__all__ = ["KeptRun", "drop_expired_partitions"]
+__all__ = ["KeptRun", "drop_expired_month", "drop_expired_partitions"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +225,46 @@ def _count_rows(conn: sa.Connection, run_ids: Sequence[str]) -> dict[str, dict[s
     return counts
 
 
+def drop_expired_month(conn: sa.Connection, run_id: str, *,
+                       today: dt.date | None = None) -> list[str]:
+    """Drop the month partitions of ``run_id``'s type and month when it is the last run
+    there not yet collected, and the month is over; returns the partitions dropped.
+
+    Every row of such a partition belongs to this run or to runs already collected, so
+    dropping it (:func:`lazysky.catalog.schema.drop_month_partitions`) removes exactly
+    this run's rows, at once and without a DELETE's bloat. Months not over yet keep
+    their partitions (runs registered today write there); a run registered later for an
+    old month gets its partition back (``register_run``). A partition another table's
+    foreign key points into is kept (the caller's ``DELETE`` does the work). Runs inside
+    the caller's transaction.
+    """
+    from lazysky.catalog.schema import drop_month_partitions, run_expiry, runs
+    from lazysky.runs import parse_run_id
+
+    rid = parse_run_id(run_id)
+    month = rid.date.replace(day=1)
+    if month >= (today or dt.datetime.now(dt.UTC).date()).replace(day=1):
+        return []
+    other = conn.execute(sa.select(runs.c.run_id).where(
+        runs.c.run_id.like(f"{rid.type}-{rid.date:%Y%m}%"), runs.c.run_id != run_id,
+        runs.c.run_id.not_in(sa.select(run_expiry.c.run_id))).limit(1)).scalar()
+    if other is not None:
+        return []
+    try:
+        with conn.begin_nested():
+            return drop_month_partitions(conn, rid.type, month)
+    except sa.exc.DBAPIError as exc:
+        logger.info("gc: month partitions of %s kept (%s); deleting its rows instead",
+                    run_id, str(exc.orig).splitlines()[0])
+        return []
+
+
 def _delete_catalog_rows(conn: sa.Connection, run_id: str) -> None:
     owned, _ = _run_tables()
+    dropped = drop_expired_month(conn, run_id)
+    if dropped:
+        logger.info("gc: %s was the last run of its month: dropped %s", run_id,
+                    ", ".join(dropped))
     for table in owned:
         drop_expired_partitions(conn, table, [run_id])
         conn.execute(table.delete().where(table.c.run_id == run_id))

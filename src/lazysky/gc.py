@@ -18,8 +18,10 @@ the store:
 
 Order, per run, so that no catalog row ever points at deleted products and a killed gc
 is finished by the next one: (1) one transaction marks the run ``expiring`` in
-``run_expiry`` and deletes its catalog rows (sources, run tiles, QA, objects …; whole
-partitions where the catalog is partitioned, :func:`drop_expired_partitions`); (2) its
+``run_expiry`` and deletes its catalog rows (sources, run tiles, QA, objects …; the
+month partitions of its type whole when it is the last run of a month that is over,
+:func:`drop_expired_month`, and any leaf partition holding only its rows,
+:func:`drop_expired_partitions`); (2) its
 products are deleted, group metadata first; (3) it is marked ``expired``. The ``runs``
 row stays as a tombstone (lineage: promotions and child runs point at it; the raw layer
 needs its inputs). A rerun resumes every run left ``expiring``.
@@ -56,6 +58,7 @@ from lazysky._gc_catalog import (
     _plan,
     _remove_exposure,
     _Run,
+    drop_expired_month,
     drop_expired_partitions,
 )
 from lazysky.errors import LazySkyError, ParameterError, StoreError
@@ -71,6 +74,7 @@ __all__ = [
     "RemovedGroup",
     "RunExpiry",
     "collect",
+    "drop_expired_month",
     "drop_expired_partitions",
     "parse_now",
 ]
