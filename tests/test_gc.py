@@ -470,6 +470,16 @@ def test_bad_input_changes_nothing_and_a_run_started_during_gc_is_respected(
     assert {r["run_id"] for r in shown["runs"]} == {w.runs[k] for k in GONE}
     assert _snapshot(w) == before
 
+    # one gc at a time: a second one is refused while the first holds the catalog
+    from lazysky.catalog import CatalogError
+
+    with w.catalog.engine().connect() as other:
+        other.execute(sa.select(sa.func.pg_advisory_lock(0x6C7A6763)))
+        with pytest.raises(CatalogError, match="another lazysky gc is running"):
+            collect(now=NOW, settings=w.settings, catalog=w.catalog, store=w.store)
+        other.execute(sa.select(sa.func.pg_advisory_unlock(0x6C7A6763)))
+    assert _snapshot(w) == before
+
     # a run started while gc works (after its plan): a reprocessing of exp_old, reading
     # e1; gc re-checks under its locks, so exp_old, e1 and the bias master made from e1
     # stay, while test_old (planned before it and unrelated) goes

@@ -95,7 +95,9 @@ class RunExpiry:
     reason: str
     bytes: int
     rows: Mapping[str, int]
-    state: str  # "expired", "expiring" (left for the next gc), "would expire"
+    #: "expired"; "expiring" (rows gone, products left for the next gc); "failed" (nothing
+    #: changed, the next gc tries again); "would expire" (a dry run)
+    state: str
 
     @property
     def n_rows(self) -> int:
@@ -440,12 +442,14 @@ def collect(
                     done.append(RunExpiry(rid, run.run_type, run.status, reason, nbytes,
                                           counts[rid], "would expire"))
                     continue
+                marked = False
                 try:
                     result = _expire_catalog(engine, run, reason, nbytes, by)
                     if isinstance(result, str):
                         kept.append(KeptRun(rid, result))
                         logger.info("gc: %s kept after all: %s", rid, result)
                         continue
+                    marked = True
                     logger.info("gc: %s expiring: %s; %d catalog row(s) deleted", rid,
                                 reason, sum(result.values()))
                     if on_step is not None:
@@ -460,7 +464,8 @@ def collect(
                     logger.error("gc: %s not finished (the next gc resumes it): %s", rid,
                                  exc)
                     done.append(RunExpiry(rid, run.run_type, run.status, reason, nbytes,
-                                          counts[rid], "expiring"))
+                                          counts[rid] if marked else {},
+                                          "expiring" if marked else "failed"))
             if not dry_run:  # what the silver and bronze layers see: the catalog now
                 with engine.connect() as conn:
                     plan = _plan(conn, settings, when)
