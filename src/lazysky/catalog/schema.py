@@ -62,6 +62,7 @@ __all__ = [
     "partition_name",
     "production_tiles",
     "promotions",
+    "run_expiry",
     "run_tiles",
     "runs",
     "schema_version",
@@ -603,6 +604,36 @@ def _v6_coadd_run_tile_index(conn: sa.Connection) -> None:
         "ALTER TABLE coadd_sources DROP CONSTRAINT IF EXISTS coadd_sources_pkey"))
 
 
+#: States of a run being collected (lazysky.gc): ``expiring`` once its catalog rows are
+#: going (a rerun finishes it), ``expired`` once its rows and products are gone.
+EXPIRY_STATES = ("expiring", "expired")
+_EXPIRY_SQL = ", ".join(f"'{s}'" for s in EXPIRY_STATES)
+
+run_expiry = sa.Table(
+    "run_expiry",
+    metadata,
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id"), primary_key=True),
+    sa.Column("state", sa.Text, nullable=False, server_default="expiring"),
+    sa.Column("reason", sa.Text, nullable=False, comment="which retention it outlived"),
+    sa.Column("bytes", sa.BigInteger, nullable=False, server_default="0",
+              comment="bytes of its Zarr products when collection began"),
+    sa.Column("rows", JSONB, nullable=False, server_default="{}",
+              comment="table -> catalog rows deleted"),
+    sa.Column("by", sa.Text, nullable=False),
+    sa.Column("marked_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.Column("expired_at", sa.DateTime(timezone=True), nullable=True),
+    sa.CheckConstraint(f"state IN ({_EXPIRY_SQL})", name="run_expiry_state"),
+    sa.CheckConstraint("(state = 'expired') = (expired_at IS NOT NULL)",
+                       name="run_expiry_expired_at"),
+    comment="runs collected by lazysky gc; the runs row stays as a tombstone for lineage",
+)
+
+
+def _v7_run_expiry(conn: sa.Connection) -> None:
+    run_expiry.create(conn)
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step of the schema's history."""
@@ -626,6 +657,7 @@ MIGRATIONS: tuple[Migration, ...] = (
               _v5_partitioned_sources),
     Migration(6, "coadd_sources: (run_id, tile_id) index instead of the primary key",
               _v6_coadd_run_tile_index),
+    Migration(7, "run_expiry: runs collected by lazysky gc (retention)", _v7_run_expiry),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 LOCK_KEY = 0x6C617A79  # 'lazy': the advisory lock serialising upgrades
