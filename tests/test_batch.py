@@ -121,7 +121,8 @@ def test_submit_records_the_validated_configuration(queue: Catalog, tmp_path: Pa
     # defaults filled in, but steps never given stay unsaid: the run takes the workflow
     # version active for its type when it runs (lazysky.workflows, issue 13)
     assert sub.config["field"]["name"] == "field"
-    assert "steps" not in CONFIG and "steps" not in sub.config
+    assert "steps" not in CONFIG
+    assert "steps" not in sub.config
     assert sub.source == str(path)
     assert sub.cron is None
     assert sub.attempts == 0
