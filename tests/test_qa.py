@@ -220,26 +220,24 @@ def test_flags_follow_the_thresholds(qa_run: tuple[RunSummary, Path],
     again = read_qa(summary.run_id, catalog=catalog)
     assert list(again["flagged"]) == list(before["flagged"])
 
-    def rerun(thresholds: QaThresholds) -> Any:
-        with catalog.engine().begin() as conn:
-            conn.execute(sa.text("DELETE FROM tile_qa WHERE run_id = :r"),
-                         {"r": summary.run_id})
-        run_qa(summary.store, summary.run_id, thresholds=thresholds, **args)
-        return read_qa(summary.run_id, catalog=catalog)
-
-    tight = rerun(QaThresholds(psf_fwhm_arcsec_max=0.5, score_std_tolerance=0.001))
+    # recomputed with tight thresholds: every tile flagged, for the reasons crossed; the
+    # measured values do not depend on the thresholds (the last test of the module to
+    # touch the rows: the figures that follow only read them)
+    with catalog.engine().begin() as conn:
+        conn.execute(sa.text("DELETE FROM tile_qa WHERE run_id = :r"), {"r": summary.run_id})
+    run_qa(summary.store, summary.run_id, **args,
+           thresholds=QaThresholds(psf_fwhm_arcsec_max=0.5, score_std_tolerance=0.001))
+    tight = read_qa(summary.run_id, catalog=catalog)
     assert np.all(tight["flagged"])
     fitted = tight["psf_source"] == "qa-fit"
     assert all(any(r.startswith("psf_fwhm") for r in rs) for rs in tight["reasons"][fitted])
-    loose = rerun(QaThresholds(psf_fwhm_arcsec_max=None, psf_min_stars=0,
-                               astrometric_offset_px_max=None, score_std_tolerance=None))
-    assert not np.any(loose["flagged"])
-    assert all(not r for r in loose["reasons"])
-    # the measured values do not depend on the thresholds
-    np.testing.assert_allclose(np.asarray(loose["psf_fwhm_px"]),
+    epochs = tight["product"] == "deep1-v2"
+    assert all(any(r.startswith("score_std") for r in rs)
+               for rs in tight["reasons"][epochs & np.isfinite(tight["score_std"])])
+    np.testing.assert_allclose(np.asarray(tight["psf_fwhm_px"]),
                                np.asarray(before["psf_fwhm_px"]))
-    restored = rerun(QaThresholds())
-    assert list(restored["flagged"]) == list(before["flagged"])
+    attrs = open_product(summary.store, summary.run_id, "coadd", "deep1").attrs
+    assert len(attrs["qa_flagged"]) == len(tight)
 
 
 @pytest.mark.slow

@@ -515,14 +515,16 @@ def run_qa(
     store: Any, run_id: str, *, reference: str, reference_ids: Sequence[str],
     epochs: Mapping[str, Sequence[str]], meta: Mapping[str, Mapping[str, Any]],
     catalog: Any, thresholds: QaThresholds, compute: Any = None, settings: Any = None,
+    tiles: Sequence[str] | None = None,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """The ``qa`` stage of a run: compute the missing tiles' QA, record it, flag tiles.
 
     ``reference`` is the reference coadd's product name, ``epochs`` maps each epoch's
     product name to its exposures, ``meta`` the exposures' metadata (for zeropoints);
     ``compute(collection, label)`` computes on the run's cluster (default
-    ``dask.compute``). Rows already in ``tile_qa`` are kept (idempotent on resume); every
-    product's attributes get ``qa`` (the run's QA per tile) and ``qa_flagged``.
+    ``dask.compute``); ``tiles`` the tiles the run processed (default: all of the grid).
+    Rows already in ``tile_qa`` are kept (idempotent on resume); every product's
+    attributes get ``qa`` (the run's QA per tile) and ``qa_flagged``.
 
     Returns
     -------
@@ -539,7 +541,8 @@ def run_qa(
     have = read_qa(run_id, catalog=catalog)
     done = {(str(p), str(t)) for p, t in zip(have["product"], have["tile_id"], strict=True)}
     names = [reference, *epochs]
-    todo = [t for t in grid.tile_ids() if any((n, t) not in done for n in names)]
+    todo = [t for t in (grid.tile_ids() if tiles is None else tiles)
+            if any((n, t) not in done for n in names)]
     if todo:
         opened = {n: (open_product(store, run_id, "coadd", n, settings=settings),
                       open_product(store, run_id, "diff", n, settings=settings))
