@@ -425,6 +425,7 @@ def qa_tasks(
     """
     import dask
 
+    from lazysky.pipeline.grid import parse_tile
     from lazysky.zarr_store.products import product_grid
 
     grid = product_grid(reference)
@@ -438,7 +439,7 @@ def qa_tasks(
     task = dask.delayed(_tile_task, pure=True)
     out: dict[tuple[str, str], Any] = {}
     for tile in todo:
-        iy, ix = (int(v) for v in tile[1:].split("_"))
+        iy, ix = parse_tile(tile)
         tp = grid.tile_px
 
         def arrays(ds: Any) -> list[Any]:
