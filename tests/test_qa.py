@@ -145,7 +145,7 @@ def test_psf_fwhm_matches_the_simulated_seeing(qa_run: tuple[RunSummary, Path],
     for product, inputs in (("deep1", REFERENCE), ("deep1-v2", EPOCH)):
         for tile in _full_tiles(grid):
             row = qa[(qa["product"] == product) & (qa["tile_id"] == tile)][0]
-            assert row["psf_source"] in ("product", "qa-fit"), dict(row)
+            assert row["psf_source"] == "qa-fit", dict(row)
             assert row["psf_n_stars"] >= 3, dict(row)
             truth = _truth_fwhm_px(grid, tile, inputs, survey)
             assert abs(row["psf_fwhm_px"] / truth - 1.0) < 0.05, (product, tile, truth,
@@ -229,7 +229,7 @@ def test_flags_follow_the_thresholds(qa_run: tuple[RunSummary, Path],
            thresholds=QaThresholds(psf_fwhm_arcsec_max=0.5, score_std_tolerance=0.001))
     tight = read_qa(summary.run_id, catalog=catalog)
     assert np.all(tight["flagged"])
-    fitted = tight["psf_source"] != "fallback"
+    fitted = tight["psf_source"] == "qa-fit"
     assert all(any(r.startswith("psf_fwhm") for r in rs) for rs in tight["reasons"][fitted])
     epochs = tight["product"] == "deep1-v2"
     assert all(any(r.startswith("score_std") for r in rs)

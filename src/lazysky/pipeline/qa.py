@@ -11,12 +11,10 @@ Products: the reference coadd (``kind="coadd"``, e.g. ``deep1``) and each scienc
 
 Metrics (docs/qa.md has the definitions):
 
-* ``psf_fwhm_px``, ``psf_beta``, ``psf_n_stars`` — the PSF stored with the product when
-  it is fitted to at least ``min_stars`` stars (``psf_source = 'product'``); else a
-  Moffat fitted by QA to the tile's bright isolated stars
-  (:func:`lazysky.pipeline.psf.estimate_psf` with a compact ``stamp_px`` stamp, so
-  crowded small tiles still have stars; ``'qa-fit'``); else the stored fallback
-  (``'fallback'``, no star).
+* ``psf_fwhm_px``, ``psf_beta``, ``psf_n_stars`` — a Moffat fitted by QA to the tile's
+  bright isolated stars (:func:`lazysky.pipeline.psf.estimate_psf` with a compact
+  ``stamp_px`` stamp, so crowded small tiles still have stars); where none fits, the
+  PSF stored with the product (``psf_source`` says which).
 * ``background``, ``background_rms`` — median and ``1.4826 · MAD`` of the source-free
   pixels (unmasked, finite, not within ``grow_px`` of a pixel above 3 σ), e⁻.
 * ``astrometric_offset_px``, ``astrometric_rms_px``, ``astrometric_n_stars`` — epochs
@@ -306,9 +304,7 @@ def _fit_psf(
 def tile_qa(
     image: NDArray[Any], variance: NDArray[Any], mask: NDArray[Any], *,
     stored_psf: NDArray[Any], stored_fwhm_px: float, stored_beta: float,
-    n_detections: int, zeropoint_mag: float | None = None, stored_n_stars: int = 0,
-    stored_fallback: bool = True, stored_stars: NDArray[Any] | None = None,
-    origin: tuple[int, int] = (0, 0), min_stars: int = 3,
+    n_detections: int, zeropoint_mag: float | None = None,
     reference_stars: NDArray[Any] | None = None,
     score: NDArray[Any] | None = None, diff_variance: NDArray[Any] | None = None,
     diff_mask: NDArray[Any] | None = None, diff_psf: NDArray[Any] | None = None,
@@ -317,29 +313,18 @@ def tile_qa(
     """Every QA number of one tile of one product (the kernel of a ``qa-…`` task).
 
     ``image``, ``variance``, ``mask``: the tile of the coadd (the reference, or the
-    epoch's science coadd), with the PSF stored for it (``stored_*``, as
-    :func:`lazysky.pipeline.psf.psf_per_tile` made it; ``stored_stars`` in grid pixels)
-    and ``origin``, the tile's first grid pixel ``(y, x)``. For an epoch, also the
-    reference's ``reference_stars`` (``(n, ≥2)`` x, y, grid pixels) and the difference's
-    ``score``, ``diff_variance``, ``diff_mask``, ``diff_psf``. Returns a dict of
-    :data:`METRICS` plus ``psf_source`` (``product``, ``qa-fit`` or ``fallback``),
-    ``zeropoint_mag`` and ``stars`` (``(n, 4)``: x, y in grid pixels, flux, flux error
-    of the stars the PSF was fitted to, for an epoch's astrometry).
+    epoch's science coadd). For an epoch, also the reference's fitted ``reference_stars``
+    (``(n, ≥2)`` x, y in the tile), and the difference's ``score``, ``diff_variance``,
+    ``diff_mask``, ``diff_psf``. Returns a dict of :data:`METRICS` plus ``psf_source``
+    (``qa-fit`` or ``product``), ``zeropoint_mag`` and ``stars`` (``(n, 4)``: x, y, flux,
+    flux error of the fitted stars, for an epoch's astrometry).
     """
     from lazysky.pipeline.psf import moffat_stamp
 
-    if not stored_fallback and stored_n_stars >= min_stars and stored_stars is not None:
-        # the product's own PSF is fitted to enough stars: take it (the costly part of QA)
-        st = np.asarray(stored_stars, dtype=np.float64).reshape(-1, 4)
-        stars = st[np.isfinite(st).all(axis=1)]
-        fwhm, beta, n_stars = float(stored_fwhm_px), float(stored_beta), int(stored_n_stars)
-        source = "product"
-    else:
-        fwhm, beta, n_stars, stars = _fit_psf(image, variance, mask, stamp_px)
-        stars = np.add(stars, [origin[1], origin[0], 0.0, 0.0])  # grid pixels, as stored
-        source = "qa-fit"
-        if not n_stars:
-            fwhm, beta, source = float(stored_fwhm_px), float(stored_beta), "fallback"
+    fwhm, beta, n_stars, stars = _fit_psf(image, variance, mask, stamp_px)
+    source = "qa-fit"
+    if not n_stars:
+        fwhm, beta, source = float(stored_fwhm_px), float(stored_beta), "product"
     grow = max(2, round(1.5 * fwhm)) if fwhm > 0 else 4
     bg = background_stats(image, mask, grow_px=grow)
     out: dict[str, Any] = {
@@ -350,8 +335,8 @@ def tile_qa(
         "zeropoint_mag": zeropoint_mag, "stars": stars,
     }
     if score is None:
-        stamp = (np.asarray(stored_psf) if source == "fallback"
-                 else moffat_stamp(fwhm, beta, 4 * math.ceil(fwhm) + 1))
+        stamp = (moffat_stamp(fwhm, beta, 4 * math.ceil(fwhm) + 1) if source == "qa-fit"
+                 else np.asarray(stored_psf))
         out["limiting_mag"] = limiting_magnitude(variance, mask, stamp,
                                                  zeropoint_mag=zeropoint_mag)
         return out
@@ -458,12 +443,10 @@ def qa_tasks(
         tp = grid.tile_px
 
         def arrays(ds: Any) -> list[Any]:
-            names = ("psf", "psf_fwhm", "psf_beta", "psf_n_stars", "psf_fallback", "stars")
             return [*(_block(ds, v, iy, ix, tp) for v in ("image", "variance", "mask")),  # noqa: B023
-                    *(ds[v].data[iy, ix] for v in names)]  # noqa: B023
+                    *(ds[v].data[iy, ix] for v in ("psf", "psf_fwhm", "psf_beta"))]  # noqa: B023
 
         ref_task = task(arrays(reference), None, {
-            "origin": (iy * tp, ix * tp),
             "n_detections": int(n_detections.get((ref_name, tile), 0)),
             "zeropoint_mag": zeropoints.get(ref_name), "stamp_px": stamp_px},
             dask_key_name=f"qa-{ref_name}-{tile}-{run_id}")
@@ -474,7 +457,6 @@ def qa_tasks(
             diff_arrays = [*(_block(diff, v, iy, ix, tp) for v in ("score", "variance", "mask")),
                            diff["psf"].data[iy, ix]]
             out[(name, tile)] = task(arrays(sci) + diff_arrays, ref_stars, {
-                "origin": (iy * tp, ix * tp),
                 "n_detections": int(n_detections.get((name, tile), 0)),
                 "zeropoint_mag": zeropoints.get(name), "stamp_px": stamp_px},
                 dask_key_name=f"qa-{name}-{tile}-{run_id}")
@@ -483,16 +465,14 @@ def qa_tasks(
 
 def _tile_task(arrays: Sequence[Any], stars: Any,
                options: Mapping[str, Any]) -> dict[str, Any]:
-    """:func:`tile_qa` on ``[image, variance, mask, psf, psf_fwhm, psf_beta, psf_n_stars,
-    psf_fallback, stars]`` (+ for an epoch ``[score, diff variance, diff mask, diff psf]``
-    and the reference's stars)."""
-    image, variance, mask, psf, fwhm, beta, n_stars, fallback, stored = arrays[:9]
-    extra: dict[str, Any] = {"stored_n_stars": int(n_stars), "stored_fallback": bool(fallback),
-                             "stored_stars": stored}
-    if len(arrays) > 9:
-        score, dvar, dmask, dpsf = arrays[9:13]
-        extra.update(reference_stars=stars, score=score, diff_variance=dvar,
-                     diff_mask=dmask, diff_psf=dpsf)
+    """:func:`tile_qa` on ``[image, variance, mask, psf, psf_fwhm, psf_beta]`` (+ for an
+    epoch ``[score, diff variance, diff mask, diff psf]`` and the reference's stars)."""
+    image, variance, mask, psf, fwhm, beta = arrays[:6]
+    extra: dict[str, Any] = {}
+    if len(arrays) > 6:
+        score, dvar, dmask, dpsf = arrays[6:10]
+        extra = {"reference_stars": stars, "score": score, "diff_variance": dvar,
+                 "diff_mask": dmask, "diff_psf": dpsf}
     return tile_qa(image, variance, mask, stored_psf=psf, stored_fwhm_px=float(fwhm),
                    stored_beta=float(beta), **options, **extra)
 
