@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 CAL_TYPES = {"bias": ("bias", "zero"), "dark": ("dark",), "flat": ("flat", "flatfield",
                                                                    "dome flat", "sky flat")}
 SCIENCE_TYPES = ("object", "science", "light")
-STAGES = ("ingest", "select", "masters", "reference", "difference", "detect", "catalog")
+STAGES = ("ingest", "select", "masters", "reference", "difference", "detect", "catalog", "qa")
 
 
 @dataclass(frozen=True)
@@ -465,6 +465,15 @@ def run(
             if tasks:
                 _compute(client, list(tasks.values()), label="detect + catalog",
                          show=show_progress)
+        if settings.qa_enabled:  # per-tile science QA (lazysky.pipeline.qa, docs/qa.md)
+            with _stage("qa", timings):
+                from lazysky.pipeline.qa import run_qa
+
+                run_qa(store, run_id, reference=name, reference_ids=sel.reference,
+                       epochs={diff_names[e]: ids for e, ids in sel.epochs.items()},
+                       meta=sel.meta, catalog=catalog, thresholds=settings.qa_thresholds,
+                       settings=settings, compute=lambda c, label: _compute(
+                           client, c, label=label, show=show_progress))
         done_co = done_tiles(run_id, "detect-coadd", catalog=catalog)
         done_dia = done_tiles(run_id, "detect-diff", catalog=catalog)
         status = "done_with_errors" if errors else "done"

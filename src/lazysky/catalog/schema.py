@@ -67,6 +67,7 @@ __all__ = [
     "run_tiles",
     "runs",
     "schema_version",
+    "tile_qa",
     "upgrade",
     "workflow_activations",
     "workflow_versions",
@@ -728,6 +729,44 @@ def _v8_workflow_versions(conn: sa.Connection) -> None:
         "ORDER BY run_type, activation_id DESC"))
 
 
+tile_qa = sa.Table(
+    "tile_qa",
+    metadata,
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("product", sa.Text, primary_key=True,
+              comment="product name: the reference coadd (deep1) or an epoch (deep1-v2)"),
+    sa.Column("tile_id", sa.Text, primary_key=True),
+    sa.Column("kind", sa.Text, nullable=False, comment="coadd (reference) or diff (epoch)"),
+    sa.Column("psf_fwhm_px", sa.Float(53), nullable=True),
+    sa.Column("psf_fwhm_arcsec", sa.Float(53), nullable=True),
+    sa.Column("psf_beta", sa.Float(53), nullable=True),
+    sa.Column("psf_n_stars", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("psf_source", sa.Text, nullable=False, server_default="qa-fit"),
+    sa.Column("background", sa.Float(53), nullable=True, comment="image units"),
+    sa.Column("background_rms", sa.Float(53), nullable=True, comment="image units"),
+    sa.Column("astrometric_offset_px", sa.Float(53), nullable=True),
+    sa.Column("astrometric_rms_px", sa.Float(53), nullable=True),
+    sa.Column("astrometric_n_stars", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("score_std", sa.Float(53), nullable=True, comment="S_corr, source-free"),
+    sa.Column("n_detections", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("limiting_mag", sa.Float(53), nullable=True, comment="5 sigma point source"),
+    sa.Column("zeropoint_mag", sa.Float(53), nullable=True,
+              comment="NULL: instrumental magnitudes (counts per frame)"),
+    sa.Column("flagged", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("reasons", JSONB, nullable=False, server_default="[]",
+              comment="why the tile is flagged (thresholds exceeded)"),
+    sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.CheckConstraint("kind IN ('coadd', 'diff')", name="tile_qa_kind"),
+    comment="per-tile science QA of a run (lazysky.pipeline.qa, docs/qa.md)",
+)
+
+
+def _v9_tile_qa(conn: sa.Connection) -> None:
+    tile_qa.create(conn)
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step of the schema's history."""
@@ -754,6 +793,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "run_expiry: runs collected by lazysky gc (retention)", _v7_run_expiry),
     Migration(8, "workflow versions, their activations per type, canary runs",
               _v8_workflow_versions),
+    Migration(9, "tile_qa: per-tile science QA of a run", _v9_tile_qa),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 LOCK_KEY = 0x6C617A79  # 'lazy': the advisory lock serialising upgrades
