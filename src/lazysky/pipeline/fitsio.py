@@ -575,28 +575,29 @@ def coadd_files(
                             pixel_scale_arcsec=pixel_scale_arcsec, tile_px=tile_px)  # fmt: skip
     coadd = stack([p for c in cals for p in resample_exposure(c, grid)], grid, method=method)
     estimated = [Path(c.attrs["path"]).name for c in cals if c.attrs["variance_estimated"]]
+    # the primary's extra cards go in with the first write (updating the file afterwards
+    # would rewrite all of it once they outgrow the header's last 2880-byte block)
+    h = fits.Header()
+    h["PIXSCALE"] = (pixel_scale_arcsec, "arcsec per pixel")
+    for c in cals:
+        h.add_history(f"lazysky coadd input: {Path(c.attrs['path']).name}")
+    h.add_history(f"lazysky coadd: method={method} tile_px={tile_px}")
+    if register is not None:
+        h["REGISTER"] = (register, "inputs registered to the reference by stars")
+        for c in cals:
+            for r in c.attrs.get("registration", []):
+                h.add_history(f"lazysky register: {Path(r['name']).name} "
+                              f"n={r['n_matched']} rms={r['rms_px']:.3f}px")  # fmt: skip
+        if not str(cals[first_of_ref].header.values[0]).strip() or any(
+            "pseudo-celestial" in str(t) for c in cals for t in c.header.values
+        ):
+            h["WCSNAME"] = ("lazysky pseudo-celestial", "relative positions only")
+    if estimated:
+        h["VAREST"] = (True, "some input variances estimated from sky noise")
+        for name in sorted(set(estimated)):
+            h.add_comment(f"variance of {name} estimated from its sky noise (uniform)")
     with _atomic(target) as tmp:
-        write_coadd_fits(coadd, tmp, overwrite=True)
-        with fits.open(tmp, mode="update") as hdul:
-            h = hdul[0].header
-            h["PIXSCALE"] = (pixel_scale_arcsec, "arcsec per pixel")
-            for c in cals:
-                h.add_history(f"lazysky coadd input: {Path(c.attrs['path']).name}")
-            h.add_history(f"lazysky coadd: method={method} tile_px={tile_px}")
-            if register is not None:
-                h["REGISTER"] = (register, "inputs registered to the reference by stars")
-                for c in cals:
-                    for r in c.attrs.get("registration", []):
-                        h.add_history(f"lazysky register: {Path(r['name']).name} "
-                                      f"n={r['n_matched']} rms={r['rms_px']:.3f}px")  # fmt: skip
-                if not str(cals[first_of_ref].header.values[0]).strip() or any(
-                    "pseudo-celestial" in str(t) for c in cals for t in c.header.values
-                ):
-                    h["WCSNAME"] = ("lazysky pseudo-celestial", "relative positions only")
-            if estimated:
-                h["VAREST"] = (True, "some input variances estimated from sky noise")
-                for name in sorted(set(estimated)):
-                    h.add_comment(f"variance of {name} estimated from its sky noise (uniform)")
+        write_coadd_fits(coadd, tmp, overwrite=True, header=h)
     logger.info("coadd of %d inputs -> %s", len(inputs), target)
     return target
 
