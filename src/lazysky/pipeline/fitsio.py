@@ -37,6 +37,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import WCS, FITSFixedWarning
 from dask.base import tokenize
 from dask.delayed import delayed
@@ -326,18 +327,6 @@ def _sky_variance(image: np.ndarray) -> float:
     return float(np.var(v))
 
 
-def _data_bytes(header: fits.Header) -> int:
-    """Bytes of an HDU's data as its header describes them (no padding)."""
-    naxis = int(header.get("NAXIS", 0))
-    if naxis == 0:
-        return 0
-    n = 1
-    for i in range(1, naxis + 1):
-        n *= int(header.get(f"NAXIS{i}", 0))
-    gcount, pcount = int(header.get("GCOUNT", 1)), int(header.get("PCOUNT", 0))
-    return abs(int(header["BITPIX"])) // 8 * gcount * (pcount + n)
-
-
 def _open_headers(path: Path, what: str) -> fits.HDUList:
     """Open a FITS file reading its headers only (the data stay on disk until asked for).
 
@@ -349,19 +338,20 @@ def _open_headers(path: Path, what: str) -> fits.HDUList:
     if not path.is_file():
         msg = f"{what} {path}: no such file"
         raise FitsFormatError(msg)
+    hdul = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+            warnings.simplefilter("ignore", AstropyUserWarning)  # truncation: decided below
             hdul = fits.open(path, memmap=False)
             n = len(hdul)  # every header read: a file cut inside a header fails here
             last = hdul.fileinfo(n - 1)
     except (OSError, ValueError, IndexError, fits.VerifyError) as exc:
+        if hdul is not None:
+            hdul.close()
         msg = f"{what} {path} is not a readable FITS file ({exc})"
         raise FitsFormatError(msg) from None
-    if isinstance(hdul[n - 1], fits.CompImageHDU):  # its header is the image's: use the span
-        need = int(last["datLoc"]) + int(last["datSpan"])
-    else:
-        need = int(last["datLoc"]) + _data_bytes(hdul[n - 1].header)
+    need = int(last["datLoc"]) + int(last["datSpan"])  # the data with their padding
     size = path.stat().st_size
     if size < need:
         hdul.close()
