@@ -91,8 +91,8 @@ def _merge(
     """One layer per exposure (first valid detector wins); invalid pixels: 0, ∞, their bits."""
     ok_all = ((mask & bad) == 0) & np.isfinite(variance) & (variance > 0)
     if len(set(groups)) == len(groups):  # one layer per exposure already: nothing to merge
-        x = np.where(ok_all, image, 0).astype(np.float32)
-        v = np.where(ok_all, variance, np.inf).astype(np.float32)
+        x = np.where(ok_all, image, 0).astype(np.float32, copy=False)
+        v = np.where(ok_all, variance, np.inf).astype(np.float32, copy=False)
         return x, v, np.asarray(mask, dtype=MASK_DTYPE), ok_all
     keys = list(dict.fromkeys(groups))
     shape = (len(keys), *image.shape[1:])
@@ -276,10 +276,11 @@ def _stack_block(*args: NDArray[Any], groups: list[int], **options: Any) -> NDAr
         return np.empty(pieces[0].shape, dtype=COADD_DTYPE)
     out: NDArray[Any] = np.empty(pieces[0].shape, dtype=COADD_DTYPE)
     for r0 in range(0, len(out), _STRIP_ROWS):  # strips bound the task's memory
-        layers = np.stack([p[r0 : r0 + _STRIP_ROWS] for p in pieces])
+        # each plane stacked on its own: contiguous layers, not strided views of records
+        img, var, msk = (np.stack([p[plane][r0 : r0 + _STRIP_ROWS] for p in pieces])
+                         for plane in ("image", "variance", "mask"))  # fmt: skip
         out[r0 : r0 + _STRIP_ROWS] = stack_pixels(
-            layers["image"], layers["variance"], layers["mask"], groups=groups,
-            frame_weights=weights, **options,
+            img, var, msk, groups=groups, frame_weights=weights, **options,
         )  # fmt: skip
     return out
 
