@@ -507,9 +507,10 @@ def write_coadd_fits(
             key = f"fits-order-{name}-{tokenize(x, str(path))}"
             sources.append(da.map_blocks(_fits_order, x, dtype=t.dtype, name=key))
         da.store(sources, targets, lock=False)
-        for t in targets:
-            t.flush()
-        del targets
+        # unmapped without flush() (msync: it waited for the disk): the pages reach the
+        # file like any write()'s, through the page cache (astropy's writeto does not
+        # fsync either); readers see them at once
+        del targets, t
     except OSError as exc:
         path.unlink(missing_ok=True)
         msg = f"cannot write the coadd to {path}: {exc}"
