@@ -23,7 +23,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
 def __getattr__(name: str) -> object:
-    """``lazysky.run`` and ``lazysky.connect``, imported on first use (they pull dask)."""
+    """``lazysky.run``, ``connect``, ``associate``, ``lightcurve``: imported on first use."""
     if name == "run":
         from lazysky.runner import run
 
@@ -32,6 +32,12 @@ def __getattr__(name: str) -> object:
         from lazysky.cluster import connect
 
         return connect
+    if name in ("associate", "lightcurve"):
+        # the module lazysky.associate is callable: it is also the function
+        import importlib
+
+        module = importlib.import_module("lazysky.associate")
+        return module if name == "associate" else module.lightcurve
     msg = f"module 'lazysky' has no attribute {name!r}"
     raise AttributeError(msg)
 
@@ -44,6 +50,8 @@ __all__ = [
     "OutputError",
     "ParameterError",
     "__version__",
+    "associate",
     "connect",
+    "lightcurve",
     "run",
 ]

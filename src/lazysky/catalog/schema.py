@@ -44,7 +44,10 @@ __all__ = [
     "coadd_sources",
     "diff_sources",
     "exposures",
+    "forced_photometry",
     "metadata",
+    "object_detections",
+    "objects",
     "run_tiles",
     "runs",
     "schema_version",
@@ -293,6 +296,74 @@ def _v3_batch_submissions(conn: sa.Connection) -> None:
     metadata.create_all(conn, tables=[batch_submissions, batch_executions])
 
 
+# --- association across epochs (lazysky.associate) ------------------------------------
+objects = sa.Table(
+    "objects",
+    metadata,
+    sa.Column("object_id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("number", sa.Integer, nullable=False,
+              comment="1-based within the run, ordered by first detection"),
+    sa.Column("ra", sa.Float(53), nullable=False, comment="deg, weighted mean"),
+    sa.Column("dec", sa.Float(53), nullable=False, comment="deg, weighted mean"),
+    sa.Column("pos", SPointType(), sa.Computed(_POS_EXPR, persisted=True), nullable=False),
+    sa.Column("pos_err", sa.Float(53), nullable=False,
+              comment="arcsec, error of the mean position"),
+    sa.Column("first_mjd", sa.Float(53), nullable=False, comment="first detection"),
+    sa.Column("last_mjd", sa.Float(53), nullable=False, comment="last detection"),
+    sa.Column("n_detections", sa.Integer, nullable=False),
+    sa.Column("n_epochs", sa.Integer, nullable=False, comment="epochs with a detection"),
+    sa.Column("max_snr", sa.Float(53), nullable=True, comment="largest |snr| detected"),
+    sa.CheckConstraint("ra >= 0 AND ra < 360", name="objects_ra_range"),
+    sa.CheckConstraint("dec >= -90 AND dec <= 90", name="objects_dec_range"),
+    sa.CheckConstraint("n_detections > 0 AND n_epochs > 0", name="objects_detected"),
+    sa.CheckConstraint("first_mjd <= last_mjd", name="objects_mjd_order"),
+    sa.UniqueConstraint("run_id", "number", name="objects_run_number"),
+    sa.Index("ix_objects_pos", "pos", postgresql_using="gist"),
+    comment="difference-image sources associated across epochs (one run)",
+)
+
+object_detections = sa.Table(
+    "object_detections",
+    metadata,
+    sa.Column("run_id", sa.Text, primary_key=True),
+    sa.Column("tile_id", sa.Text, primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True),
+    sa.Column("object_id", sa.BigInteger,
+              sa.ForeignKey("objects.object_id", ondelete="CASCADE"), nullable=False),
+    sa.ForeignKeyConstraint(["run_id", "tile_id", "number"],
+                            ["diff_sources.run_id", "diff_sources.tile_id",
+                             "diff_sources.number"], ondelete="CASCADE",
+                            name="object_detections_source"),
+    sa.Index("ix_object_detections_object", "object_id"),
+    comment="which object each difference-image source belongs to",
+)
+
+forced_photometry = sa.Table(
+    "forced_photometry",
+    metadata,
+    sa.Column("object_id", sa.BigInteger,
+              sa.ForeignKey("objects.object_id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("exposure_id", sa.Text, sa.ForeignKey("exposures.exposure_id"),
+              primary_key=True, comment="the epoch's first exposure"),
+    sa.Column("epoch", sa.Text, nullable=False, comment="e.g. v2"),
+    sa.Column("mjd", sa.Float(53), nullable=False),
+    sa.Column("tile_id", sa.Text, nullable=False),
+    sa.Column("flux", sa.Float(53), nullable=True,
+              comment="PSF-weighted flux on the difference image (NaN: masked)"),
+    sa.Column("fluxerr", sa.Float(53), nullable=True, comment="from the variance plane"),
+    sa.Column("flags", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("detected", sa.Boolean, nullable=False,
+              comment="a difference-image source of this object is in this epoch"),
+    comment="forced photometry of every object on every epoch's difference image",
+)
+
+
+def _v4_objects(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=[objects, object_detections, forced_photometry])
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step of the schema's history."""
@@ -310,6 +381,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               _v2_run_errors_and_tiles),
     Migration(3, "batch submissions and their executions (lazysky batch)",
               _v3_batch_submissions),
+    Migration(4, "objects: difference sources associated across epochs, forced photometry",
+              _v4_objects),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 LOCK_KEY = 0x6C617A79  # 'lazy': the advisory lock serialising upgrades
