@@ -64,6 +64,7 @@ __all__ = [
     "group_detections",
     "lightcurve",
     "position_sigma_arcsec",
+    "run_objects",
 ]
 
 logger = logging.getLogger(__name__)
@@ -702,6 +703,46 @@ def lightcurve(object_id: int, *, catalog: Catalog | None = None,
     table.meta.update({k: (v.item() if hasattr(v, "item") else v) for k, v in obj.items()})
     return table
 
+
+
+def run_objects(run_id: str, *, catalog: Catalog | None = None,
+                settings: Settings | None = None) -> Table:
+    """The objects of a run, most detected first (then by number).
+
+    Returns
+    -------
+    astropy.table.Table
+        The ``objects`` columns but ``pos`` (``ra``/``dec`` in degrees).
+
+    Raises
+    ------
+    ParameterError
+        An unknown run.
+
+    Examples
+    --------
+    >>> objs = run_objects("test-20260101-0a1b2c3d")  # doctest: +SKIP
+    >>> lazysky.lightcurve(int(objs["object_id"][0]))  # doctest: +SKIP
+    """
+    import astropy.units as u
+    import sqlalchemy as sa
+    from astropy.table import Table
+
+    from lazysky.catalog.schema import objects
+
+    cols = [c for c in objects.c if c.name != "pos"]
+    with _catalog(catalog, settings).engine().connect() as conn:
+        _check_run(conn, run_id)
+        rows = conn.execute(sa.select(*cols).where(objects.c.run_id == run_id).order_by(
+            objects.c.n_detections.desc(), objects.c.number)).all()
+    names = [c.name for c in cols]
+    if not rows:
+        return Table(names=names, dtype=[object if n == "run_id" else float for n in names])
+    table = Table(rows=[tuple(r) for r in rows], names=names)
+    for name, unit in (("ra", u.deg), ("dec", u.deg), ("pos_err", u.arcsec),
+                       ("first_mjd", u.day), ("last_mjd", u.day)):
+        table[name].unit = unit
+    return table
 
 
 class _CallableModule(types.ModuleType):
