@@ -274,8 +274,9 @@ def test_forced_photometry_before_a_transient_is_consistent_with_zero(
     scene = Table.read(survey / "truth" / "scene.ecsv", format="ascii.ecsv")
     kind = dict(zip(scene["id"].tolist(), np.asarray(scene["kind"]).astype(str), strict=True))
     pulls = []
+    confused = _confused(survey)
     for tid, rows in _matched(det, survey).items():
-        if kind[tid] != "transient" or tid in _confused(survey):
+        if kind[tid] != "transient" or tid in confused:
             continue
         lc = lightcurve(int(det["object_id"][rows[0]]), catalog=catalog)
         t0 = float(scene["t0"][scene["id"] == tid][0])  # the truth: no light before t0
