@@ -22,22 +22,24 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
+#: Names at the top of ``lazysky`` imported on first use (they pull dask, the catalog, …).
+_LAZY: dict[str, str] = {
+    "run": "lazysky.runner",
+    "connect": "lazysky.cluster",
+    "promote": "lazysky.catalog.production",
+    "rollback": "lazysky.catalog.production",
+    "list_runs": "lazysky.catalog.production",
+    "associate": "lazysky.associate",
+    "lightcurve": "lazysky.associate",
+}
+
+
 def __getattr__(name: str) -> object:
-    """``lazysky.run``, ``connect``, ``associate``, ``lightcurve``: imported on first use."""
-    if name == "run":
-        from lazysky.runner import run
+    """The names of :data:`_LAZY`, imported on first use (``import lazysky`` stays instant)."""
+    if name in _LAZY:
+        from importlib import import_module
 
-        return run
-    if name == "connect":
-        from lazysky.cluster import connect
-
-        return connect
-    if name in ("associate", "lightcurve"):
-        # the module lazysky.associate is callable: it is also the function
-        import importlib
-
-        module = importlib.import_module("lazysky.associate")
-        return module if name == "associate" else module.lightcurve
+        return getattr(import_module(_LAZY[name]), name)
     msg = f"module 'lazysky' has no attribute {name!r}"
     raise AttributeError(msg)
 
@@ -53,5 +55,8 @@ __all__ = [
     "associate",
     "connect",
     "lightcurve",
+    "list_runs",
+    "promote",
+    "rollback",
     "run",
 ]
