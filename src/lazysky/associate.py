@@ -506,8 +506,6 @@ def associate(
     >>> print(associate("test-20260101-0a1b2c3d"))  # doctest: +SKIP
     run test-20260101-0a1b2c3d: 57 difference sources → 31 objects; ...
     """
-    import dask
-
     k = _positive("k_sigma", k_sigma)
     floor = _positive("floor_arcsec", floor_arcsec)
     r_max = _positive("max_radius_arcsec", max_radius_arcsec)
@@ -528,8 +526,9 @@ def associate(
     scale = {e: float(ds.attrs["grid"]["pixel_scale_arcsec"]) for e, ds in diffs.items()}
     if fwhm_arcsec is None:
         # one small compute at the boundary: the PSF stamps of every tile and epoch
-        (stamps,) = dask.compute({e: ds["psf"].data for e, ds in diffs.items()})
-        widths = [_psf_fwhm_px(s) * scale[e] for e, a in stamps.items()
+        names = list(diffs)
+        stamps = _compute([diffs[e]["psf"].data for e in names], client)
+        widths = [_psf_fwhm_px(s) * scale[e] for e, a in zip(names, stamps, strict=True)
                   for s in np.asarray(a).reshape(-1, *np.shape(a)[2:])]
         widths = [w for w in widths if math.isfinite(w) and w > 0]
         fwhm_arcsec = float(np.median(widths)) if widths else 1.0
@@ -541,10 +540,7 @@ def associate(
                 len(sigma), n_obj, fwhm_arcsec)
 
     tasks = forced_psf_photometry(diffs, objs["ra"], objs["dec"])
-    if client is not None:
-        results = client.gather(client.compute(list(tasks.values())))
-    else:
-        results = list(dask.compute(*tasks.values())) if tasks else []
+    results = _compute(list(tasks.values()), client)
     epoch_exp = {e: _epoch_exposure(ds, e) for e, ds in diffs.items()}
     with engine.begin() as conn:
         mjd = _exposure_mjds(conn, list(epoch_exp.values()))
@@ -553,6 +549,16 @@ def associate(
     return AssociationResult(run_id=run_id, n_objects=n_obj, n_detections=len(labels),
                              n_photometry=len(phot["object"]), epochs=tuple(sorted(diffs)),
                              object_ids=tuple(ids))
+
+
+def _compute(collection: Any, client: Any) -> Any:
+    """Compute at the stage's edge: on ``client`` if given, else the active scheduler."""
+    import dask
+
+    if client is not None:
+        return client.gather(client.compute(collection))
+    (out,) = dask.compute(collection)
+    return out
 
 
 def _exposure_mjds(conn: sa.Connection, exposure_ids: Sequence[str]) -> dict[str, float]:
