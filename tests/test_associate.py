@@ -371,3 +371,13 @@ def test_kernels() -> None:
     # the cap wins over a large σ
     labels = group_detections(2, [0], [1], [1.5], np.full(2, 5.0), max_radius_arcsec=1.0)
     assert labels.tolist() == [0, 1]
+
+
+def test_docstring_examples_run() -> None:
+    import doctest
+
+    import lazysky.associate
+
+    result = doctest.testmod(lazysky.associate, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0
+    assert result.failed == 0
