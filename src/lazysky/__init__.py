@@ -39,7 +39,9 @@ def __getattr__(name: str) -> object:
     if name in _LAZY:
         from importlib import import_module
 
-        return getattr(import_module(_LAZY[name]), name)
+        module = import_module(_LAZY[name])
+        # lazysky.associate is a module and, callable, its own function (see there)
+        return module if name == "associate" else getattr(module, name)
     msg = f"module 'lazysky' has no attribute {name!r}"
     raise AttributeError(msg)
 
