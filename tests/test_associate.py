@@ -9,6 +9,7 @@ in each exposure) and ``truth/scene.ecsv``.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,6 +108,7 @@ def _objects(catalog: Catalog, run_id: str) -> Table:
                                    "last_mjd", "n_detections", "n_epochs"])
 
 
+@functools.lru_cache(maxsize=16)
 def _truth(survey: Path, exposure_id: str) -> Table:
     t = Table.read(survey / "raw" / f"{exposure_id}.truth.ecsv", format="ascii.ecsv")
     return t[np.isin(np.asarray(t["kind"]).astype(str), ("transient", "variable", "mover"))]
