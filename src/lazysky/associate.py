@@ -499,6 +499,8 @@ def associate(
     ------
     ParameterError
         An unknown run, a run without difference images, a bad option (named).
+    CatalogError
+        The run's difference sources changed while it ran (nothing written).
 
     Examples
     --------
@@ -542,10 +544,19 @@ def associate(
     tasks = forced_psf_photometry(diffs, objs["ra"], objs["dec"])
     results = _compute(list(tasks.values()), client)
     epoch_exp = {e: _epoch_exposure(ds, e) for e, ds in diffs.items()}
-    with engine.begin() as conn:
-        mjd = _exposure_mjds(conn, list(epoch_exp.values()))
-        phot = _photometry_rows(results, epoch_exp, mjd, det, labels)
-        ids = _write(conn, run_id, det, labels, objs, phot)
+    import sqlalchemy as sa
+
+    from lazysky.catalog import CatalogError
+
+    try:
+        with engine.begin() as conn:
+            mjd = _exposure_mjds(conn, list(epoch_exp.values()))
+            phot = _photometry_rows(results, epoch_exp, mjd, det, labels)
+            ids = _write(conn, run_id, det, labels, objs, phot)
+    except sa.exc.IntegrityError as exc:  # nothing was written: the transaction rolled back
+        msg = (f"association of run {run_id} not written: its difference sources changed "
+               f"while it ran (a detection rewritten?); run it again ({exc.orig})")
+        raise CatalogError(msg) from None
     return AssociationResult(run_id=run_id, n_objects=n_obj, n_detections=len(labels),
                              n_photometry=len(phot["object"]), epochs=tuple(sorted(diffs)),
                              object_ids=tuple(ids))
