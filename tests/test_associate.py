@@ -319,9 +319,16 @@ def test_association_is_idempotent_when_the_run_is_repeated(
 
 
 def test_the_pair_search_probes_the_gist_index(done: RunSummary, catalog: Catalog) -> None:
+    import re
+
     plan = association_plan(done.run_id, catalog=catalog)
-    assert "ix_diff_sources_pos" in plan
+    # the inner side: a GiST probe of the run's partition per detection
+    assert re.search(r"Index Scan (using|on) diff_sources__test__\d{4}_\d{2}_pos_idx", plan), plan
     assert "Seq Scan on diff_sources" not in plan
+    # the run's own partition alone (its type and month)
+    month = done.run_id.split("-")[1]
+    assert set(re.findall(r"diff_sources__\w+?__\d{4}_\d{2}", plan)) == {
+        f"diff_sources__test__{month[:4]}_{month[4:6]}"}, plan
 
 
 def test_lightcurve_cli(done: RunSummary, catalog: Catalog, capsys: pytest.CaptureFixture[str],
