@@ -667,6 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     from lazysky.cli_runs import add_runs_parser
 
     add_runs_parser(sub)  # runs: list, show, promote, rollback (issue 11)
+    from lazysky.cli_gc import add_gc_parser
+
+    add_gc_parser(sub)  # gc: retention (issue 13)
     _add_lightcurve_parser(sub)  # association across epochs (issue 11)
     return parser
 
