@@ -35,6 +35,8 @@ _LAZY: dict[str, str] = {
     "rollback_workflow": "lazysky.workflows",
     "list_workflows": "lazysky.workflows",
     "active_workflow": "lazysky.workflows",
+    "associate": "lazysky.associate",
+    "lightcurve": "lazysky.associate",
 }
 
 
@@ -43,7 +45,9 @@ def __getattr__(name: str) -> object:
     if name in _LAZY:
         from importlib import import_module
 
-        return getattr(import_module(_LAZY[name]), name)
+        module = import_module(_LAZY[name])
+        # lazysky.associate is a module and, callable, its own function (see there)
+        return module if name == "associate" else getattr(module, name)
     msg = f"module 'lazysky' has no attribute {name!r}"
     raise AttributeError(msg)
 
@@ -58,7 +62,9 @@ __all__ = [
     "__version__",
     "activate_workflow",
     "active_workflow",
+    "associate",
     "connect",
+    "lightcurve",
     "list_runs",
     "list_workflows",
     "promote",

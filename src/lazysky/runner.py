@@ -55,7 +55,8 @@ logger = logging.getLogger(__name__)
 CAL_TYPES = {"bias": ("bias", "zero"), "dark": ("dark",), "flat": ("flat", "flatfield",
                                                                    "dome flat", "sky flat")}
 SCIENCE_TYPES = ("object", "science", "light")
-STAGES = ("ingest", "select", "masters", "reference", "difference", "detect", "catalog", "qa")
+STAGES = ("ingest", "select", "masters", "reference", "difference", "detect", "catalog",
+          "qa", "associate")
 
 
 @dataclass(frozen=True)
@@ -474,6 +475,12 @@ def run(
                        meta=sel.meta, catalog=catalog, thresholds=settings.qa_thresholds,
                        settings=settings, compute=lambda c, label: _compute(
                            client, c, label=label, show=show_progress))
+        if diffs:  # association across epochs: replaces the run's objects (idempotent)
+            with _stage("associate", timings):
+                from lazysky.associate import associate
+
+                associate(run_id, catalog=catalog, store=str(store), settings=settings,
+                          client=client)
         done_co = done_tiles(run_id, "detect-coadd", catalog=catalog)
         done_dia = done_tiles(run_id, "detect-diff", catalog=catalog)
         status = "done_with_errors" if errors else "done"

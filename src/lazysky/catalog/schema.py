@@ -58,8 +58,11 @@ __all__ = [
     "ensure_partitions",
     "ensure_upcoming_partitions",
     "exposures",
+    "forced_photometry",
     "metadata",
     "month_partitions",
+    "object_detections",
+    "objects",
     "partition_name",
     "production_tiles",
     "promotions",
@@ -765,6 +768,71 @@ tile_qa = sa.Table(
 
 def _v9_tile_qa(conn: sa.Connection) -> None:
     tile_qa.create(conn)
+# --- association across epochs (lazysky.associate) ------------------------------------
+objects = sa.Table(
+    "objects",
+    metadata,
+    sa.Column("object_id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("number", sa.Integer, nullable=False,
+              comment="1-based within the run, ordered by first detection"),
+    sa.Column("ra", sa.Float(53), nullable=False, comment="deg, weighted mean"),
+    sa.Column("dec", sa.Float(53), nullable=False, comment="deg, weighted mean"),
+    sa.Column("pos", SPointType(), sa.Computed(_POS_EXPR, persisted=True), nullable=False),
+    sa.Column("pos_err", sa.Float(53), nullable=False,
+              comment="arcsec, error of the mean position"),
+    sa.Column("first_mjd", sa.Float(53), nullable=False, comment="first detection"),
+    sa.Column("last_mjd", sa.Float(53), nullable=False, comment="last detection"),
+    sa.Column("n_detections", sa.Integer, nullable=False),
+    sa.Column("n_epochs", sa.Integer, nullable=False, comment="epochs with a detection"),
+    sa.Column("max_snr", sa.Float(53), nullable=True, comment="largest |snr| detected"),
+    sa.CheckConstraint("ra >= 0 AND ra < 360", name="objects_ra_range"),
+    sa.CheckConstraint("dec >= -90 AND dec <= 90", name="objects_dec_range"),
+    sa.CheckConstraint("n_detections > 0 AND n_epochs > 0", name="objects_detected"),
+    sa.CheckConstraint("first_mjd <= last_mjd", name="objects_mjd_order"),
+    sa.UniqueConstraint("run_id", "number", name="objects_run_number"),
+    sa.Index("ix_objects_pos", "pos", postgresql_using="gist"),
+    comment="difference-image sources associated across epochs (one run)",
+)
+
+object_detections = sa.Table(
+    "object_detections",
+    metadata,
+    sa.Column("run_id", sa.Text, primary_key=True),
+    sa.Column("tile_id", sa.Text, primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True),
+    sa.Column("object_id", sa.BigInteger,
+              sa.ForeignKey("objects.object_id", ondelete="CASCADE"), nullable=False),
+    # no foreign key into diff_sources: it is partitioned (v5) and its month partitions
+    # are dropped whole (lazysky gc); a run's links go with its objects, which
+    # lazysky.associate replaces after every detection of the run
+    sa.Index("ix_object_detections_object", "object_id"),
+    comment="which object each difference-image source (run_id, tile_id, number) belongs to",
+)
+
+forced_photometry = sa.Table(
+    "forced_photometry",
+    metadata,
+    sa.Column("object_id", sa.BigInteger,
+              sa.ForeignKey("objects.object_id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("exposure_id", sa.Text, sa.ForeignKey("exposures.exposure_id"),
+              primary_key=True, comment="the epoch's first exposure"),
+    sa.Column("epoch", sa.Text, nullable=False, comment="e.g. v2"),
+    sa.Column("mjd", sa.Float(53), nullable=False),
+    sa.Column("tile_id", sa.Text, nullable=False),
+    sa.Column("flux", sa.Float(53), nullable=True,
+              comment="PSF-weighted flux on the difference image (NaN: masked)"),
+    sa.Column("fluxerr", sa.Float(53), nullable=True, comment="from the variance plane"),
+    sa.Column("flags", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("detected", sa.Boolean, nullable=False,
+              comment="a difference-image source of this object is in this epoch"),
+    comment="forced photometry of every object on every epoch's difference image",
+)
+
+
+def _v10_objects(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=[objects, object_detections, forced_photometry])
 
 
 @dataclass(frozen=True)
@@ -794,6 +862,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "workflow versions, their activations per type, canary runs",
               _v8_workflow_versions),
     Migration(9, "tile_qa: per-tile science QA of a run", _v9_tile_qa),
+    Migration(10, "objects: difference sources associated across epochs, forced photometry",
+              _v10_objects),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 LOCK_KEY = 0x6C617A79  # 'lazy': the advisory lock serialising upgrades
