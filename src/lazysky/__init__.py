@@ -22,6 +22,9 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
+_INTERACTIVE = ("compare_runs", "cutout", "open_run", "reprocess")
+
+
 def __getattr__(name: str) -> object:
     """``lazysky.run`` and ``lazysky.connect``, imported on first use (they pull dask)."""
     if name == "run":
@@ -32,6 +35,10 @@ def __getattr__(name: str) -> object:
         from lazysky.cluster import connect
 
         return connect
+    if name in _INTERACTIVE:  # lazysky.open_run, .cutout, .reprocess, .compare_runs
+        from lazysky import interactive
+
+        return getattr(interactive, name)
     msg = f"module 'lazysky' has no attribute {name!r}"
     raise AttributeError(msg)
 
@@ -44,6 +51,10 @@ __all__ = [
     "OutputError",
     "ParameterError",
     "__version__",
+    "compare_runs",
     "connect",
+    "cutout",
+    "open_run",
+    "reprocess",
     "run",
 ]
