@@ -173,10 +173,25 @@ def test_rows_match_the_truth(clean: RunSummary, catalog: Catalog, survey: Path)
 
 def test_the_same_run_twice_gives_identical_rows(
         clean: RunSummary, survey: Path, tmp_path: Path, client: Any, catalog: Catalog) -> None:
-    again = run(_config(survey, tmp_path / "store"), settings=load_settings(
+    """Run again, this time as production: same rows, and the finished production run
+    publishes itself (the production views show it on every tile; a test run never)."""
+    from lazysky.catalog.production import production_tiles, run_record
+
+    again = run(_config(survey, tmp_path / "store", type="prod"), settings=load_settings(
         catalog_dsn=catalog.dsn), client=client, catalog=catalog)
     assert again.run_id != clean.run_id
+    assert again.run_id.startswith("prod-")
     assert _rows(catalog, again.run_id) == _rows(catalog, clean.run_id)
+    planned = run_record(again.run_id, catalog=catalog).planned_tiles
+    assert planned is not None
+    assert len(planned) == again.tiles
+    assert production_tiles("deep1", catalog=catalog) == dict.fromkeys(planned, again.run_id)
+    assert run_record(clean.run_id, catalog=catalog).production_tiles == ()
+    with catalog.engine().connect() as conn:
+        shown = conn.execute(sa.text(
+            "SELECT count(*) FROM coadd_sources_prod WHERE run_id = :r"),
+            {"r": again.run_id}).scalar()
+    assert shown == len(_rows(catalog, again.run_id)["coadd_sources"]) > 0
 
 
 def test_a_killed_run_resumes_to_the_clean_rows(

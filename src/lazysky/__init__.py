@@ -22,23 +22,26 @@ try:
 except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0+unknown"
 
-_INTERACTIVE = ("compare_runs", "cutout", "open_run", "reprocess")
+#: Names at the top of ``lazysky`` imported on first use (they pull dask, the catalog, …).
+_LAZY: dict[str, str] = {
+    "run": "lazysky.runner",
+    "connect": "lazysky.cluster",
+    "promote": "lazysky.catalog.production",
+    "rollback": "lazysky.catalog.production",
+    "list_runs": "lazysky.catalog.production",
+    "open_run": "lazysky.interactive",
+    "cutout": "lazysky.interactive",
+    "reprocess": "lazysky.interactive",
+    "compare_runs": "lazysky.interactive",
+}
 
 
 def __getattr__(name: str) -> object:
-    """``lazysky.run`` and ``lazysky.connect``, imported on first use (they pull dask)."""
-    if name == "run":
-        from lazysky.runner import run
+    """The names of :data:`_LAZY`, imported on first use (``import lazysky`` stays instant)."""
+    if name in _LAZY:
+        from importlib import import_module
 
-        return run
-    if name == "connect":
-        from lazysky.cluster import connect
-
-        return connect
-    if name in _INTERACTIVE:  # lazysky.open_run, .cutout, .reprocess, .compare_runs
-        from lazysky import interactive
-
-        return getattr(interactive, name)
+        return getattr(import_module(_LAZY[name]), name)
     msg = f"module 'lazysky' has no attribute {name!r}"
     raise AttributeError(msg)
 
@@ -54,7 +57,10 @@ __all__ = [
     "compare_runs",
     "connect",
     "cutout",
+    "list_runs",
     "open_run",
+    "promote",
     "reprocess",
+    "rollback",
     "run",
 ]

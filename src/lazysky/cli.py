@@ -618,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_diff_parser(sub)  # difference imaging (issue 6)
     _add_kube_parser(sub)  # kubernetes (issue 10)
     _add_batch_parser(sub)  # batch submissions (issue 10)
+    from lazysky.cli_runs import add_runs_parser
+
+    add_runs_parser(sub)  # runs: list, show, promote, rollback (issue 11)
     return parser
 
 

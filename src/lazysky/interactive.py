@@ -421,13 +421,9 @@ def _latest_run(field_name: str, catalog: Catalog) -> str:
 
 
 def _production(field_name: str, settings: Settings, catalog: Catalog) -> ProductionView:
-    from lazysky import catalog as cat
+    from lazysky.catalog.production import production_tiles
 
-    tiles_of_field = getattr(cat, "production_tiles", None)
-    if tiles_of_field is None:  # pragma: no cover - until the catalog's v4 lands
-        msg = "this catalog version has no production tiles (lazysky.catalog.production_tiles)"
-        raise ParameterError(msg)
-    tiles: dict[str, str] = dict(tiles_of_field(field_name, catalog=catalog))
+    tiles = production_tiles(field_name, catalog=catalog)
     if not tiles:
         msg = (f"field {field_name!r} has no production tiles yet: promote a run "
                "(lazysky.promote) first")
@@ -863,6 +859,7 @@ def _detect_only(parent: RunView, cfg: Any, tiles: Sequence[str], *, client: Any
     import dask
 
     from lazysky.catalog import finish_run, register_run
+    from lazysky.catalog.production import plan_run
     from lazysky.pipeline.detect import SepSettings, detect, detect_difference
     from lazysky.runner import _compute, _with_exposure, _write_catalog_tile
     from lazysky.runs import Run, new_run_id
@@ -886,6 +883,7 @@ def _detect_only(parent: RunView, cfg: Any, tiles: Sequence[str], *, client: Any
     status = "failed"
     t0 = time.perf_counter()
     try:
+        plan_run(rid, field=parent.field_name, tiles=tiles, catalog=catalog)
         det = cfg.steps.detect
         co = detect(parent.reference, threshold=det.threshold, tiles=list(tiles))
         diffs = parent.differences

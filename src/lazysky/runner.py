@@ -287,12 +287,14 @@ def run(
         A configuration that cannot run (nothing matches the reference, no bias …).
     """
     from lazysky.catalog import (
+        CatalogError,
         done_tiles,
         finish_run,
         open_catalog,
         register_run,
         write_exposures,
     )
+    from lazysky.catalog.production import plan_run, publish
     from lazysky.cluster import connect
     from lazysky.pipeline import (
         SkyGrid,
@@ -386,6 +388,7 @@ def run(
         det_tiles = tiles_of(grid, tiles)
         tiles = grid.tile_ids() if tiles is None else _with_neighbours(grid, det_tiles)
         name = cfg.field.name
+        plan_run(run_id, field=name, tiles=det_tiles, catalog=catalog)  # catalogued ones
 
         def coadd_of(ids: Sequence[str]) -> xr.Dataset:
             """The coadd of ``ids`` with its PSF per tile (stored with it: the difference
@@ -486,6 +489,11 @@ def run(
 
             annotate_products(store, run_id, {"run_status": status, "run_timings": timings,
                                               "run_errors": errors}, settings=settings)
+        if cfg.type == "prod" and status in ("done", "done_with_errors"):
+            try:  # a finished production run becomes the production of its tiles
+                publish(run_id, catalog=catalog)
+            except CatalogError as exc:
+                logger.warning("run %s finished but was not published: %s", run_id, exc)
         if own_client:
             client.close()
 

@@ -26,6 +26,27 @@ def _make_run(catalog: Catalog, kind: str = "test") -> str:
     return run.run_id
 
 
+def finish_as_lazysky_run(catalog: Catalog, run_id: str, field: str,
+                          tiles: list[str]) -> None:
+    """Record what `lazysky run` records of a finished run written by hand: its field and
+    tile plan, both detection stages done for every tile, status done."""
+    from lazysky.catalog import finish_run, mark_tile_done
+    from lazysky.catalog.production import plan_run
+
+    plan_run(run_id, field=field, tiles=tiles, catalog=catalog)
+    for tile in tiles:
+        for stage in ("detect-coadd", "detect-diff"):
+            mark_tile_done(run_id, stage, tile, catalog=catalog)
+    finish_run(run_id, status="done", catalog=catalog)
+
+
+@pytest.fixture(scope="session")
+def finish_lazysky_run() -> Callable[[Catalog, str, str, list[str]], None]:
+    """:func:`finish_as_lazysky_run`, for tests (a fixture: `from conftest import` is
+    ambiguous with several conftest modules)."""
+    return finish_as_lazysky_run
+
+
 @pytest.fixture
 def make_run(catalog: Catalog) -> Callable[..., str]:
     """Register a fresh run (``make_run("prod")``) and return its id."""

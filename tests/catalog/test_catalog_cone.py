@@ -12,6 +12,7 @@ from astropy.coordinates import SkyCoord
 
 from lazysky.catalog import Catalog, coadd_sources, cone_query, cone_search, write_sources
 from lazysky.catalog.cone import explain
+from lazysky.catalog.production import promote, publish
 from lazysky.errors import ParameterError
 
 pytestmark = pytest.mark.postgres
@@ -86,11 +87,17 @@ def test_query_uses_the_gist_index(catalog: Catalog, sky: dict[str, Any]) -> Non
 
 
 def test_production_view_and_run_filter(catalog: Catalog, make_run: Callable[..., str],
-                                        sources: Sources) -> None:
+                                        sources: Sources,
+                                        finish_lazysky_run: Callable[..., None]) -> None:
     prod, exp = make_run("prod"), make_run("exp")
     data = sources(20, seed=9, ra_range=(100.0, 100.1), dec_range=(-20.0, -19.9))
     write_sources("coadd", prod, "v", data, catalog=catalog)
     write_sources("coadd", exp, "v", data, catalog=catalog)
+    finish_lazysky_run(catalog, prod, "view-field", ["v"])
+    finish_lazysky_run(catalog, exp, "view-field", ["v"])
+    assert len(cone_search(100.05, -19.95, "0.2deg", table="coadd_prod", run=prod,
+                           catalog=catalog)) == 0  # finished, not yet published
+    publish(prod, catalog=catalog)
     everything = cone_search(100.05, -19.95, "0.2deg", catalog=catalog)
     assert {prod, exp} <= set(everything["run_id"])
     only_prod = cone_search(100.05, -19.95, "0.2deg", table="coadd_prod", catalog=catalog)
@@ -99,6 +106,10 @@ def test_production_view_and_run_filter(catalog: Catalog, make_run: Callable[...
     one = cone_search(100.05, -19.95, "0.2deg", run=exp, catalog=catalog)
     assert set(one["run_id"]) == {exp}
     assert len(one) == 20
+    promote(exp, reason="the experiment is better", catalog=catalog)  # the view switches
+    switched = cone_search(100.05, -19.95, "0.2deg", table="coadd_prod", catalog=catalog)
+    assert exp in set(switched["run_id"])
+    assert prod not in set(switched["run_id"])
     assert "Seq Scan on coadd_sources" not in explain(
         cone_query(100.05, -19.95, "0.2deg", table="coadd_prod"), catalog=catalog)
 

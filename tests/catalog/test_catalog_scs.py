@@ -46,7 +46,8 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def scs(catalog: Catalog, catalog_dir: Path, sources: Sources) -> Iterator[dict[str, str]]:
+def scs(catalog: Catalog, catalog_dir: Path, sources: Sources,
+        finish_lazysky_run: Callable[..., None]) -> Iterator[dict[str, str]]:
     from lazysky.catalog import register_run
     from lazysky.runs import Run, new_run_id
 
@@ -55,6 +56,10 @@ def scs(catalog: Catalog, catalog_dir: Path, sources: Sources) -> Iterator[dict[
     write_sources("coadd", run.run_id, "scs-0",
                   sources(3000, seed=21, ra_range=(149.5, 150.5), dec_range=(1.5, 2.5)),
                   catalog=catalog)
+    from lazysky.catalog.production import publish
+
+    finish_lazysky_run(catalog, run.run_id, "scs-field", ["scs-0"])
+    publish(run.run_id, catalog=catalog)
     proc, url = _serve(catalog_dir)
     yield {"url": url, "run": run.run_id}
     _stop(proc)
@@ -86,7 +91,7 @@ def test_difference_and_production_services(scs: dict[str, str]) -> None:
     assert {"flux_psf", "sign", "ra", "dec", "id"} <= set(diff.fieldnames)
     prod = pyvo.dal.SCSService(base + "/scs/coadd_prod?").search(pos=(150.0, 2.0),
                                                                 radius=0.05)
-    assert len(prod) > 0  # the module's run is a production run
+    assert len(prod) > 0  # the module's run is a published production run
     assert {str(r.id).split("/")[0] for r in prod} == {scs["run"]}
 
 

@@ -7,7 +7,11 @@ disagree. Rows of sources belong to a (run, tile): the primary key is
 ``(run_id, tile_id, number)``, which is also what :func:`lazysky.catalog.write_sources`
 replaces atomically.
 
-The ``*_prod`` views show production rows only (runs of type ``prod``).
+The ``*_prod`` views show production rows only: for every (field, tile) the rows of the
+one run ``production_tiles`` names (v4). A production run publishes its tiles when it
+finishes; an experiment becomes production by promotion, in one transaction, and a
+rollback restores what was there (``promotions`` keeps the history; see
+:mod:`lazysky.catalog.production`). ``runs_prod`` lists the runs of type ``prod``.
 
 ``batch_submissions`` and ``batch_executions`` (v3) hold the queue of scheduled batch
 submissions and the history of their executions (:mod:`lazysky.batch`, docs/batch.md).
@@ -45,6 +49,8 @@ __all__ = [
     "diff_sources",
     "exposures",
     "metadata",
+    "production_tiles",
+    "promotions",
     "run_tiles",
     "runs",
     "schema_version",
@@ -80,6 +86,9 @@ runs = sa.Table(
               comment="step name -> seconds"),
     sa.Column("errors", JSONB, nullable=False, server_default="{}",
               comment="input or tile -> error text (what was skipped and why)"),
+    sa.Column("field", sa.Text, nullable=True, comment="the field the run processes"),
+    sa.Column("tiles", JSONB, nullable=True,
+              comment="the tiles the run plans to finish (a list of tile ids)"),
     sa.CheckConstraint(f"run_id ~ '{RUN_ID_PATTERN}'", name="run_id_form"),
     sa.CheckConstraint(f"split_part(run_id, '-', 1) IN ({_RUN_TYPES_SQL})", name="run_type"),
     sa.CheckConstraint(f"status IN ({_STATUSES_SQL})", name="run_status"),
@@ -194,6 +203,8 @@ def _v1_create(conn: sa.Connection) -> None:
     metadata.create_all(conn, tables=[runs, exposures, coadd_sources, diff_sources])
     # v1 as it was: no errors column, three statuses (v2 brings both)
     conn.execute(sa.text("ALTER TABLE runs DROP COLUMN errors"))
+    conn.execute(sa.text("ALTER TABLE runs DROP COLUMN field"))  # v4
+    conn.execute(sa.text("ALTER TABLE runs DROP COLUMN tiles"))  # v4
     conn.execute(sa.text("ALTER TABLE runs DROP CONSTRAINT run_status"))
     conn.execute(sa.text(
         "ALTER TABLE runs ADD CONSTRAINT run_status "
@@ -293,6 +304,90 @@ def _v3_batch_submissions(conn: sa.Connection) -> None:
     metadata.create_all(conn, tables=[batch_submissions, batch_executions])
 
 
+#: What happened to production: a run promoted (``promote``), a production run
+#: published on finishing (``publish``), or a promotion undone (``rollback``).
+PROMOTION_ACTIONS = ("promote", "publish", "rollback")
+_ACTIONS_SQL = ", ".join(f"'{a}'" for a in PROMOTION_ACTIONS)
+
+promotions = sa.Table(
+    "promotions",
+    metadata,
+    sa.Column("promotion_id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id"), nullable=False,
+              comment="the run promoted, published, or whose promotion is rolled back"),
+    sa.Column("field", sa.Text, nullable=False),
+    sa.Column("tiles", JSONB, nullable=False,
+              comment="tile id -> what was production before: {run_id, promotion_id} "
+                      "or null"),
+    sa.Column("undoes", sa.BigInteger, sa.ForeignKey("promotions.promotion_id"),
+              nullable=True, unique=True, comment="the promotion a rollback undoes"),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("by", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.CheckConstraint(f"action IN ({_ACTIONS_SQL})", name="promotion_action"),
+    sa.CheckConstraint("(action = 'rollback') = (undoes IS NOT NULL)",
+                       name="promotion_rollback_undoes"),
+    sa.CheckConstraint("length(reason) > 0", name="promotion_reason"),
+    comment="the history of production: promotions, publications and rollbacks",
+)
+
+production_tiles = sa.Table(
+    "production_tiles",
+    metadata,
+    sa.Column("field", sa.Text, primary_key=True),
+    sa.Column("tile_id", sa.Text, primary_key=True),
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id"), nullable=False),
+    sa.Column("promotion_id", sa.BigInteger, sa.ForeignKey("promotions.promotion_id"),
+              nullable=False, comment="the promotion that made this run production here"),
+    sa.Index("ix_production_tiles_run", "run_id", "tile_id"),
+    comment="the production run of every tile of every field: what the *_prod views show",
+)
+
+
+def _v4_production_tiles(conn: sa.Connection) -> None:
+    conn.execute(sa.text("ALTER TABLE runs ADD COLUMN field TEXT"))
+    conn.execute(sa.text("ALTER TABLE runs ADD COLUMN tiles JSONB"))
+    conn.execute(sa.text("COMMENT ON COLUMN runs.field IS 'the field the run processes'"))
+    conn.execute(sa.text("COMMENT ON COLUMN runs.tiles IS "
+                         "'the tiles the run plans to finish (a list of tile ids)'"))
+    metadata.create_all(conn, tables=[promotions, production_tiles])
+    # production is what production_tiles says, one run per (field, tile): a promotion
+    # switches the rows a view shows in one transaction, without copying them; runs of
+    # type prod published before v4 become production for the tiles they finished
+    conn.execute(sa.text(
+        "UPDATE runs SET field = config->'field'->>'name' WHERE field IS NULL"))
+    conn.execute(sa.text(
+        "CREATE OR REPLACE VIEW runs_prod AS SELECT r.* FROM runs r WHERE r.run_type = 'prod'"))
+    finished = conn.execute(sa.text(
+        "SELECT run_id, field FROM runs WHERE run_type = 'prod' AND field IS NOT NULL "
+        "AND status IN ('done', 'done_with_errors') ORDER BY finished_at, run_id")).all()
+    for run_id, field in finished:  # the newest production run of a tile wins
+        tiles = [t for (t,) in conn.execute(sa.text(
+            "SELECT tile_id FROM run_tiles WHERE run_id = :r AND stage = 'detect-coadd' "
+            "ORDER BY tile_id"), {"r": run_id})]
+        if not tiles:
+            continue
+        before = {t: {"run_id": r, "promotion_id": p} for t, r, p in conn.execute(sa.text(
+            "SELECT tile_id, run_id, promotion_id FROM production_tiles WHERE field = :f"),
+            {"f": field})}
+        pid = conn.execute(promotions.insert().values(
+            action="publish", run_id=run_id, field=field,
+            tiles={t: before.get(t) for t in tiles}, by="schema upgrade v4",
+            reason="a production run finished before production tiles existed",
+        ).returning(promotions.c.promotion_id)).scalar_one()
+        for t in tiles:
+            conn.execute(sa.text(
+                "INSERT INTO production_tiles (field, tile_id, run_id, promotion_id) "
+                "VALUES (:f, :t, :r, :p) ON CONFLICT (field, tile_id) DO UPDATE SET "
+                "run_id = excluded.run_id, promotion_id = excluded.promotion_id"),
+                {"f": field, "t": t, "r": run_id, "p": pid})
+    for table in (coadd_sources, diff_sources):
+        conn.execute(sa.text(
+            f"CREATE OR REPLACE VIEW {table.name}_prod AS SELECT t.* FROM {table.name} t "
+            "JOIN production_tiles p ON p.run_id = t.run_id AND p.tile_id = t.tile_id"))
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step of the schema's history."""
@@ -310,6 +405,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               _v2_run_errors_and_tiles),
     Migration(3, "batch submissions and their executions (lazysky batch)",
               _v3_batch_submissions),
+    Migration(4, "production tiles and promotions: production views switch per tile",
+              _v4_production_tiles),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 LOCK_KEY = 0x6C617A79  # 'lazy': the advisory lock serialising upgrades
