@@ -16,10 +16,11 @@ import pytest
 import sqlalchemy as sa
 
 import lazysky
+from lazysky._reprocess import _region_tiles
 from lazysky.catalog import Catalog, CatalogError, coadd_sources, diff_sources, runs
 from lazysky.config import load_settings
 from lazysky.errors import ParameterError
-from lazysky.interactive import RunView, _region_tiles
+from lazysky.interactive import RunView
 
 pytestmark = [pytest.mark.postgres]
 
@@ -339,3 +340,31 @@ def test_region_tiles(parent: RunView) -> None:
     ra, dec = grid.wcs.pixel_to_world_values(2 * t - 0.5, t - 0.5)
     assert _region_tiles(grid, {"center": (float(ra), float(dec)), "radius": "5arcsec"}) == \
         ["t000_001", "t000_002", "t001_001", "t001_002"]
+
+
+def test_promote_a_child_then_roll_back(
+        detect_child: tuple[RunView, tuple[int, ...], tuple[int, ...]], busiest_tile: str,
+        settings: Any, catalog: Catalog) -> None:
+    """A one-tile experiment is promotable (it planned only its tile); the production view
+    of the field then shows it there, and the rollback takes it back out."""
+    from lazysky.catalog.production import production_tiles
+    from lazysky.interactive import ProductionView
+
+    child = detect_child[0]
+    before = production_tiles("deep1", catalog=catalog)
+    promotion = lazysky.promote(child.run_id, reason="test: lower threshold",
+                                catalog=catalog)
+    try:
+        view = lazysky.open_run(field="deep1", production=True, settings=settings,
+                                catalog=catalog)
+        assert isinstance(view, ProductionView)
+        assert view.tiles[busiest_tile] == child.run_id
+        assert child.run_id in repr(view)
+        image = view.image("coadd", "deep1")
+        assert image.chunks is not None  # lazy
+        sy, sx = view.grid.tile_slices(busiest_tile)
+        np.testing.assert_array_equal(image[sy, sx].values,
+                                      child.reference["image"][sy, sx].values)
+    finally:
+        lazysky.rollback(promotion.promotion_id, reason="test: back", catalog=catalog)
+    assert production_tiles("deep1", catalog=catalog) == before
