@@ -31,8 +31,8 @@ _LAZY: dict[str, str] = {
     "list_runs": "lazysky.catalog.production",
     "open_run": "lazysky.interactive",
     "cutout": "lazysky.interactive",
-    "reprocess": "lazysky.interactive",
-    "compare_runs": "lazysky.interactive",
+    "reprocess": "lazysky._reprocess",
+    "compare_runs": "lazysky._compare",
 }
 
 

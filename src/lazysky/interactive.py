@@ -48,13 +48,13 @@ if TYPE_CHECKING:
     from lazysky.pipeline.grid import SkyGrid
 
 __all__ = [
-    "Comparison",
+    "Comparison",  # noqa: F822 - from __getattr__
     "ProductionView",
     "RunView",
-    "compare_runs",
+    "compare_runs",  # noqa: F822
     "cutout",
     "open_run",
-    "reprocess",
+    "reprocess",  # noqa: F822
 ]
 
 logger = logging.getLogger(__name__)
@@ -580,6 +580,16 @@ def cutout(product: Any, position: Any, size: Any) -> xr.Dataset:
     return piece
 
 
-# reprocess and compare_runs build on the above; they live in their own modules
-from lazysky._compare import Comparison, compare_runs  # noqa: E402
-from lazysky._reprocess import reprocess  # noqa: E402
+_ELSEWHERE = {"reprocess": "lazysky._reprocess", "compare_runs": "lazysky._compare",
+              "Comparison": "lazysky._compare"}
+
+
+def __getattr__(name: str) -> Any:
+    """:func:`reprocess`, :func:`compare_runs` and :class:`Comparison` build on this module
+    and live in their own (``lazysky._reprocess``, ``lazysky._compare``)."""
+    if name in _ELSEWHERE:
+        from importlib import import_module
+
+        return getattr(import_module(_ELSEWHERE[name]), name)
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
