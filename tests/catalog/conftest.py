@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
+import psycopg
 import pytest
 
 from lazysky.catalog import Catalog, register_run
+from lazysky.catalog.database import libpq_dsn
 from lazysky.runs import Run, new_run_id
 
 
@@ -77,3 +79,37 @@ def random_sources(n: int, *, seed: int, ra_range: tuple[float, float] = (0.0, 3
         "theta": rng.uniform(-np.pi / 2, np.pi / 2, n),
         "flags": rng.integers(0, 4, n),
     }
+
+
+@pytest.fixture
+def scratch(catalog: Catalog) -> Iterator[str]:
+    """A DSN of an empty scratch database with pgSphere (dropped afterwards)."""
+    from lazysky.catalog._extension import ensure_pg_sphere
+
+    admin = libpq_dsn(catalog.dsn).replace("/lazysky?", "/postgres?")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS catalog_scratch")
+        conn.execute("CREATE DATABASE catalog_scratch")
+    dsn = catalog.dsn.replace("/lazysky?", "/catalog_scratch?")
+    with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
+        ensure_pg_sphere(conn)
+    yield dsn
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute("DROP DATABASE catalog_scratch WITH (FORCE)")
+
+
+@pytest.fixture
+def seq_scanned_rows(catalog: Catalog) -> Callable[[str], dict[str, int]]:
+    """``f(plan)``: the source partitions a plan seq-scans, with the rows each holds.
+
+    An empty partition (next month's, made ahead of time) is rightly seq-scanned; one
+    with rows must not be."""
+    import re
+
+    def scanned(plan: str) -> dict[str, int]:
+        names = set(re.findall(r"Seq Scan on ((?:coadd|diff)_sources\w*)", plan))
+        with catalog.engine().connect() as conn:
+            return {n: int(conn.exec_driver_sql(f"SELECT count(*) FROM {n}").scalar() or 0)
+                    for n in sorted(names)}
+
+    return scanned

@@ -65,25 +65,15 @@ def test_run_lifecycle_and_lineage(catalog: Catalog) -> None:
         finish_run(new_run_id("exp"), catalog=catalog)
 
 
-def test_a_v1_catalog_upgrades_to_the_current_schema(catalog: Catalog) -> None:
+def test_a_v1_catalog_upgrades_to_the_current_schema(scratch: str) -> None:
     """A database made by the first release (v1 only) upgrades in place, rows kept."""
-    from lazysky.catalog._extension import ensure_pg_sphere
     from lazysky.catalog.database import get_engine
-    from lazysky.catalog.schema import MIGRATIONS, schema_version
+    from lazysky.catalog.schema import apply_up_to
 
-    admin = libpq_dsn(catalog.dsn).replace("/lazysky?", "/postgres?")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute("DROP DATABASE IF EXISTS upgrade_scratch")
-        conn.execute("CREATE DATABASE upgrade_scratch")
-    dsn = catalog.dsn.replace("/lazysky?", "/upgrade_scratch?")
-    with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
-        ensure_pg_sphere(conn)
-    engine = get_engine(dsn)
+    engine = get_engine(scratch)
     try:
         with engine.begin() as conn:  # what v1 made
-            schema_version.create(conn)
-            MIGRATIONS[0].apply(conn)
-            conn.execute(schema_version.insert().values(version=1, description="v1"))
+            apply_up_to(conn, 1)
             conn.execute(runs.insert().values(run_id=new_run_id("prod"), software_version="0",
                                               status="done"))
             with pytest.raises(sa.exc.IntegrityError, match="run_status"), conn.begin_nested():
@@ -97,8 +87,6 @@ def test_a_v1_catalog_upgrades_to_the_current_schema(catalog: Catalog) -> None:
             assert conn.execute(sa.text("SELECT count(*) FROM run_tiles")).scalar() == 0
     finally:
         engine.dispose()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute("DROP DATABASE upgrade_scratch")
 
 
 def test_tiles_done_are_recorded_per_stage_idempotently(catalog: Catalog) -> None:

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import psycopg
 import pytest
 import sqlalchemy as sa
 
 from lazysky.catalog import Catalog, CatalogError, finish_run, mark_tile_done, write_sources
-from lazysky.catalog.database import get_engine, libpq_dsn
+from lazysky.catalog.database import get_engine
 from lazysky.catalog.production import (
     list_promotions,
     list_runs,
@@ -219,37 +218,16 @@ def test_list_runs_and_record(catalog: Catalog, field_runs: dict[str, Any]) -> N
         list_runs(limit=0, catalog=catalog)
 
 
-@pytest.fixture
-def scratch(catalog: Catalog) -> Iterator[str]:
-    """A DSN of an empty scratch database with pgSphere (dropped afterwards)."""
-    from lazysky.catalog._extension import ensure_pg_sphere
-
-    admin = libpq_dsn(catalog.dsn).replace("/lazysky?", "/postgres?")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute("DROP DATABASE IF EXISTS production_scratch")
-        conn.execute("CREATE DATABASE production_scratch")
-    dsn = catalog.dsn.replace("/lazysky?", "/production_scratch?")
-    with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
-        ensure_pg_sphere(conn)
-    yield dsn
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute("DROP DATABASE production_scratch WITH (FORCE)")
-
-
 def test_production_runs_finished_before_v4_become_production(scratch: str) -> None:
     """Upgrading a v3 catalog: the newest finished production run of each tile is its
     production (as the old type-based views showed every production run)."""
-    from lazysky.catalog.schema import MIGRATIONS, SCHEMA_VERSION, schema_version, upgrade
+    from lazysky.catalog.schema import SCHEMA_VERSION, apply_up_to, upgrade
 
     engine = get_engine(scratch)
     old, new, failed = new_run_id("prod"), new_run_id("prod"), new_run_id("prod")
     try:
         with engine.begin() as conn:
-            schema_version.create(conn)
-            for step in MIGRATIONS[:3]:
-                step.apply(conn)
-                conn.execute(schema_version.insert().values(version=step.version,
-                                                            description=step.description))
+            apply_up_to(conn, 3)
             for i, (run, status, tiles) in enumerate([(old, "done", TILES),
                                                       (new, "done_with_errors", TILES[:1]),
                                                       (failed, "failed", TILES)]):

@@ -33,9 +33,9 @@ from sqlalchemy.sql.elements import ClauseElement
 from lazysky.catalog._parse import MAX_RADIUS_DEG, parse_position, parse_radius
 from lazysky.catalog._types import SCircle, SPoint
 from lazysky.catalog.database import Catalog, open_catalog
-from lazysky.catalog.schema import SOURCE_TABLES
+from lazysky.catalog.schema import INTERNAL_COLUMNS, SOURCE_TABLES
 from lazysky.errors import ParameterError
-from lazysky.runs import validate_run_id
+from lazysky.runs import parse_run_id, validate_run_id
 
 __all__ = ["DEFAULT_LIMIT", "cone_query", "cone_search", "explain", "to_table"]
 
@@ -62,10 +62,19 @@ def _compile_explain(element: _Explain, compiler: Any, **kw: Any) -> str:
 
 
 def explain(stmt: sa.Select[Any], *, catalog: Catalog | None = None,
-            analyze: bool = False) -> str:
-    """PostgreSQL's plan for ``stmt`` (``EXPLAIN``; ``analyze=True`` runs it)."""
+            analyze: bool = False, planner: dict[str, str] | None = None) -> str:
+    """PostgreSQL's plan for ``stmt`` (``EXPLAIN``; ``analyze=True`` runs it).
+
+    ``planner`` sets planner options for this one plan, e.g. ``{"enable_seqscan": "off"}``
+    to see whether an index *can* drive a query on tables still too small to need it.
+    """
     catalog = catalog if catalog is not None else open_catalog()
-    with catalog.engine().connect() as conn:
+    with catalog.engine().begin() as conn:
+        for name, value in (planner or {}).items():
+            if not name.replace("_", "").isalnum():
+                msg = f"not a planner setting: {name!r}"
+                raise ParameterError(msg)
+            conn.execute(sa.select(sa.func.set_config(name, str(value), True)))
         return "\n".join(str(r[0]) for r in conn.execute(_Explain(stmt, analyze)))
 
 
@@ -77,7 +86,7 @@ def _table(table: str) -> sa.Table:
 
 
 def _columns(tbl: sa.Table, columns: Sequence[str] | None) -> list[sa.ColumnElement[Any]]:
-    names = [c.name for c in tbl.columns if c.name != "pos"]
+    names = [c.name for c in tbl.columns if c.name not in INTERNAL_COLUMNS]
     if columns is None:
         return [tbl.c[n] for n in names]
     if isinstance(columns, str):
@@ -106,6 +115,10 @@ def cone_query(ra: Any, dec: Any, radius: Any, *, table: str = "coadd",
         # (statistics that do not know a fresh run yet make it look tiny); the GiST
         # index must drive, the run is a filter on its rows (tested).
         stmt = stmt.where(tbl.c.run_id.concat("") == validate_run_id(run))
+        if "run_type" in tbl.c:  # the run's partition only (type and month of its id)
+            rid = parse_run_id(run)
+            stmt = stmt.where(tbl.c.run_type == rid.type,
+                              tbl.c.run_month == rid.date.replace(day=1))
     for clause in [where] if isinstance(where, sa.ColumnElement) else where:
         if not isinstance(clause, sa.ColumnElement):
             msg = (f"where= takes SQLAlchemy expressions such as table.c.snr > 5 (never SQL "

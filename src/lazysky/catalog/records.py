@@ -22,9 +22,9 @@ from lazysky import __version__
 from lazysky.catalog._errors import CatalogError
 from lazysky.catalog._types import SPoly
 from lazysky.catalog.database import Catalog, open_catalog
-from lazysky.catalog.schema import exposures, run_tiles, runs
+from lazysky.catalog.schema import ensure_partitions, exposures, run_tiles, runs
 from lazysky.errors import ParameterError
-from lazysky.runs import RUN_STATUSES, Run, validate_run_id
+from lazysky.runs import RUN_STATUSES, Run, parse_run_id, validate_run_id
 
 __all__ = ["Exposure", "finish_run", "register_run", "write_exposures"]
 
@@ -60,9 +60,13 @@ def register_run(run: Run, *, catalog: Catalog | None = None) -> None:
         parent_run_id=run.parent_run_id,
         description=run.description,
     ).on_conflict_do_nothing(index_elements=["run_id"])
+    rid = parse_run_id(run.run_id)
     try:
         with catalog.engine().begin() as conn:
             conn.execute(stmt)
+            # the month partitions its rows go to (the schema keeps the next few months
+            # ready; a run dated in the past or far ahead needs its own)
+            ensure_partitions(conn, [(rid.type, rid.date)])
     except sa.exc.IntegrityError as exc:
         msg = f"cannot register run {run.run_id}: {exc.orig}"
         raise CatalogError(msg) from None

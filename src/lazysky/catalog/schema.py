@@ -29,9 +29,11 @@ True
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
@@ -40,15 +42,22 @@ from lazysky.catalog._types import SPointType, SPolyType
 from lazysky.runs import RUN_ID_PATTERN, RUN_STATUSES, RUN_TYPES
 
 __all__ = [
+    "INTERNAL_COLUMNS",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "SOURCE_TABLES",
+    "apply_up_to",
     "batch_executions",
     "batch_submissions",
     "coadd_sources",
     "diff_sources",
+    "drop_month_partitions",
+    "ensure_partitions",
+    "ensure_upcoming_partitions",
     "exposures",
     "metadata",
+    "month_partitions",
+    "partition_name",
     "production_tiles",
     "promotions",
     "run_tiles",
@@ -113,7 +122,8 @@ exposures = sa.Table(
 )
 
 
-def _source_table(name: str, *, difference: bool) -> sa.Table:
+def _source_table(name: str, *, difference: bool, md: sa.MetaData = metadata,
+                  partitioned: bool = True) -> sa.Table:
     photometry = ("aper", "psf") if difference else ("aper", "kron")
     flux_cols = [
         sa.Column(f"{kind}{suffix}", sa.Float(53), nullable=True, comment=comment)
@@ -121,7 +131,7 @@ def _source_table(name: str, *, difference: bool) -> sa.Table:
                                                 else "PSF"), strict=True)
         for kind in ("flux_", "fluxerr_")
     ]
-    extra: list[sa.Column[object] | sa.CheckConstraint] = []
+    extra: list[Any] = []
     if difference:
         extra = [
             sa.Column("sign", sa.SmallInteger, nullable=False,
@@ -130,12 +140,28 @@ def _source_table(name: str, *, difference: bool) -> sa.Table:
                       nullable=True),
             sa.CheckConstraint("sign IN (-1, 1)", name=f"{name}_sign"),
         ]
+    if partitioned:
+        # v5: partitioned by processing type, then by the run's month (PARTITIONS below);
+        # the partition keys are columns the writer fills from the run id (PostgreSQL
+        # cannot partition on generated columns), CHECKed against it
+        extra += [
+            sa.Column("run_type", sa.Text, nullable=False,
+                      comment="partition key: the run's type (from run_id)"),
+            sa.Column("run_month", sa.Date, nullable=False,
+                      comment="partition key: first day of the run's month (from run_id)"),
+            sa.CheckConstraint(f"run_type = {_RUN_TYPE_SQL}", name=f"{name}_run_type"),
+            sa.CheckConstraint(f"run_month = {_RUN_MONTH_SQL}", name=f"{name}_run_month"),
+            sa.PrimaryKeyConstraint("run_id", "tile_id", "number", "run_type", "run_month",
+                                    name=f"{name}_pkey"),
+        ]
+    key = not partitioned
+    kw: dict[str, Any] = {"postgresql_partition_by": "LIST (run_type)"} if partitioned else {}
     return sa.Table(
         name,
-        metadata,
-        sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id"), primary_key=True),
-        sa.Column("tile_id", sa.Text, primary_key=True, comment="stable sky-grid tile id"),
-        sa.Column("number", sa.Integer, primary_key=True, comment="1-based within the tile"),
+        md,
+        sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id"), primary_key=key),
+        sa.Column("tile_id", sa.Text, primary_key=key, comment="stable sky-grid tile id"),
+        sa.Column("number", sa.Integer, primary_key=key, comment="1-based within the tile"),
         sa.Column("x", sa.Float(53), nullable=False, comment="0-based pixel"),
         sa.Column("y", sa.Float(53), nullable=False, comment="0-based pixel"),
         sa.Column("ra", sa.Float(53), nullable=False, comment="deg"),
@@ -155,11 +181,25 @@ def _source_table(name: str, *, difference: bool) -> sa.Table:
         sa.CheckConstraint("length(tile_id) > 0", name=f"{name}_tile_nonempty"),
         sa.Index(f"ix_{name}_pos", "pos", postgresql_using="gist"),
         comment=f"{'difference-image' if difference else 'coadd'} sources",
+        **kw,
     )
 
 
+_RUN_TYPE_SQL = "split_part(run_id, '-', 1)"
+_RUN_MONTH_SQL = ("make_date(left(split_part(run_id, '-', 2), 4)::int, "
+                  "substr(split_part(run_id, '-', 2), 5, 2)::int, 1)")
 coadd_sources = _source_table("coadd_sources", difference=False)
 diff_sources = _source_table("diff_sources", difference=True)
+#: The source tables as v1 made them (unpartitioned): what migration 1 creates.
+_v1_metadata = sa.MetaData()
+sa.Table("runs", _v1_metadata, sa.Column("run_id", sa.Text, primary_key=True))
+sa.Table("exposures", _v1_metadata, sa.Column("exposure_id", sa.Text, primary_key=True))
+_V1_SOURCE_TABLES = (
+    _source_table("coadd_sources", difference=False, md=_v1_metadata, partitioned=False),
+    _source_table("diff_sources", difference=True, md=_v1_metadata, partitioned=False),
+)
+#: Columns of the source tables that are the database's business, not a reader's.
+INTERNAL_COLUMNS = ("pos", "run_type", "run_month")
 
 schema_version = sa.Table(
     "lazysky_schema",
@@ -200,7 +240,8 @@ SOURCE_TABLES: dict[str, sa.Table] = {
 
 
 def _v1_create(conn: sa.Connection) -> None:
-    metadata.create_all(conn, tables=[runs, exposures, coadd_sources, diff_sources])
+    metadata.create_all(conn, tables=[runs, exposures])
+    _v1_metadata.create_all(conn, tables=list(_V1_SOURCE_TABLES))
     # v1 as it was: no errors column, three statuses (v2 brings both)
     conn.execute(sa.text("ALTER TABLE runs DROP COLUMN errors"))
     conn.execute(sa.text("ALTER TABLE runs DROP COLUMN field"))  # v4
@@ -388,6 +429,147 @@ def _v4_production_tiles(conn: sa.Connection) -> None:
             "JOIN production_tiles p ON p.run_id = t.run_id AND p.tile_id = t.tile_id"))
 
 
+# --- v5: source tables partitioned by processing type and month ---------------------------
+#: Months ahead of the current one whose partitions every schema upgrade creates.
+MONTHS_AHEAD = 3
+_PARTITION_LOCK = 0x70617274  # 'part': serialises partition creation
+
+
+def partition_name(table: str, run_type: str, month: dt.date | None = None) -> str:
+    """``coadd_sources__prod`` (a type's partition) or ``coadd_sources__prod__2026_11``."""
+    base = f"{table}__{run_type}"
+    return base if month is None else f"{base}__{month:%Y_%m}"
+
+
+def _month(day: dt.date) -> dt.date:
+    return day.replace(day=1)
+
+
+def _next_month(month: dt.date) -> dt.date:
+    return (month.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+
+
+def ensure_partitions(conn: sa.Connection, months: Sequence[tuple[str, dt.date]]) -> list[str]:
+    """Create the month partitions ``(run type, any day of the month)`` still missing.
+
+    Idempotent and safe from many processes (an advisory lock serialises creators).
+    Returns the names of the partitions created.
+    """
+    wanted = {(t, _month(d)) for t, d in months}
+    names = [partition_name(tbl.name, t, m) for tbl in (coadd_sources, diff_sources)
+             for t, m in sorted(wanted)]
+    have = set(conn.execute(sa.text(
+        "SELECT relname FROM pg_class WHERE relname = ANY(:n)"), {"n": names}).scalars())
+    if len(have) == len(names):
+        return []
+    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PARTITION_LOCK)))
+    have = set(conn.execute(sa.text(
+        "SELECT relname FROM pg_class WHERE relname = ANY(:n)"), {"n": names}).scalars())
+    made = []
+    for tbl in (coadd_sources, diff_sources):
+        for run_type, month in sorted(wanted):
+            name = partition_name(tbl.name, run_type, month)
+            if name in have:
+                continue
+            conn.execute(sa.text(
+                f"CREATE TABLE {name} PARTITION OF {partition_name(tbl.name, run_type)} "
+                f"FOR VALUES FROM ('{month:%Y-%m-%d}') TO ('{_next_month(month):%Y-%m-%d}')"))
+            made.append(name)
+    if made:
+        logger.info("catalog: created partitions %s", ", ".join(made))
+    return made
+
+
+def ensure_upcoming_partitions(conn: sa.Connection, *, today: dt.date | None = None,
+                               months_ahead: int = MONTHS_AHEAD) -> list[str]:
+    """This month's and the next ``months_ahead`` months' partitions, for every type."""
+    month = _month(today or dt.datetime.now(dt.UTC).date())
+    wanted = []
+    for _ in range(months_ahead + 1):
+        wanted += [(t, month) for t in RUN_TYPES]
+        month = _next_month(month)
+    return ensure_partitions(conn, wanted)
+
+
+def month_partitions(conn: sa.Connection) -> list[tuple[str, dt.date]]:
+    """Every (run type, month) that has month partitions, oldest first."""
+    got = conn.execute(sa.text(
+        "SELECT c.relname FROM pg_class c WHERE c.relkind = 'r' AND c.relispartition "
+        "AND c.relname ~ '^coadd_sources__[a-z]+__[0-9]{4}_[0-9]{2}$'"))
+    out = set()
+    for (name,) in got:
+        _, run_type, stamp = str(name).split("__")
+        out.add((run_type, dt.date(int(stamp[:4]), int(stamp[5:7]), 1)))
+    return sorted(out, key=lambda tm: (tm[1], tm[0]))
+
+
+def drop_month_partitions(conn: sa.Connection, run_type: str, month: dt.date) -> list[str]:
+    """Drop the month partitions of ``run_type`` (both source tables): every row in them
+    goes at once, without the cost and bloat of a DELETE. The caller decides that every
+    run of that type and month has expired (see :mod:`lazysky.gc`). Returns the names."""
+    if run_type not in RUN_TYPES:
+        msg = f"run type must be one of {', '.join(RUN_TYPES)}; got {run_type!r}"
+        raise ValueError(msg)
+    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PARTITION_LOCK)))
+    dropped = []
+    for tbl in (coadd_sources, diff_sources):
+        name = partition_name(tbl.name, run_type, _month(month))
+        if conn.execute(sa.text("SELECT to_regclass(:n)"), {"n": name}).scalar() is not None:
+            conn.execute(sa.text(f"DROP TABLE {name}"))
+            dropped.append(name)
+    if dropped:
+        logger.info("catalog: dropped partitions %s", ", ".join(dropped))
+    return dropped
+
+
+def _production_view_sql(table: sa.Table) -> str:
+    """Per type, the production rows; a type with no tile in production is cut at run
+    time (a one-time filter), so a production search reads only the partitions of the
+    types that hold production (usually ``prod`` alone)."""
+    cols = ", ".join(f"t.{c.name}" for c in table.columns)
+    parts = [
+        f"SELECT {cols} FROM {table.name} t JOIN production_tiles p "
+        f"ON p.run_id = t.run_id AND p.tile_id = t.tile_id WHERE t.run_type = '{run_type}' "
+        f"AND EXISTS (SELECT 1 FROM production_tiles q WHERE q.run_type = '{run_type}')"
+        for run_type in RUN_TYPES
+    ]
+    return f"CREATE VIEW {table.name}_prod AS " + " UNION ALL ".join(parts)
+
+
+def _v5_partitioned_sources(conn: sa.Connection) -> None:
+    conn.execute(sa.text(
+        f"ALTER TABLE production_tiles ADD COLUMN run_type TEXT "
+        f"GENERATED ALWAYS AS ({_RUN_TYPE_SQL}) STORED"))
+    conn.execute(sa.text(
+        "CREATE INDEX ix_production_tiles_type ON production_tiles (run_type)"))
+    months = {(str(t), m) for t, m in conn.execute(sa.text(
+        f"SELECT DISTINCT {_RUN_TYPE_SQL}, {_RUN_MONTH_SQL} FROM runs"))}
+    for table in (coadd_sources, diff_sources):
+        name = table.name
+        conn.execute(sa.text(f"DROP VIEW {name}_prod"))
+        conn.execute(sa.text(f"ALTER TABLE {name} RENAME TO {name}_v4"))
+        conn.execute(sa.text(f"ALTER INDEX {name}_pkey RENAME TO {name}_v4_pkey"))
+        conn.execute(sa.text(f"ALTER INDEX ix_{name}_pos RENAME TO ix_{name}_v4_pos"))
+        table.create(conn)
+        for run_type in RUN_TYPES:
+            conn.execute(sa.text(
+                f"CREATE TABLE {partition_name(name, run_type)} PARTITION OF {name} "
+                f"FOR VALUES IN ('{run_type}') PARTITION BY RANGE (run_month)"))
+    ensure_partitions(conn, sorted(months))
+    ensure_upcoming_partitions(conn)
+    for table in (coadd_sources, diff_sources):
+        name = table.name
+        cols = [c.name for c in table.columns
+                if c.name not in ("pos", "run_type", "run_month")]
+        listed = ", ".join(cols)
+        conn.execute(sa.text(
+            f"INSERT INTO {name} ({listed}, run_type, run_month) "
+            f"SELECT {listed}, {_RUN_TYPE_SQL}, {_RUN_MONTH_SQL} FROM {name}_v4"))
+        conn.execute(sa.text(f"DROP TABLE {name}_v4"))
+        conn.execute(sa.text(_production_view_sql(table)))
+        conn.execute(sa.text(f"ANALYZE {name}"))
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step of the schema's history."""
@@ -407,6 +589,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               _v3_batch_submissions),
     Migration(4, "production tiles and promotions: production views switch per tile",
               _v4_production_tiles),
+    Migration(5, "source tables partitioned by processing type and month",
+              _v5_partitioned_sources),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 LOCK_KEY = 0x6C617A79  # 'lazy': the advisory lock serialising upgrades
@@ -418,6 +602,16 @@ def current_version(conn: sa.Connection) -> int:
         return 0
     got = conn.execute(sa.select(sa.func.max(schema_version.c.version))).scalar()
     return int(got or 0)
+
+
+def apply_up_to(conn: sa.Connection, version: int) -> None:
+    """Make an empty database what ``version`` made (the upgrade tests start there)."""
+    schema_version.create(conn, checkfirst=True)
+    for step in MIGRATIONS:
+        if current_version(conn) < step.version <= version:
+            step.apply(conn)
+            conn.execute(schema_version.insert().values(
+                version=step.version, description=step.description))
 
 
 def upgrade(engine: sa.Engine) -> int:
@@ -437,4 +631,5 @@ def upgrade(engine: sa.Engine) -> int:
                 step.apply(conn)
                 conn.execute(schema_version.insert().values(
                     version=step.version, description=step.description))
+        ensure_upcoming_partitions(conn)  # next months' partitions, ahead of time
     return SCHEMA_VERSION

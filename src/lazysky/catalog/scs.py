@@ -37,7 +37,7 @@ from astropy.io.votable.tree import Field, Info, Resource, TableElement, VOTable
 from lazysky.catalog._errors import CatalogError
 from lazysky.catalog.cone import cone_query
 from lazysky.catalog.database import Catalog, get_engine
-from lazysky.catalog.schema import SOURCE_TABLES
+from lazysky.catalog.schema import INTERNAL_COLUMNS, SOURCE_TABLES
 from lazysky.errors import ParameterError
 
 __all__ = ["ServiceLimits", "error_votable", "make_server", "run_query"]
@@ -81,7 +81,8 @@ def error_votable(message: str) -> bytes:
 
 
 def _columns_for(table: str, verb: int) -> list[str]:
-    names = [c.name for c in SOURCE_TABLES[table].columns if c.name != "pos"]
+    names = [c.name for c in SOURCE_TABLES[table].columns
+             if c.name not in INTERNAL_COLUMNS]
     if verb == 1:
         return _VERB_COLUMNS[1]
     if verb == 2:

@@ -49,13 +49,13 @@ from lazysky.catalog._errors import CatalogWriteError
 from lazysky.catalog.database import Catalog, open_catalog
 from lazysky.catalog.schema import SOURCE_TABLES
 from lazysky.errors import ParameterError
-from lazysky.runs import validate_run_id
+from lazysky.runs import parse_run_id, validate_run_id
 
 __all__ = ["WriteResult", "write_sources"]
 
 logger = logging.getLogger(__name__)
 
-_KEY_COLUMNS = ("run_id", "tile_id", "pos")
+_KEY_COLUMNS = ("run_id", "tile_id", "pos", "run_type", "run_month")
 _REQUIRED = ("x", "y", "ra", "dec")
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _COPY_TRAILER = struct.pack(">h", -1)
@@ -178,8 +178,10 @@ def _stage_sql(table: sa.Table, names: list[str], kinds: dict[str, str]) -> sql.
 
 
 def _insert_sql(table: sa.Table, names: list[str], kinds: dict[str, str]) -> sql.Composed:
-    targets: list[sql.Composable] = [sql.Identifier("run_id"), sql.Identifier("tile_id")]
-    values: list[sql.Composable] = [sql.Placeholder("run"), sql.Placeholder("tile")]
+    targets: list[sql.Composable] = [sql.Identifier(c) for c in (
+        "run_id", "tile_id", "run_type", "run_month")]
+    values: list[sql.Composable] = [sql.Placeholder(p) for p in (
+        "run", "tile", "run_type", "run_month")]
     for c in names:
         if c == "exposure_idx":
             targets.append(sql.Identifier("exposure_id"))
@@ -299,7 +301,9 @@ def _replace(conn: psycopg.Connection[Any], tbl: sa.Table, run_id: str, tile_id:
              rows: np.ndarray, names: list[str], kinds: dict[str, str],
              exposure_ids: list[str], *, durable: bool = True) -> tuple[int, int]:
     payload = memoryview(rows.tobytes())
-    params = {"run": run_id, "tile": tile_id, "exposures": exposure_ids}
+    rid = parse_run_id(run_id)  # the partition keys: the run's type and month
+    params = {"run": run_id, "tile": tile_id, "exposures": exposure_ids,
+              "run_type": rid.type, "run_month": rid.date.replace(day=1)}
     try:
         with conn.transaction(), conn.cursor() as cur:
             if not durable:
@@ -317,7 +321,8 @@ def _replace(conn: psycopg.Connection[Any], tbl: sa.Table, run_id: str, tile_id:
                         (tbl.name, f"{run_id}/{tile_id}"))
             if _check_references_once(cur, tbl, run_id, exposure_ids):
                 cur.execute("SET LOCAL session_replication_role = replica")
-            cur.execute(sql.SQL("DELETE FROM {} WHERE run_id = %(run)s AND tile_id = %(tile)s")
+            cur.execute(sql.SQL("DELETE FROM {} WHERE run_type = %(run_type)s AND run_month = "
+                                "%(run_month)s AND run_id = %(run)s AND tile_id = %(tile)s")
                         .format(sql.Identifier(tbl.name)), params)
             deleted = cur.rowcount
             cur.execute(_insert_sql(tbl, names, kinds), params)

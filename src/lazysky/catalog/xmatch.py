@@ -32,7 +32,7 @@ from lazysky.catalog._parse import parse_radius
 from lazysky.catalog.database import Catalog, open_catalog
 from lazysky.catalog.schema import SOURCE_TABLES
 from lazysky.errors import ParameterError
-from lazysky.runs import validate_run_id
+from lazysky.runs import parse_run_id, validate_run_id
 
 __all__ = ["crossmatch", "crossmatch_plan"]
 
@@ -77,8 +77,11 @@ def _query(table: str, run: str | None) -> sql.Composed:
     # `run_id || ''` keeps the run filter off the primary-key index: with statistics that
     # do not know a fresh run yet, PostgreSQL would otherwise drive the join from that
     # index (all the run's rows per position) instead of the GiST probes (tested).
-    run_filter = (sql.SQL(" AND s.run_id || '' = %(run)s") if run is not None
-                  else sql.SQL(""))
+    run_filter: sql.Composable = (sql.SQL(" AND s.run_id || '' = %(run)s")
+                                  if run is not None else sql.SQL(""))
+    if run is not None and "run_type" in SOURCE_TABLES[table].c:
+        # the run's own partition (its type and month) alone
+        run_filter += sql.SQL(" AND s.run_type = %(run_type)s AND s.run_month = %(run_month)s")
     # no ORDER BY: the parts are probed concurrently and merged in numpy anyway, and a
     # sort of the matches on the server would spill to disk under the default work_mem
     return sql.SQL(
@@ -126,7 +129,10 @@ def _run(ra: Any, dec: Any, radius: Any, *, table: str, run: str | None,
         msg = f"n_connections must be a positive integer; got {n_connections!r}"
         raise ParameterError(msg)
     catalog = catalog if catalog is not None else open_catalog()
-    params = {"radius": radius_rad, "run": run, "to_arcsec": _RAD_TO_ARCSEC}
+    params: dict[str, Any] = {"radius": radius_rad, "run": run, "to_arcsec": _RAD_TO_ARCSEC}
+    if run is not None:
+        rid = parse_run_id(run)
+        params.update(run_type=rid.type, run_month=rid.date.replace(day=1))
     order = _spatial_order(ra_a, dec_a)
     n_parts = 1 if explain else max(1, min(n_connections, len(order) // 5000))
     parts = [_payload(chunk, ra_a[chunk], dec_a[chunk])
