@@ -115,14 +115,6 @@ def _tiles_done(run_id: str, stage: str, catalog: Catalog) -> dict[str, int]:
     return done_tiles(run_id, stage, catalog=catalog)
 
 
-def _run_config(config: Mapping[str, Any]) -> Any:
-    """The :class:`~lazysky.runconfig.RunConfig` of a recorded configuration."""
-    from lazysky.runconfig import RunConfig
-
-    return RunConfig.model_validate({k: v for k, v in config.items()
-                                     if k in RunConfig.model_fields})
-
-
 def _dashboard() -> str:
     """The dashboard link of the connected Dask client, or ``""``."""
     try:
