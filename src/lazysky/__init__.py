@@ -33,6 +33,12 @@ _LAZY: dict[str, str] = {
     "cutout": "lazysky.interactive",
     "reprocess": "lazysky._reprocess",
     "compare_runs": "lazysky._compare",
+    "register_workflow": "lazysky.workflows",
+    "activate_workflow": "lazysky.workflows",
+    "promote_workflow": "lazysky.workflows",
+    "rollback_workflow": "lazysky.workflows",
+    "list_workflows": "lazysky.workflows",
+    "active_workflow": "lazysky.workflows",
 }
 
 
@@ -54,13 +60,19 @@ __all__ = [
     "OutputError",
     "ParameterError",
     "__version__",
+    "activate_workflow",
+    "active_workflow",
     "compare_runs",
     "connect",
     "cutout",
     "list_runs",
+    "list_workflows",
     "open_run",
     "promote",
+    "promote_workflow",
+    "register_workflow",
     "reprocess",
     "rollback",
+    "rollback_workflow",
     "run",
 ]

@@ -78,6 +78,10 @@ def _child_config(parent: RunView, flat: Mapping[tuple[str, str], Any], run_type
 
     data = {k: v for k, v in parent.config.items() if k in RunConfig.model_fields}
     data.update(type=run_type, run_id=None, store=parent.store, description=description)
+    # the parent's steps as it ran them (a run records its workflow version's steps),
+    # plus the overrides, given explicitly: not re-resolved from the active version
+    data.pop("workflow", None)
+    data.pop("canary", None)
     steps = {k: dict(v) for k, v in dict(data.get("steps") or {}).items()}
     for (step, param), value in flat.items():
         steps.setdefault(step, {})[param] = value

@@ -621,6 +621,12 @@ def build_parser() -> argparse.ArgumentParser:
     from lazysky.cli_runs import add_runs_parser
 
     add_runs_parser(sub)  # runs: list, show, promote, rollback (issue 11)
+    from lazysky.cli_gc import add_gc_parser
+
+    add_gc_parser(sub)  # gc: retention (issue 13)
+    from lazysky.cli_workflows import add_workflows_parser
+
+    add_workflows_parser(sub)  # workflow versions and canaries (issue 13)
     return parser
 
 

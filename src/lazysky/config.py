@@ -36,6 +36,7 @@ from pydantic_settings import (
 )
 
 from lazysky.errors import ConfigError
+from lazysky.retention import RetentionSettings
 
 __all__ = ["ClusterSettings", "S3Settings", "Settings", "load_settings"]
 
@@ -168,6 +169,10 @@ class Settings(BaseSettings):
     )
     s3: S3Settings = Field(default_factory=S3Settings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    retention: RetentionSettings = Field(
+        default_factory=RetentionSettings,
+        description="How long runs' products, master calibrations and raw exposures are "
+        "kept, per processing type (lazysky gc; docs/lifecycle.md).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of the lazysky command."
     )

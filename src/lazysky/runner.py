@@ -162,6 +162,10 @@ def _select(cfg: RunConfig, store: str, settings: Settings, errors: dict[str, st
         raise ParameterError(msg)
     science = [e for e in _matching(objects, cfg.science) if e not in reference] \
         if cfg.science else []
+    if cfg.science_share is not None:  # one side of a canary split (lazysky.workflows)
+        from lazysky.workflows import in_share
+
+        science = [e for e in science if in_share(e, cfg.science_share)]
     epochs: dict[str, list[str]] = {}
     for eid in science:
         visit = _header_value(meta[eid], "VISIT")
@@ -328,6 +332,9 @@ def run(
         msg = f"run_id {run_id} is of type {parse_run_id(run_id).type}, the config says {cfg.type}"
         raise ParameterError(msg)
     catalog = catalog if catalog is not None else open_catalog(settings)
+    from lazysky.workflows import resolve_run_config  # workflow versions (issue 13)
+
+    cfg = resolve_run_config(cfg, catalog=catalog)
     own_client = client is None
     if own_client:
         client = connect(settings, worker_plugins=[SepSettings()])
