@@ -430,13 +430,13 @@ def _sources(run_id: str, table: str, tiles: Iterable[str] | None,
     import sqlalchemy as sa
     from astropy.table import Table
 
-    from lazysky.catalog.schema import SOURCE_TABLES
+    from lazysky.catalog.schema import INTERNAL_COLUMNS, SOURCE_TABLES
 
     if table not in ("coadd", "diff"):
         msg = f"table must be 'coadd' or 'diff'; got {table!r}"
         raise ParameterError(msg)
     tbl = SOURCE_TABLES[table]
-    cols = [c for c in tbl.c if c.name != "pos"]
+    cols = [c for c in tbl.c if c.name not in INTERNAL_COLUMNS and c.name != "pos"]
     stmt = sa.select(*cols).where(tbl.c.run_id == run_id)
     if tiles is not None:
         stmt = stmt.where(tbl.c.tile_id.in_(list(tiles)))
