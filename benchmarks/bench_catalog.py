@@ -33,8 +33,9 @@ import psycopg
 from lazysky.catalog import Catalog, cone_search, crossmatch, open_catalog, write_sources
 from lazysky.catalog.database import libpq_dsn
 from lazysky.catalog.records import register_run
+from lazysky.catalog.schema import coadd_sources
 from lazysky.config import load_settings
-from lazysky.runs import Run, new_run_id
+from lazysky.runs import Run, new_run_id, parse_run_id
 
 RADII_DEG = {"1′": 1 / 60, "6′": 0.1, "1°": 1.0}
 TILE_ROWS = 10_000      # sources per (run, tile) write
@@ -159,12 +160,18 @@ def row_by_row(catalog: Catalog, run: str, n: int) -> float:
     """rows/s of one INSERT per row (one transaction), the naive way."""
     data = _tile(np.random.default_rng(99), n, 0)
     cols = list(data)
+    keys: tuple[Any, ...] = ()
+    if "run_month" in coadd_sources.c:  # partitioned (v5): the writer fills the keys
+        rid = parse_run_id(run)
+        keys = (rid.type, rid.date.replace(day=1))
+        cols = ["run_type", "run_month", *cols]
     sql = (f"INSERT INTO coadd_sources (run_id, tile_id, number, {', '.join(cols)}) "
            f"VALUES (%s, %s, %s, {', '.join(['%s'] * len(cols))})")
     with psycopg.connect(libpq_dsn(catalog.dsn)) as conn, conn.cursor() as cur:
         t0 = time.perf_counter()
         for i in range(n):
-            cur.execute(sql, (run, "rowbyrow", i + 1, *(data[c][i].item() for c in cols)))
+            cur.execute(sql, (run, "rowbyrow", i + 1, *keys,
+                              *(data[c][i].item() for c in cols[len(keys):])))
         conn.commit()
         return n / (time.perf_counter() - t0)
 
@@ -283,6 +290,78 @@ def throughput(dsn: str, radius: float, clients: int, seconds: float, *,
     return out
 
 
+def _backend_cpu_ns(pid: int) -> int:
+    """CPU time (ns) a local server process has run: /proc/<pid>/schedstat."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+
+
+def ab_key(catalog: Catalog, tiles: int) -> list[str]:
+    """Interleaved A/B of the replace path's index (schema v6) on the loaded table.
+
+    The catalog is copied (``CREATE DATABASE … TEMPLATE``) into ``lazysky_pk``, whose
+    coadd_sources gets back the primary key ``(run_id, tile_id, number)`` (plus the
+    partition keys) instead of the index on ``(run_id, tile_id)``. The same ``tiles``
+    new tiles are then written into both, alternately (which database goes first
+    alternates too), and the CPU time of each database's backend is read around every
+    write from ``/proc/<pid>/schedstat`` (the embedded server runs here): CPU-µs per
+    row, steadier than wall time on a shared machine. Returns the report lines.
+    """
+    dsn = libpq_dsn(catalog.dsn)
+    copy_dsn = dsn.replace("/lazysky?", "/lazysky_pk?")
+    catalog.engine().dispose()
+    with psycopg.connect(dsn.replace("/lazysky?", "/postgres?"), autocommit=True) as conn:
+        conn.execute("DROP DATABASE IF EXISTS lazysky_pk")
+        conn.execute("CREATE DATABASE lazysky_pk TEMPLATE lazysky")
+    with psycopg.connect(copy_dsn, autocommit=True) as conn:
+        partitioned = conn.execute(  # a key of a partitioned table includes its keys
+            "SELECT 1 FROM pg_attribute WHERE attrelid = 'coadd_sources'::regclass "
+            "AND attname = 'run_month'").fetchone() is not None
+        conn.execute("ALTER TABLE coadd_sources ADD CONSTRAINT coadd_sources_pkey "
+                     "PRIMARY KEY (run_id, tile_id, number"
+                     f"{', run_type, run_month' if partitioned else ''})")
+        conn.execute("DROP INDEX ix_coadd_sources_run_tile")
+        conn.execute("VACUUM ANALYZE coadd_sources")
+    sides = {"(run_id, tile_id) index": catalog, "primary key": open_catalog(dsn=copy_dsn)}
+    runs, pids = {}, {}
+    for label, cat in sides.items():
+        run = Run(new_run_id("test"), description="benchmark A/B")
+        register_run(run, catalog=cat)
+        runs[label] = run.run_id
+        raw = cat.engine().raw_connection()
+        try:
+            pg: psycopg.Connection[Any] = raw.driver_connection  # type: ignore[assignment]
+            got = pg.execute("SELECT pg_backend_pid()").fetchone()
+        finally:
+            raw.close()
+        pids[label] = int(got[0]) if got else 0
+    cpu: dict[str, list[float]] = {label: [] for label in sides}
+    wall: dict[str, list[float]] = {label: [] for label in sides}
+    rng = np.random.default_rng(123)
+    first = 900_000  # tile numbers beyond any load: new sky, as a survey's next tiles
+    for i in range(tiles):
+        data = _tile(rng, TILE_ROWS, first + i)
+        order = list(sides) if i % 2 == 0 else list(sides)[::-1]
+        for label in order:
+            ns0, t0 = _backend_cpu_ns(pids[label]), time.perf_counter()
+            write_sources("coadd", runs[label], f"ab-{first + i:06d}", data,
+                          catalog=sides[label])
+            wall[label].append(time.perf_counter() - t0)
+            cpu[label].append((_backend_cpu_ns(pids[label]) - ns0) / 1e3 / TILE_ROWS)
+    lines = [f"A/B of the replace path's index, {tiles} tiles of {TILE_ROWS:,d} rows each "
+             f"way, interleaved, load average {os.getloadavg()[0]:.1f}:"]
+    for label in sides:
+        lines.append(f"  {label}: backend CPU median {np.median(cpu[label]):.2f} µs/row "
+                     f"(mean {np.mean(cpu[label]):.2f}), wall median "
+                     f"{np.median(wall[label]) * 1e3:.0f} ms per tile")
+    with psycopg.connect(dsn) as a, psycopg.connect(copy_dsn) as b:
+        for conn, name in ((a, "ix_coadd_sources_run_tile"), (b, "coadd_sources_pkey")):
+            size = conn.execute(  # summed over the partitions' indexes
+                "SELECT pg_size_pretty(sum(pg_relation_size(relid))) "
+                "FROM pg_partition_tree(%s::regclass)", (name,)).fetchone()
+            lines.append(f"  size of {name}: {size[0] if size else '?'}")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -292,6 +371,9 @@ def main() -> None:
     ap.add_argument("--xmatch", type=int, default=100_000, help="positions to cross-match")
     ap.add_argument("--dir", default="/var/tmp/lazysky-bench", help="embedded catalog dir")
     ap.add_argument("--keep", action="store_true", help="reuse rows already loaded")
+    ap.add_argument("--ab-key", type=int, default=0, metavar="TILES",
+                    help="after the load, A/B the (run, tile) index against the old "
+                         "primary key with TILES tiles each way, then stop")
     args = ap.parse_args()
 
     bench_dir = Path(args.dir)
@@ -327,6 +409,9 @@ def main() -> None:
                       f"{np.median(cpu):.1f} µs/row (median of steps, i.e. "
                       f"{2e6 / np.median(cpu):,.0f} rows/s if 2 cores did nothing else); "
                       f"row-by-row INSERT: {rbr:,.0f} rows/s; ratio {np.mean(rates) / rbr:.0f}×")
+    if args.ab_key:
+        print("\n".join([*report, *ab_key(catalog, args.ab_key)]))
+        return
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE coadd_sources")
         nrows = conn.execute("SELECT count(*) FROM coadd_sources").fetchone()

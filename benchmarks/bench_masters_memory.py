@@ -1,9 +1,12 @@
-"""Master bias: peak memory and time against the number of frames, lazysky vs ccdproc.
+"""Master bias and flat: peak memory and time against the number of frames, lazysky vs ccdproc.
 
 For each N (default 8, 16, 32) one-detector bias frames the size of a ccdmosaic CCD
 (4096 × 2048 data + 50 overscan columns, uint16, bias 2000 ADU, read noise 7 e⁻ at
 4 e⁻/ADU, a few hundred cosmic rays each) are written as FITS and ingested into a Zarr
-store. Each configuration then runs in its **own child process**:
+store; with ``--kinds flat`` also N flat frames (the same bias and noise, plus a lamp
+level of ~20 000 ADU that differs by up to ±5 % from frame to frame, times a fixed
+vignetting and 1 % pixel-response pattern, with Poisson noise and cosmic rays). Each
+configuration then runs in its **own child process**:
 
 * ``lazysky-threads``: ``open_exposure`` on the store, ``master_bias(...,
   max_block_bytes=BUDGET)``, computed with the threaded scheduler (2 threads);
@@ -15,8 +18,14 @@ store. Each configuration then runs in its **own child process**:
   ``ccdproc.combine(..., method="average", sigma_clip=True, sigma_clip_func=np.ma.median,
   sigma_clip_dev_func=mad_std, mem_limit=BUDGET)``.
 
+For flats: lazysky ``master_flat(frames, bias=0, max_iters=0)`` (each frame in e⁻ divided
+by its mosaic level inside the combine, the master normalised to mean 1); ccdproc the
+same reduction per frame then ``combine(..., scale=1/mean)`` and the result divided by
+its mean. ccdproc clips the frames *before* scaling them, lazysky after, so a few
+pixels at the clipping limit may differ; the agreement is reported relative (×10⁻⁶).
+
 Both reject at 3 robust σ around the median, one pass (lazysky ``max_iters=0``, as
-ccdproc's combine clips once), so the results must agree to float32 rounding.
+ccdproc's combine clips once), so the master biases must agree to float32 rounding.
 Reported per run: wall and CPU seconds, peak RSS of the process (``VmHWM``, reset
 with ``clear_refs`` once the imports are done: ``ru_maxrss`` would carry the parent's
 peak across ``exec``) and its growth, the agreement with ccdproc (max |diff| and
@@ -25,7 +34,8 @@ robust rms in ADU) and ccdproc's peak against its ``mem_limit``.
 Usage::
 
     python benchmarks/bench_masters_memory.py [--frames 8,16,32] [--budget-mib 128]
-        [--configs lazysky-threads,lazysky-distributed,ccdproc] [--json FILE]
+        [--kinds bias,flat] [--configs lazysky-threads,lazysky-distributed,ccdproc]
+        [--json FILE]
 """
 
 from __future__ import annotations
@@ -46,28 +56,42 @@ import numpy as np
 
 NY, NX, OVERSCAN = 4096, 2048, 50
 GAIN, RDNOISE, BIAS = 4.0, 7.0, 2000.0
+LAMP = 20000.0  # flat level, ADU
 
 
-def make_frames(root: Path, n: int) -> list[Path]:
-    """``n`` raw bias MEFs (one detector), reusing those already written."""
+def _response() -> np.ndarray:
+    """The flats' fixed pattern: vignetting (−10 % in the corners) × 1 % pixel response."""
+    y, x = np.mgrid[0:NY, 0:NX].astype(np.float32)
+    r2 = ((y - NY / 2) / NY) ** 2 + ((x - NX / 2) / NX) ** 2
+    prnu = np.random.default_rng(1).normal(1.0, 0.01, (NY, NX)).astype(np.float32)
+    return (1.0 - 0.2 * r2) * prnu
+
+
+def make_frames(root: Path, n: int, kind: str = "bias") -> list[Path]:
+    """``n`` raw bias or flat MEFs (one detector), reusing those already written."""
     from astropy.io import fits
 
     root.mkdir(parents=True, exist_ok=True)
     pattern = np.random.default_rng(0).normal(0, 3.0, (NY, NX + OVERSCAN))  # fixed pattern
+    response = _response() if kind == "flat" else None
     paths = []
     for i in range(n):
-        path = root / f"bias-{i:03d}.fits"
+        path = root / f"{kind}-{i:03d}.fits"
         paths.append(path)
         if path.exists():
             continue
-        rng = np.random.default_rng(1000 + i)
+        rng = np.random.default_rng(1000 + i + (0 if kind == "bias" else 10**6))
         adu = BIAS + pattern + rng.normal(0, RDNOISE / GAIN, (NY, NX + OVERSCAN))
+        if response is not None:  # lamp × response, Poisson noise in electrons
+            level = LAMP * (1 + rng.uniform(-0.05, 0.05))
+            adu[:, :NX] += rng.poisson(level * GAIN * response) / GAIN
         for _ in range(300):  # cosmic rays, a few pixels each
             y, x = rng.integers(0, NY - 3), rng.integers(0, NX - 3)
             adu[y : y + rng.integers(1, 3), x : x + rng.integers(1, 4)] += rng.uniform(200, 3000)
         primary = fits.PrimaryHDU()
-        primary.header.update({"EXPID": f"bench-bias-{i:03d}", "EXPTIME": 0.0,
-                               "IMAGETYP": "bias", "FILTER": "r", "MJD-OBS": 61000.0})  # fmt: skip
+        primary.header.update({"EXPID": f"bench-{kind}-{i:03d}",
+                               "EXPTIME": 0.0 if kind == "bias" else 10.0,
+                               "IMAGETYP": kind, "FILTER": "r", "MJD-OBS": 61000.0})  # fmt: skip
         hdu = fits.ImageHDU(np.clip(np.round(adu), 0, 65535).astype(np.uint16), name="CCD01")
         hdu.header.update({"GAIN": GAIN, "RDNOISE": RDNOISE, "SATURATE": 65535.0,
                            "DATASEC": f"[1:{NX},1:{NY}]",
@@ -94,19 +118,26 @@ def _cpu_s() -> float:
 # ---------------------------------------------------------------- children (one per run)
 
 
-def child_lazysky(store: Path, n: int, budget: int, out: Path, distributed: bool) -> dict[str, Any]:
+def child_lazysky(
+    store: Path, n: int, budget: int, out: Path, distributed: bool, kind: str = "bias"
+) -> dict[str, Any]:
     import dask
+    import xarray as xr
 
-    from lazysky.pipeline import master_bias
+    from lazysky.pipeline import master_bias, master_flat
     from lazysky.zarr_store import open_exposure
 
-    frames = [open_exposure(store, f"bench-bias-{i:03d}") for i in range(n)]
-    bias = master_bias(frames, max_iters=0, max_block_bytes=budget)["bias"]
+    frames = [open_exposure(store, f"bench-{kind}-{i:03d}") for i in range(n)]
+    if kind == "bias":
+        master = master_bias(frames, max_iters=0, max_block_bytes=budget)["bias"]
+    else:  # the frames carry no fixed bias pattern beyond the overscan's level
+        zero = xr.DataArray(da_zeros((1, NY, NX)), dims=("detector", "y", "x"))
+        master = master_flat(frames, bias=zero, max_iters=0, max_block_bytes=budget)["flat"]
     base, cpu0, t0 = _base_mib(), _cpu_s(), time.perf_counter()
-    res: dict[str, Any] = {"tile": [bias.data.chunks[1][0], bias.data.chunks[2][0]]}
+    res: dict[str, Any] = {"tile": [master.data.chunks[1][0], master.data.chunks[2][0]]}
     if not distributed:
         with dask.config.set(scheduler="threads", num_workers=2):
-            values = bias.values
+            values = master.values
     else:
         from distributed import Client, LocalCluster
 
@@ -119,7 +150,7 @@ def child_lazysky(store: Path, n: int, budget: int, out: Path, distributed: bool
         with cluster, Client(cluster) as client:
             client.run(lambda: __import__("lazysky.pipeline"))
             (worker_base,) = client.run(reset_peak).values()
-            values = bias.values
+            values = master.values
             (worker_peak,) = client.run(lambda: _vm("VmHWM")).values()
         res.update(worker_base_mib=round(worker_base, 1), worker_peak_mib=round(worker_peak, 1),
                    worker_growth_mib=round(worker_peak - worker_base, 1))  # fmt: skip
@@ -129,6 +160,13 @@ def child_lazysky(store: Path, n: int, budget: int, out: Path, distributed: bool
     return res
 
 
+def da_zeros(shape: tuple[int, ...]) -> Any:
+    """A lazy float32 zero master (no memory until a block is used)."""
+    import dask.array as da
+
+    return da.zeros(shape, dtype=np.float32, chunks=(1, 1024, 1024))
+
+
 def _vm(field: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -136,7 +174,9 @@ def _vm(field: str) -> float:
     return float("nan")
 
 
-def child_ccdproc(paths: list[Path], budget: int, out: Path, work: Path) -> dict[str, Any]:
+def child_ccdproc(
+    paths: list[Path], budget: int, out: Path, work: Path, kind: str = "bias"
+) -> dict[str, Any]:
     import ccdproc
     from astropy.nddata import CCDData
     from astropy.stats import mad_std
@@ -153,13 +193,17 @@ def child_ccdproc(paths: list[Path], budget: int, out: Path, work: Path) -> dict
         ccd.write(target, overwrite=True)
         reduced.append(str(target))
     t_reduce = time.perf_counter() - t0
+    scale = None if kind == "bias" else (lambda a: 1.0 / np.ma.average(a))
     master = ccdproc.combine(reduced, method="average", sigma_clip=True,
                              sigma_clip_low_thresh=3, sigma_clip_high_thresh=3,
                              sigma_clip_func=np.ma.median, sigma_clip_dev_func=mad_std,
-                             mem_limit=budget, dtype=np.float32)  # fmt: skip
+                             mem_limit=budget, dtype=np.float32, scale=scale)  # fmt: skip
+    data = np.asarray(master.data, dtype=np.float32)
+    if kind == "flat":
+        data = data / np.float32(np.mean(data, dtype=np.float64))
     res = {"wall_s": time.perf_counter() - t0, "reduce_s": t_reduce, "cpu_s": _cpu_s() - cpu0,
            "base_mib": base, "peak_mib": _rss_mib()}  # fmt: skip
-    np.save(out, np.asarray(master.data, dtype=np.float32))
+    np.save(out, data)
     return res
 
 
@@ -187,19 +231,21 @@ def main() -> None:
     parser.add_argument("--budget-mib", type=float, default=128.0,
                         help="lazysky max_block_bytes and ccdproc mem_limit")  # fmt: skip
     parser.add_argument("--configs", default="lazysky-threads,lazysky-distributed,ccdproc")
+    parser.add_argument("--kinds", default="bias,flat", help="masters to build: bias,flat")
     parser.add_argument("--workdir", help="keep frames here (default: a temporary directory)")
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
-        kind, n, budget, out, root = args.child[:5]
-        paths = sorted(Path(root, "fits").glob("bias-*.fits"))[: int(n)]
-        if kind == "ccdproc":
-            res = child_ccdproc(paths, int(budget), Path(out), Path(root, f"ccdproc-{n}"))
+        config, n, budget, out, root, kind = args.child[:6]
+        paths = sorted(Path(root, "fits").glob(f"{kind}-*.fits"))[: int(n)]
+        if config == "ccdproc":
+            res = child_ccdproc(paths, int(budget), Path(out), Path(root, f"ccdproc-{kind}-{n}"),
+                                kind=kind)  # fmt: skip
         else:
             res = child_lazysky(Path(root, "store"), int(n), int(budget), Path(out),
-                                distributed=kind == "lazysky-distributed")  # fmt: skip
+                                distributed=config == "lazysky-distributed", kind=kind)  # fmt: skip
         print(json.dumps(res))
         return
 
@@ -207,6 +253,9 @@ def main() -> None:
 
     ns = [int(v) for v in args.frames.split(",")]
     configs = args.configs.split(",")
+    kinds = args.kinds.split(",")
+    if not set(kinds) <= {"bias", "flat"}:
+        raise SystemExit(f"--kinds: bias and/or flat, got {args.kinds!r}")
     budget = int(args.budget_mib * 2**20)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="lazysky-bench-masters-"))
     print(f"# {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}")
@@ -214,25 +263,26 @@ def main() -> None:
           f"2 threads, {os.cpu_count()} cores")  # fmt: skip
     results: list[dict[str, Any]] = []
     try:
-        paths = make_frames(root / "fits", max(ns))
+        paths = [p for kind in kinds for p in make_frames(root / "fits", max(ns), kind)]
         report = ingest(paths, root / "store")
         if not report.ok:
             raise SystemExit(report.summary())
-        for n in ns:
-            outs = {}
-            for kind in configs:
-                out = root / f"{kind}-{n}.npy"
-                res = run_child([kind, str(n), str(budget), str(out), str(root)])
-                res.update(config=kind, n_frames=n)
-                outs[kind] = out
-                results.append(res)
-            if "ccdproc" in outs and outs["ccdproc"].exists():
-                ref = np.load(outs["ccdproc"])
+        for kind in kinds:
+            for n in ns:
+                outs = {}
+                for config in configs:
+                    out = root / f"{config}-{kind}-{n}.npy"
+                    res = run_child([config, str(n), str(budget), str(out), str(root), kind])
+                    res.update(config=config, n_frames=n, kind=kind)
+                    outs[config] = out
+                    results.append(res)
+                if "ccdproc" in outs and outs["ccdproc"].exists():
+                    ref = np.load(outs["ccdproc"])
+                    for r in results[-len(configs):]:
+                        if r["config"] != "ccdproc" and outs[r["config"]].exists():
+                            r["vs_ccdproc"] = agreement(np.load(outs[r["config"]]), ref)
                 for r in results[-len(configs):]:
-                    if r["config"] != "ccdproc" and outs[r["config"]].exists():
-                        r["vs_ccdproc"] = agreement(np.load(outs[r["config"]]), ref)
-            for r in results[-len(configs):]:
-                print(_row(r), flush=True)
+                    print(_row(r), flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
@@ -242,9 +292,9 @@ def main() -> None:
 
 def _row(r: dict[str, Any]) -> str:
     if "error" in r:
-        return f"{r['config']:<20} N={r['n_frames']:<3} ERROR {r['error']}"
+        return f"{r['kind']:<4} {r['config']:<20} N={r['n_frames']:<3} ERROR {r['error']}"
     growth = r["peak_mib"] - r["base_mib"]
-    text = (f"{r['config']:<20} N={r['n_frames']:<3} wall {r['wall_s']:7.1f} s  cpu "
+    text = (f"{r['kind']:<4} {r['config']:<20} N={r['n_frames']:<3} wall {r['wall_s']:7.1f} s  cpu "
             f"{r['cpu_s']:7.1f} s  peak {r['peak_mib']:7.0f} MiB  growth {growth:7.0f} MiB")
     if "worker_growth_mib" in r:
         text += f"  worker peak {r['worker_peak_mib']:.0f} (+{r['worker_growth_mib']:.0f}) MiB"
@@ -252,7 +302,8 @@ def _row(r: dict[str, Any]) -> str:
         text += f"  tile {r['tile'][0]}x{r['tile'][1]}"
     if "vs_ccdproc" in r:
         a = r["vs_ccdproc"]
-        text += f"  vs ccdproc max|d| {a['max_abs_adu']:.2g} rms {a['robust_rms_adu']:.2g} ADU"
+        unit = "ADU" if r["kind"] == "bias" else "(relative)"
+        text += f"  vs ccdproc max|d| {a['max_abs_adu']:.2g} rms {a['robust_rms_adu']:.2g} {unit}"
     return text
 
 

@@ -11,12 +11,14 @@ Run (it starts its own embedded server in --dir, by default /var/tmp/lazysky-ben
 
     python benchmarks/bench_partitions.py --prod-rows 1000000 --ratio 10
 
-Steps, in one run: load ``--prod-rows`` production rows and publish them; time cone
-searches on ``coadd_sources_prod`` (radius 1′ and 6′, ``--queries`` random centres in
-the field, prepared statements, one client); load ``ratio × prod-rows`` experimental
-rows on the same sky; time the same searches again (same centres, same order, warm
-cache for both: each series runs twice and the second is kept). Prints p50/p95 and the
-ratio, the plan's partitions, the machine and its load average.
+Steps, in one run, on two databases of one embedded server: load the same
+``--prod-rows`` production rows (same seed) into both and publish them; load
+``ratio × prod-rows`` experimental rows on the same sky into the second ("beside")
+only; then time cone searches on ``coadd_sources_prod`` (radius 1′ and 6′, ``--queries``
+random centres in the field, prepared statements, one client per database),
+alternating the two databases query by query so that whatever else the machine does
+weighs on both alike (each series runs twice; the second is kept). Prints p50/p95 and
+the ratio, the partitions a production cone reads, the machine and its load average.
 """
 
 from __future__ import annotations
@@ -87,18 +89,35 @@ def finish(catalog: Any, run: str, n_tiles: int) -> None:
     finish_run(run, status="done", catalog=catalog)
 
 
-def latencies(dsn: str, centres: np.ndarray, radius_deg: float) -> np.ndarray:
-    """Seconds per cone search on the production view (prepared, one client)."""
-    query = ("SELECT run_id, tile_id, number, ra, dec FROM coadd_sources_prod "
-             "WHERE pos <@ scircle(spoint(radians(%s), radians(%s)), radians(%s))")
-    out = np.empty(len(centres))
-    with psycopg.connect(libpq_dsn(dsn), prepare_threshold=0) as conn:
-        for _ in range(2):  # the first pass warms caches and the prepared plan
+_QUERY = ("SELECT run_id, tile_id, number, ra, dec FROM coadd_sources_prod "
+          "WHERE pos <@ scircle(spoint(radians(%s), radians(%s)), radians(%s))")
+
+
+def latencies(dsns: list[str], centres: np.ndarray,
+              radius_deg: float) -> list[np.ndarray]:
+    """Seconds per cone search on each database's production view, interleaved."""
+    out = [np.empty(len(centres)) for _ in dsns]
+    conns = [psycopg.connect(libpq_dsn(d), prepare_threshold=0) for d in dsns]
+    try:
+        for _ in range(2):  # the first pass warms caches and the prepared plans
             for i, (ra, dec) in enumerate(centres):
-                t0 = time.perf_counter()
-                conn.execute(query, (float(ra), float(dec), radius_deg)).fetchall()
-                out[i] = time.perf_counter() - t0
+                order = range(len(conns)) if i % 2 == 0 else reversed(range(len(conns)))
+                for k in order:
+                    t0 = time.perf_counter()
+                    conns[k].execute(_QUERY, (float(ra), float(dec), radius_deg)).fetchall()
+                    out[k][i] = time.perf_counter() - t0
+    finally:
+        for c in conns:
+            c.close()
     return out
+
+
+def _second_database(dsn: str, name: str) -> str:
+    admin = libpq_dsn(dsn).replace("/lazysky?", "/postgres?")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    return dsn.replace("/lazysky?", f"/{name}?")
 
 
 def main() -> None:
@@ -125,34 +144,38 @@ def main() -> None:
     print(f"# Production cones beside {args.ratio}× experimental rows\n")
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.platform()}; "
           f"load average at start {os.getloadavg()[0]:.2f}\n")
+    alone_catalog = open_catalog(dsn=_second_database(dsn, "alone"))
     prod = new_run_id("prod")
-    register_run(Run(prod), catalog=catalog)
-    rate = load(dsn, prod, n_tiles, writers=args.writers, seed=1)
-    finish(catalog, prod, n_tiles)
-    publish(prod, catalog=catalog)
-    with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
-        conn.execute("VACUUM ANALYZE coadd_sources")
-    print(f"production: {n_tiles * TILE_ROWS:,d} rows loaded at {rate:,.0f} rows/s")
-    alone = {k: latencies(dsn, centres, r) for k, r in RADII_DEG.items()}
-
+    for cat in (catalog, alone_catalog):  # the same production rows in both
+        register_run(Run(prod), catalog=cat)
+        rate = load(cat.dsn, prod, n_tiles, writers=args.writers, seed=1)
+        finish(cat, prod, n_tiles)
+        publish(prod, catalog=cat)
+    print(f"production: {n_tiles * TILE_ROWS:,d} rows in each database "
+          f"(loaded at {rate:,.0f} rows/s)")
     exps = []
-    for i in range(args.ratio):  # ten experiments over the same sky, as in real life
+    for i in range(args.ratio):  # experiments over the same sky, as in real life
         exp = new_run_id("exp")
         register_run(Run(exp), catalog=catalog)
         load(dsn, exp, n_tiles, writers=args.writers, seed=100 + i)
         finish(catalog, exp, n_tiles)
         exps.append(exp)
-    with psycopg.connect(libpq_dsn(dsn), autocommit=True) as conn:
-        conn.execute("VACUUM ANALYZE coadd_sources")
+    for cat in (catalog, alone_catalog):
+        with psycopg.connect(libpq_dsn(cat.dsn), autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE coadd_sources")
+    with psycopg.connect(libpq_dsn(dsn)) as conn:
         sizes = dict(conn.execute(
             "SELECT run_type, count(*) FROM coadd_sources GROUP BY run_type").fetchall())
-    print(f"experiments: {len(exps)} runs, {sizes.get('exp', 0):,d} rows beside "
-          f"{sizes.get('prod', 0):,d} production rows\n")
-    beside = {k: latencies(dsn, centres, r) for k, r in RADII_DEG.items()}
+    print(f"beside: {len(exps)} experiments, {sizes.get('exp', 0):,d} rows beside "
+          f"{sizes.get('prod', 0):,d} production rows; alone: the production rows only\n")
+    print(f"load average before the searches {os.getloadavg()[0]:.2f}\n")
+    alone, beside = {}, {}
+    for k, r in RADII_DEG.items():
+        alone[k], beside[k] = latencies([alone_catalog.dsn, dsn], centres, r)
     plan = explain(cone_query(float(centres[0, 0]), float(centres[0, 1]), "6arcmin",
                               table="coadd_prod"), analyze=True, catalog=catalog)
     read = sorted({m for line in plan.splitlines() if "never executed" not in line
-                   for m in re.findall(r"on (coadd_sources__\w+)", line)})
+                   for m in re.findall(r"on (coadd_sources__\w+?)(?:_pos_idx)?\s", line)})
 
     print("| radius | p50 alone (ms) | p95 alone (ms) | p50 beside (ms) | p95 beside (ms) "
           "| p95 ratio | goal ≤ 1.10 |")
@@ -166,6 +189,7 @@ def main() -> None:
     print(f"\npartitions a production cone reads (EXPLAIN ANALYZE): {', '.join(read)}")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
     catalog.engine().dispose()
+    alone_catalog.engine().dispose()
     if not args.keep:
         from lazysky.catalog import server
 

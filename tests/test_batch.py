@@ -118,7 +118,11 @@ def test_submit_records_the_validated_configuration(queue: Catalog, tmp_path: Pa
     assert sub.run_type == "exp"
     assert sub.config["type"] == "exp"  # --type wins over the file
     assert sub.config["reference"] == CONFIG["reference"]
-    assert sub.config["steps"]["detect"]["threshold"] == 5.0  # defaults filled in
+    # defaults filled in, but steps never given stay unsaid: the run takes the workflow
+    # version active for its type when it runs (lazysky.workflows, issue 13)
+    assert sub.config["field"]["name"] == "field"
+    assert "steps" not in CONFIG
+    assert "steps" not in sub.config
     assert sub.source == str(path)
     assert sub.cron is None
     assert sub.attempts == 0

@@ -26,6 +26,7 @@ import yaml
 from astropy.table import Table
 
 from lazysky.catalog import Catalog, coadd_sources, diff_sources, runs
+from lazysky.catalog.schema import INTERNAL_COLUMNS
 from lazysky.config import load_settings
 from lazysky.runconfig import RunConfig
 from lazysky.runner import RunSummary, run
@@ -80,7 +81,7 @@ def _rows(catalog: Catalog, run_id: str) -> dict[str, list[tuple[Any, ...]]]:
     out = {}
     with catalog.engine().connect() as conn:
         for table in (coadd_sources, diff_sources):
-            cols = [c for c in table.c if c.name not in ("run_id", "pos")]
+            cols = [c for c in table.c if c.name not in ("run_id", *INTERNAL_COLUMNS)]
             got = conn.execute(sa.select(*cols).where(table.c.run_id == run_id)
                                .order_by(table.c.tile_id, table.c.number)).all()
             out[table.name] = [tuple(r) for r in got]
@@ -88,7 +89,7 @@ def _rows(catalog: Catalog, run_id: str) -> dict[str, list[tuple[Any, ...]]]:
 
 
 def _table(rows: list[tuple[Any, ...]], table: sa.Table) -> Table:
-    names = [c.name for c in table.c if c.name not in ("run_id", "pos")]
+    names = [c.name for c in table.c if c.name not in ("run_id", *INTERNAL_COLUMNS)]
     return Table(rows=rows, names=names) if rows else Table(names=names)
 
 

@@ -29,6 +29,18 @@ _LAZY: dict[str, str] = {
     "promote": "lazysky.catalog.production",
     "rollback": "lazysky.catalog.production",
     "list_runs": "lazysky.catalog.production",
+    "open_run": "lazysky.interactive",
+    "cutout": "lazysky.interactive",
+    "reprocess": "lazysky._reprocess",
+    "compare_runs": "lazysky._compare",
+    "register_workflow": "lazysky.workflows",
+    "activate_workflow": "lazysky.workflows",
+    "promote_workflow": "lazysky.workflows",
+    "rollback_workflow": "lazysky.workflows",
+    "list_workflows": "lazysky.workflows",
+    "active_workflow": "lazysky.workflows",
+    "associate": "lazysky.associate",
+    "lightcurve": "lazysky.associate",
 }
 
 
@@ -37,7 +49,9 @@ def __getattr__(name: str) -> object:
     if name in _LAZY:
         from importlib import import_module
 
-        return getattr(import_module(_LAZY[name]), name)
+        module = import_module(_LAZY[name])
+        # lazysky.associate is a module and, callable, its own function (see there)
+        return module if name == "associate" else getattr(module, name)
     msg = f"module 'lazysky' has no attribute {name!r}"
     raise AttributeError(msg)
 
@@ -50,9 +64,21 @@ __all__ = [
     "OutputError",
     "ParameterError",
     "__version__",
+    "activate_workflow",
+    "active_workflow",
+    "associate",
+    "compare_runs",
     "connect",
+    "cutout",
+    "lightcurve",
     "list_runs",
+    "list_workflows",
+    "open_run",
     "promote",
+    "promote_workflow",
+    "register_workflow",
+    "reprocess",
     "rollback",
+    "rollback_workflow",
     "run",
 ]

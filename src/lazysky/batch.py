@@ -301,6 +301,9 @@ def submit(
     due = parse_at(at) if at is not None else None
     cfg, source = _check_config(config, run_type, recurring=expr is not None)
     cat = _catalog(catalog, settings)
+    from lazysky.workflows import check_config  # workflow versions, canary (issue 13)
+
+    check_config(cfg, catalog=cat)
     now = sa.func.now()
     with cat.engine().begin() as conn:
         if expr is not None:
@@ -578,11 +581,19 @@ def _execute(execution: Execution, *, cat: Any, settings: Settings, lease_second
     try:
         sub = get_submission(execution.submission_id, catalog=cat)
         cfg = RunConfig.model_validate({**sub.config, "run_id": execution.run_id})
-        summary = run(cfg, settings=settings, client=get_client(), catalog=cat,
-                      show_progress=show_progress)
-        state = _RESULT.get(summary.status, "failed")
-        if summary.errors:
-            error = "; ".join(f"{k}: {v}" for k, v in summary.errors.items())
+        # the workflow version active now; a canary adds the candidate's run beside it
+        from lazysky.workflows import plan_runs
+
+        states, errors = [], []
+        for one in plan_runs(cfg, catalog=cat, execution_id=execution.execution_id):
+            summary = run(one, settings=settings, client=get_client(), catalog=cat,
+                          show_progress=show_progress)
+            states.append(_RESULT.get(summary.status, "failed"))
+            where = "" if one.run_id == execution.run_id else f"canary {one.run_id}: "
+            errors += [f"{where}{k}: {v}" for k, v in summary.errors.items()]
+        state = next((s for s in ("failed", "completed-with-errors") if s in states),
+                     "completed")
+        error = "; ".join(errors) or None
     except Exception as exc:  # the batch boundary: any failure of a run is recorded
         error = f"{type(exc).__name__}: {exc}"
         logger.error("submission %d attempt %d failed: %s", execution.submission_id,

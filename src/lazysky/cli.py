@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from lazysky.errors import LazySkyError
 
@@ -573,6 +574,51 @@ def _add_batch_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 # --- end of batch submissions -------------------------------------------------------------
 
 
+# --- association across epochs (issue 11): lightcurve ------------------------------------
+
+
+def _cmd_lightcurve(args: argparse.Namespace) -> int:
+    import io
+
+    from lazysky.associate import lightcurve
+    from lazysky.catalog import open_catalog
+    from lazysky.config import load_settings
+
+    table = lightcurve(args.object_id, catalog=open_catalog(load_settings(args.config)))
+    if args.format == "table":
+        meta = table.meta
+        print(f"object {meta['object_id']} of run {meta['run_id']}: RA {meta['ra']:.6f} "
+              f"Dec {meta['dec']:.6f}, {meta['n_detections']} detection(s) in "
+              f"{meta['n_epochs']} epoch(s)")
+        table.pprint_all()
+    elif args.format == "json":
+        def plain(v: Any) -> Any:  # NaN (a masked epoch) is null in JSON
+            v = v.item() if hasattr(v, "item") else v
+            return None if isinstance(v, float) and v != v else v
+
+        rows = [{k: plain(v) for k, v in zip(table.colnames, row, strict=True)}
+                for row in table.iterrows()]
+        print(json.dumps({"object": dict(table.meta), "lightcurve": rows}, indent=1))
+    else:
+        buf = io.BytesIO() if args.format == "votable" else io.StringIO()
+        table.write(buf, format="votable" if args.format == "votable" else "ascii.csv")
+        out = buf.getvalue()
+        sys.stdout.write(out.decode() if isinstance(out, bytes) else out)
+    return 0
+
+
+def _add_lightcurve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("lightcurve", help="an object's light curve (forced photometry on "
+                       "every epoch's difference image)")
+    p.add_argument("object_id", metavar="OBJECT_ID", type=int, help="objects.object_id")
+    p.add_argument("--format", choices=["table", "csv", "votable", "json"], default="table")
+    p.add_argument("--config", help="YAML settings file (default: $LAZYSKY_CONFIG)")
+    p.set_defaults(handler=_cmd_lightcurve)
+
+
+# --- end of association ----------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``lazysky`` command."""
     parser = argparse.ArgumentParser(
@@ -623,6 +669,13 @@ def build_parser() -> argparse.ArgumentParser:
     from lazysky.cli_runs import add_runs_parser
 
     add_runs_parser(sub)  # runs: list, show, promote, rollback (issue 11)
+    from lazysky.cli_gc import add_gc_parser
+
+    add_gc_parser(sub)  # gc: retention (issue 13)
+    from lazysky.cli_workflows import add_workflows_parser
+
+    add_workflows_parser(sub)  # workflow versions and canaries (issue 13)
+    _add_lightcurve_parser(sub)  # association across epochs (issue 11)
     return parser
 
 

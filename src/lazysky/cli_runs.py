@@ -48,6 +48,14 @@ def _cmd_show(args: argparse.Namespace) -> int:
     history = list_promotions(run_id=args.run_id, catalog=catalog)
     for p in history:
         print(f"history    {p}")
+    from lazysky.catalog.qa import read_qa
+
+    qa = read_qa(args.run_id, catalog=catalog)
+    flagged = qa[qa["flagged"]] if len(qa) else qa
+    if len(qa):
+        print(f"qa         {len(qa)} tile(s) × product measured, {len(flagged)} flagged")
+    for row in flagged:
+        print(f"flagged    {row['product']} {row['tile_id']}: {'; '.join(row['reasons'])}")
     return 0
 
 

@@ -27,7 +27,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -36,8 +44,9 @@ from pydantic_settings import (
 )
 
 from lazysky.errors import ConfigError
+from lazysky.retention import RetentionSettings
 
-__all__ = ["ClusterSettings", "S3Settings", "Settings", "load_settings"]
+__all__ = ["ClusterSettings", "QaThresholds", "S3Settings", "Settings", "load_settings"]
 
 ENV_PREFIX = "LAZYSKY_"
 CONFIG_FILE_VAR = "LAZYSKY_CONFIG"
@@ -139,6 +148,43 @@ class ClusterSettings(BaseModel):
         return v
 
 
+class QaThresholds(BaseModel):
+    """Limits of the per-tile science QA (docs/qa.md): a tile beyond one is flagged.
+
+    None switches a test off. A metric a tile cannot measure (NaN) never flags it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    psf_fwhm_arcsec_max: float | None = Field(
+        3.0, gt=0, description="Flag a tile whose PSF FWHM (arcsec) is larger.")
+    psf_min_stars: int = Field(
+        1, ge=0, description="Flag a tile with fewer stars fitted for its PSF by QA.")
+    background_rms_max: float | None = Field(
+        None, gt=0, description="Flag a tile whose source-free background rms (image "
+        "units, e.g. electrons) is larger.")
+    astrometric_offset_px_max: float | None = Field(
+        0.1, gt=0, description="Flag an epoch tile whose stars sit further (pixels, mean "
+        "offset) from the reference's.")
+    score_std_tolerance: float | None = Field(
+        0.25, gt=0, description="Flag an epoch tile whose S_corr std in source-free pixels "
+        "is further than this from 1.")
+    limiting_mag_min: float | None = Field(
+        None, description="Flag a tile whose 5-sigma point-source limiting magnitude is "
+        "brighter (smaller).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                msg = (f"unknown QA threshold(s) {unknown}; allowed: "
+                       f"{', '.join(cls.model_fields)}")
+                raise ValueError(msg)
+        return data
+
+
 def default_catalog_dir() -> Path:
     """Where the embedded catalog lives when ``catalog_dir`` is not set."""
     if os.geteuid() == 0:
@@ -172,9 +218,17 @@ class Settings(BaseSettings):
     )
     s3: S3Settings = Field(default_factory=S3Settings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    retention: RetentionSettings = Field(
+        default_factory=RetentionSettings,
+        description="How long runs' products, master calibrations and raw exposures are "
+        "kept, per processing type (lazysky gc; docs/lifecycle.md).")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="Log level of the lazysky command."
     )
+    qa_enabled: bool = Field(
+        True, description="Compute the per-tile science QA in every run (stage qa).")
+    qa_thresholds: QaThresholds = Field(
+        default_factory=QaThresholds, description="Limits that flag a tile (docs/qa.md).")
 
     @field_validator("store_url")
     @classmethod

@@ -205,6 +205,11 @@ def demo(
         cone = cone_search(float(dia["ra"][best]), float(dia["dec"][best]), "3arcsec",
                            table="diff", run=summary.run_id, catalog=catalog)
     pictures = _pictures(out, summary, dia, settings)
+    if settings.qa_enabled:  # the run's QA figures: tile maps, histograms, transients
+        from lazysky.figures import qa_figures
+
+        pictures += qa_figures(summary.run_id, store=summary.store, out_dir=out / "qa",
+                               catalog=catalog, settings=settings)
     return DemoResult(summary=summary, dia_sources=len(dia), cone=cone,
                       pictures=tuple(str(p) for p in pictures), **counts)
 

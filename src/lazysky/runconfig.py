@@ -25,12 +25,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from lazysky.errors import ConfigError
 
 __all__ = [
     "CalibrationSets",
+    "CanaryConfig",
     "FieldConfig",
     "RunConfig",
     "StepParameters",
@@ -110,6 +120,15 @@ class StepParameters(_Model):
     detect: DetectStep = Field(default_factory=DetectStep)
 
 
+class CanaryConfig(_Model):
+    """A canary: a candidate workflow version on a share of a batch's science exposures."""
+
+    version: str = Field(description="The candidate workflow version (lazysky workflows).")
+    share: float = Field(
+        ge=0, le=100, description="Percent of the science exposures (by a hash of the "
+        "exposure id) the candidate processes; the active version takes the rest.")
+
+
 class RunConfig(_Model):
     """One processing run: inputs, calibration sets, field, reference, science, steps."""
 
@@ -138,6 +157,42 @@ class RunConfig(_Model):
         description="Exposure-id patterns of the science exposures (each epoch = one VISIT).",
     )
     steps: StepParameters = Field(default_factory=StepParameters)
+    # --- workflow versions and canaries (lazysky.workflows, docs/workflows.md) ---------
+    workflow: str | None = Field(
+        None, description="Run the steps of this registered workflow version. Without "
+        "it and without steps, a run takes the active version of its type (if any).")
+    canary: CanaryConfig | None = Field(
+        None, description="Batch submissions only: run a candidate version on a share "
+        "of the science exposures, under its own run (type val).")
+    science_share: tuple[float, float] | None = Field(
+        None, description="Only the science exposures whose bucket (SHA-256 of the "
+        "exposure id, in [0, 100)) is in [lo, hi): one side of a canary split.")
+
+    @model_validator(mode="after")
+    def _valid_share(self) -> RunConfig:
+        share = self.science_share
+        if share is not None and not 0.0 <= share[0] <= share[1] <= 100.0:
+            msg = f"science_share must be [lo, hi] with 0 <= lo <= hi <= 100; got {share}"
+            raise ValueError(msg)
+        return self
+
+    @field_validator("workflow")
+    @classmethod
+    def _valid_workflow(cls, v: str | None) -> str | None:
+        if v is not None:
+            from lazysky.workflows import validate_name
+
+            validate_name(v)
+        return v
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # steps never given stay unsaid, so a stored configuration (a batch submission)
+        # still runs the workflow version active when it runs, not the defaults of today
+        data: dict[str, Any] = handler(self)
+        if "steps" not in self.model_fields_set:
+            data.pop("steps", None)
+        return data
 
     @field_validator("run_id")
     @classmethod

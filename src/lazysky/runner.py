@@ -55,7 +55,8 @@ logger = logging.getLogger(__name__)
 CAL_TYPES = {"bias": ("bias", "zero"), "dark": ("dark",), "flat": ("flat", "flatfield",
                                                                    "dome flat", "sky flat")}
 SCIENCE_TYPES = ("object", "science", "light")
-STAGES = ("ingest", "select", "masters", "reference", "difference", "detect", "catalog")
+STAGES = ("ingest", "select", "masters", "reference", "difference", "detect", "catalog",
+          "qa", "associate")
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,10 @@ def _select(cfg: RunConfig, store: str, settings: Settings, errors: dict[str, st
         raise ParameterError(msg)
     science = [e for e in _matching(objects, cfg.science) if e not in reference] \
         if cfg.science else []
+    if cfg.science_share is not None:  # one side of a canary split (lazysky.workflows)
+        from lazysky.workflows import in_share
+
+        science = [e for e in science if in_share(e, cfg.science_share)]
     epochs: dict[str, list[str]] = {}
     for eid in science:
         visit = _header_value(meta[eid], "VISIT")
@@ -254,6 +259,9 @@ def run(
     catalog: Any = None,
     show_progress: bool = False,
     on_start: Callable[[str, str], None] | None = None,
+    tiles: Sequence[str] | None = None,
+    grid: Any = None,
+    parent_run_id: str | None = None,
 ) -> RunSummary:
     """Run the whole pipeline for one configuration (see the module docstring).
 
@@ -272,6 +280,11 @@ def run(
         Print a progress bar per stage (the CLI does).
     on_start
         Called with ``(run_id, dashboard_url)`` once the run is registered.
+    tiles, grid, parent_run_id
+        Reprocessing (:func:`lazysky.reprocess`): only these tiles (default: every tile),
+        on this :class:`~lazysky.pipeline.SkyGrid` (default: the grid covering the
+        inputs; give the parent's so tile ids stay the same), recorded as a child of
+        ``parent_run_id``.
 
     Returns
     -------
@@ -304,6 +317,7 @@ def run(
     )
     from lazysky.pipeline.detect import SepSettings, detect, detect_difference
     from lazysky.pipeline.difference import difference
+    from lazysky.pipeline.grid import tiles_of
     from lazysky.pipeline.psf import PSF_VARIABLES, psf_per_tile
     from lazysky.runs import Run, new_run_id, parse_run_id
     from lazysky.zarr_store import ingest, open_exposure
@@ -323,6 +337,9 @@ def run(
         msg = f"run_id {run_id} is of type {parse_run_id(run_id).type}, the config says {cfg.type}"
         raise ParameterError(msg)
     catalog = catalog if catalog is not None else open_catalog(settings)
+    from lazysky.workflows import resolve_run_config  # workflow versions (issue 13)
+
+    cfg = resolve_run_config(cfg, catalog=catalog)
     own_client = client is None
     if own_client:
         client = connect(settings, worker_plugins=[SepSettings()])
@@ -343,7 +360,7 @@ def run(
         used = [*sel.bias, *sel.dark, *sel.flat, *sel.reference, *science_ids]
         inputs = {e: str(_sha(sel.meta[e])) for e in used if _sha(sel.meta[e])}
         recorded = cfg.model_dump(mode="json", exclude={"run_id"})
-        register_run(Run(run_id, config=recorded, inputs=inputs,
+        register_run(Run(run_id, config=recorded, inputs=inputs, parent_run_id=parent_run_id,
                          description=cfg.description), catalog=catalog)
         write_exposures([_exposure_row(e, sel.meta[e])
                          for e in [*sel.reference, *science_ids]], catalog=catalog)
@@ -376,10 +393,14 @@ def run(
         cals = {e: calibrated(e) for e in [*sel.reference, *science_ids]}
         footprints = [fp for c in cals.values() for fp in detector_footprints(c)]
         scale = cfg.field.pixel_scale_arcsec or _pixel_scale(sel.meta[sel.reference[0]])
-        grid = SkyGrid.covering(footprints, pixel_scale_arcsec=scale, tile_px=cfg.field.tile_px)
-        tiles = grid.tile_ids()
+        grid = grid if grid is not None else SkyGrid.covering(
+            footprints, pixel_scale_arcsec=scale, tile_px=cfg.field.tile_px)
+        # reprocessing a subset (``tiles=``): products on those tiles and their neighbours
+        # (whose pixels the difference's and detection's halos read back), catalog on those
+        det_tiles = tiles_of(grid, tiles)
+        tiles = grid.tile_ids() if tiles is None else _with_neighbours(grid, det_tiles)
         name = cfg.field.name
-        plan_run(run_id, field=name, tiles=tiles, catalog=catalog)
+        plan_run(run_id, field=name, tiles=det_tiles, catalog=catalog)  # catalogued ones
         if settings.cluster.watch:  # the dashboard page, /metrics, progress bars
             from lazysky.dashboard import announce_run, watch
 
@@ -450,8 +471,8 @@ def run(
             done_co = done_tiles(run_id, "detect-coadd", catalog=catalog)
             done_dia = done_tiles(run_id, "detect-diff", catalog=catalog)
             co_src = detect(reference, threshold=steps.detect.threshold,
-                            tiles=[t for t in tiles if t not in done_co])
-            dia_todo = [t for t in tiles if t not in done_dia]
+                            tiles=[t for t in det_tiles if t not in done_co])
+            dia_todo = [t for t in det_tiles if t not in done_dia]
             dia = {epoch: detect_difference(d, threshold=steps.detect.diff_threshold,
                                             tiles=dia_todo) for epoch, d in diffs.items()}
             write = dask.delayed(_write_catalog_tile, pure=True)
@@ -469,13 +490,35 @@ def run(
             if tasks:
                 _compute(client, list(tasks.values()), label="detect + catalog",
                          show=show_progress, run_id=run_id, stage="detect")
+        if settings.qa_enabled:  # per-tile science QA (lazysky.pipeline.qa, docs/qa.md)
+            with _stage("qa", timings):
+                from lazysky.pipeline.qa import run_qa
+
+                qa = run_qa(store, run_id, reference=name, reference_ids=sel.reference,
+                            epochs={diff_names[e]: ids for e, ids in sel.epochs.items()},
+                            meta=sel.meta, catalog=catalog,
+                            thresholds=settings.qa_thresholds, settings=settings,
+                            tiles=det_tiles, compute=lambda c, label: _compute(
+                                client, c, label=label, show=show_progress, run_id=run_id,
+                                stage="qa"))
+                if settings.cluster.watch:  # the page colours tiles by QA, /metrics too
+                    from lazysky.dashboard import publish_qa
+
+                    for tile, products in qa.items():
+                        publish_qa(client, run_id, tile, _tile_qa_values(products))
+        if diffs:  # association across epochs: replaces the run's objects (idempotent)
+            with _stage("associate", timings):
+                from lazysky.associate import associate
+
+                associate(run_id, catalog=catalog, store=str(store), settings=settings,
+                          client=client)
         done_co = done_tiles(run_id, "detect-coadd", catalog=catalog)
         done_dia = done_tiles(run_id, "detect-diff", catalog=catalog)
         status = "done_with_errors" if errors else "done"
         return RunSummary(
             run_id=run_id, status=status, store=str(store), field_name=name,
             reference=tuple(sel.reference),
-            epochs={k: tuple(v) for k, v in sel.epochs.items()}, tiles=len(tiles),
+            epochs={k: tuple(v) for k, v in sel.epochs.items()}, tiles=len(det_tiles),
             sources=sum(done_co.values()), dia_sources=sum(done_dia.values()),
             timings=dict(timings), errors=dict(errors), dashboard=dashboard,
         )
@@ -498,6 +541,29 @@ def run(
                 logger.warning("run %s finished but was not published: %s", run_id, exc)
         if own_client:
             client.close()
+
+
+def _with_neighbours(grid: Any, tiles: Sequence[str]) -> list[str]:
+    """``tiles`` and the tiles around them, in the grid's order."""
+    from lazysky.pipeline.grid import parse_tile
+
+    nty, ntx = grid.n_tiles
+    near = {(iy + dy, ix + dx) for iy, ix in map(parse_tile, tiles)
+            for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+    return [grid.tile_id(iy, ix) for iy in range(nty) for ix in range(ntx) if (iy, ix) in near]
+
+
+def _tile_qa_values(products: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """One tile's QA for the dashboard: per metric the largest value over its products
+    (reference coadd and epochs: the worst), detections summed, flagged if any is."""
+    out: dict[str, Any] = {}
+    for values in products.values():
+        for k, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
+                continue
+            out[k] = out.get(k, 0) + v if k == "n_detections" else max(out.get(k, v), v)
+    out["flagged"] = any(bool(v.get("flagged")) for v in products.values())
+    return out
 
 
 def _sha(meta: Mapping[str, Any]) -> str | None:

@@ -144,6 +144,7 @@ def test_unregistered_run_is_a_clear_error(catalog: Catalog, sources: Sources) -
     ({"snr": np.array(["a", "b", "c"])}, "'snr' must be numeric"),
     ({"bogus": np.zeros(3)}, "unknown column"),
     ({"y": np.zeros(2)}, "1-d with 3 rows"),
+    ({"number": np.array([3, 1, 3])}, "'number' must be unique within a \\(run, tile\\); 3"),
 ])
 def test_bad_rows_are_refused_before_writing(catalog: Catalog, make_run: Callable[..., str],
                                              sources: Sources, change: dict[str, np.ndarray],

@@ -281,6 +281,15 @@ def test_runs_command(catalog: Catalog, field_runs: dict[str, Any],
     assert f"production 2 tile(s): {TILES[0]}, {TILES[1]}" in shown
     assert "history" in shown
     assert "carol: promoted" in shown
+    from lazysky.catalog.qa import write_qa
+
+    write_qa(exp, [{"product": field, "tile_id": TILES[0], "kind": "coadd",
+                    "flagged": True, "reasons": ["psf_fwhm_arcsec 3.1 > 2.5"]},
+                   {"product": field, "tile_id": TILES[1], "kind": "coadd"}], catalog=catalog)
+    assert main(["runs", "show", exp]) == 0
+    shown = capsys.readouterr().out
+    assert "qa         2 tile(s) × product measured, 1 flagged" in shown
+    assert f"flagged    {field} {TILES[0]}: psf_fwhm_arcsec 3.1 > 2.5" in shown
     assert main(["runs", "rollback", "--field", field, "--reason", "no"]) == 0
     assert production_tiles(field, catalog=catalog)[TILES[0]] == prod
     assert main(["runs", "history", "--field", field]) == 0

@@ -203,7 +203,7 @@ def test_a_site_overlay_pins_every_lazysky_image_by_digest(tmp_path: Path) -> No
     images = [c["image"] for o in objs for _, spec, _ in pod_templates(o)
               for c in spec["containers"]]
     lazysky = [i for i in images if "catalog-db" not in i]
-    assert len(lazysky) == 5  # scheduler, worker, bootstrap Job, SCS, batch CronJob
+    assert len(lazysky) == 6  # scheduler, worker, bootstrap Job, SCS, batch and gc CronJobs
     assert set(lazysky) == {f"registry.example.org/lazysky@{digest}"}
     cm = next(o for o in objs if o["kind"] == "ConfigMap")
     assert cm["data"]["LAZYSKY_STORE_URL"] == "s3://my-survey"

@@ -95,18 +95,13 @@ def test_peak_memory_does_not_grow_with_the_number_of_frames() -> None:
     assert peaks[36] < 1.5 * peaks[4] + budget / 4, peaks
 
 
-@pytest.mark.slow  # 35-75 s: the probe sums the task cache after every task
-@pytest.mark.xfail(
-    strict=True,
-    reason="still ~N frames held: with the levels a dependency of every combine task, "
-    "dask.order computes every frame's second-pass tiles (read, cast to float32) before "
-    "the first combine; the in-kernel scaling alone does not change that (docs/benchmarks/"
-    "masters_memory.md)",
-)
+@pytest.mark.slow  # ~20 s: the probe sums the task cache after every task
 def test_master_flat_peak_memory_does_not_grow_with_the_number_of_frames() -> None:
     # each flat frame is divided by its own mosaic level: the levels come from a first
     # pass and the division happens in the combine kernel, so nothing *needs* a scaled
-    # frame to wait in memory for the other frames' levels
+    # frame to wait in memory for the other frames' levels; the master's own level is
+    # taken from its combined blocks (held: output-sized), not from a recomputed combine
+    # that would keep every frame's tiles for it
     budget = 2**20
     bias = xr.DataArray(np.zeros((1, *SHAPE), np.float32), dims=("detector", "y", "x"))
     peaks = {}

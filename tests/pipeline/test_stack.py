@@ -352,3 +352,28 @@ def test_write_coadd_fits(coadd: xr.Dataset, grid: SkyGrid, tmp_path: Path) -> N
         np.testing.assert_allclose(grid.wcs.pixel_to_world_values(10.0, 20.0), (ra, dec))
     with pytest.raises(OutputError, match="overwrite=True"):
         write_coadd_fits(coadd, path)
+
+
+def test_streamed_coadd_fits_is_the_file_astropy_writes(
+    coadd: xr.Dataset, grid: SkyGrid, tmp_path: Path
+) -> None:
+    # write_coadd_fits lays the file out from the headers and writes every tile into its
+    # place; the bytes must be those of astropy writing the computed planes in one go
+    extra = fits.Header()
+    extra["PIXSCALE"] = (0.26, "arcsec per pixel")
+    extra.add_history("lazysky coadd input: a.fits")
+    path = write_coadd_fits(coadd, tmp_path / "streamed.fits", header=extra)
+    done = coadd.compute()
+    header = grid.wcs.to_header()
+    primary = fits.PrimaryHDU(done.image.values, header=header)
+    primary.header["BUNIT"] = (str(coadd.attrs["units"]), "per grid pixel, one frame")
+    primary.header["NCOMBINE"] = (len(coadd.attrs["inputs"]), "exposures stacked")
+    primary.header["COMBINET"] = (coadd.attrs["steps"][-1]["method"], "combine method")
+    primary.header["PIXSCALE"] = (0.26, "arcsec per pixel")
+    primary.header.add_history("lazysky coadd input: a.fits")
+    hdus = [primary] + [fits.ImageHDU(done[n].values, header=header, name=n.upper())
+                        for n in ("variance", "weight", "mask", "count")]  # fmt: skip
+    fits.HDUList(hdus).writeto(tmp_path / "astropy.fits")
+    assert path.read_bytes() == (tmp_path / "astropy.fits").read_bytes()
+    assert int(done["count"].max()) > 1  # a real coadd, several exposures deep
+    assert bool((done["mask"] > 0).any())  # the unsigned planes carry values to offset

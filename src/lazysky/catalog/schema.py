@@ -3,9 +3,11 @@
 Every position is stored twice: as a pgSphere ``spoint`` (``pos``, GiST-indexed, what
 cone searches use) and as ``ra``/``dec`` in degrees (what people read). ``pos`` is
 computed by the database from ``ra``/``dec`` (a generated column), so the two never
-disagree. Rows of sources belong to a (run, tile): the primary key is
-``(run_id, tile_id, number)``, which is also what :func:`lazysky.catalog.write_sources`
-replaces atomically.
+disagree. Rows of sources belong to a (run, tile), which is what
+:func:`lazysky.catalog.write_sources` replaces atomically: ``diff_sources`` is keyed by
+``(run_id, tile_id, number)``; ``coadd_sources`` finds a (run, tile)'s rows by a
+deduplicated index on ``(run_id, tile_id)`` instead (v6, cheaper to load), ``number``
+being unique within the (run, tile) by the writer.
 
 The ``*_prod`` views show production rows only: for every (field, tile) the rows of the
 one run ``production_tiles`` names (v4). A production run publishes its tiles when it
@@ -49,21 +51,29 @@ __all__ = [
     "apply_up_to",
     "batch_executions",
     "batch_submissions",
+    "canary_runs",
     "coadd_sources",
     "diff_sources",
     "drop_month_partitions",
     "ensure_partitions",
     "ensure_upcoming_partitions",
     "exposures",
+    "forced_photometry",
     "metadata",
     "month_partitions",
+    "object_detections",
+    "objects",
     "partition_name",
     "production_tiles",
     "promotions",
+    "run_expiry",
     "run_tiles",
     "runs",
     "schema_version",
+    "tile_qa",
     "upgrade",
+    "workflow_activations",
+    "workflow_versions",
 ]
 
 logger = logging.getLogger(__name__)
@@ -143,14 +153,12 @@ def _source_table(name: str, *, difference: bool, md: sa.MetaData = metadata,
     if partitioned:
         # v5: partitioned by processing type, then by the run's month (PARTITIONS below);
         # the partition keys are columns the writer fills from the run id (PostgreSQL
-        # cannot partition on generated columns), CHECKed against it
+        # cannot partition on generated columns), CHECKed against it per partition
         extra += [
             sa.Column("run_type", sa.Text, nullable=False,
                       comment="partition key: the run's type (from run_id)"),
             sa.Column("run_month", sa.Date, nullable=False,
                       comment="partition key: first day of the run's month (from run_id)"),
-            sa.CheckConstraint(f"run_type = {_RUN_TYPE_SQL}", name=f"{name}_run_type"),
-            sa.CheckConstraint(f"run_month = {_RUN_MONTH_SQL}", name=f"{name}_run_month"),
             sa.PrimaryKeyConstraint("run_id", "tile_id", "number", "run_type", "run_month",
                                     name=f"{name}_pkey"),
         ]
@@ -471,8 +479,12 @@ def ensure_partitions(conn: sa.Connection, months: Sequence[tuple[str, dt.date]]
             name = partition_name(tbl.name, run_type, month)
             if name in have:
                 continue
+            # the partition's bounds fix run_type and run_month; this prefix CHECK ties
+            # the rows' run ids to them (a row cannot claim another run's partition) at
+            # half the cost of per-row CHECKs computing the keys from run_id
             conn.execute(sa.text(
                 f"CREATE TABLE {name} PARTITION OF {partition_name(tbl.name, run_type)} "
+                f"(CONSTRAINT {name}_run_id CHECK (run_id LIKE '{run_type}-{month:%Y%m}%')) "
                 f"FOR VALUES FROM ('{month:%Y-%m-%d}') TO ('{_next_month(month):%Y-%m-%d}')"))
             made.append(name)
     if made:
@@ -570,6 +582,259 @@ def _v5_partitioned_sources(conn: sa.Connection) -> None:
         conn.execute(sa.text(f"ANALYZE {name}"))
 
 
+#: v6: the rows of a coadd (run, tile), found by a deduplicated btree instead of the
+#: primary key (the index the replace's DELETE uses; see _v6_coadd_run_tile_index)
+sa.Index("ix_coadd_sources_run_tile", coadd_sources.c.run_id, coadd_sources.c.tile_id)
+
+
+def _v6_coadd_run_tile_index(conn: sa.Connection) -> None:
+    """Replace coadd_sources' primary key by a non-unique index on (run_id, tile_id).
+
+    The primary key (run_id, tile_id, number) cost 11–13 % of a loading backend's CPU
+    (interleaved A/Bs in docs/catalog.md): one entry of ~70 bytes per row. The replace path
+    (:func:`lazysky.catalog.write_sources`) needs only "the rows of this (run, tile)",
+    which a btree on (run_id, tile_id) finds; its equal keys are deduplicated into
+    posting lists (~16x smaller). ``number`` stays unique within a (run, tile) because
+    that writer is the only one: it replaces the whole (run, tile) under an advisory
+    lock and refuses duplicate numbers. ``diff_sources`` keeps its primary key (the
+    association of difference sources may reference it). On the partitioned table (v5)
+    the index and the dropped key cascade to every partition, and partitions made later
+    inherit the index; the key stays able to include the partition keys should a
+    unique constraint come back.
+
+    The table's metadata above still declares the primary key (with the partition keys):
+    migration 5 creates it so, and this step replaces it.
+    """
+    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS ix_coadd_sources_run_tile "
+                         "ON coadd_sources (run_id, tile_id)"))
+    conn.execute(sa.text(
+        "ALTER TABLE coadd_sources DROP CONSTRAINT IF EXISTS coadd_sources_pkey"))
+
+
+#: States of a run being collected (lazysky.gc): ``expiring`` once its catalog rows are
+#: going (a rerun finishes it), ``expired`` once its rows and products are gone.
+EXPIRY_STATES = ("expiring", "expired")
+_EXPIRY_SQL = ", ".join(f"'{s}'" for s in EXPIRY_STATES)
+
+run_expiry = sa.Table(
+    "run_expiry",
+    metadata,
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id"), primary_key=True),
+    sa.Column("state", sa.Text, nullable=False, server_default="expiring"),
+    sa.Column("reason", sa.Text, nullable=False, comment="which retention it outlived"),
+    sa.Column("bytes", sa.BigInteger, nullable=False, server_default="0",
+              comment="bytes of its Zarr products when collection began"),
+    sa.Column("rows", JSONB, nullable=False, server_default="{}",
+              comment="table -> catalog rows deleted"),
+    sa.Column("by", sa.Text, nullable=False),
+    sa.Column("marked_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.Column("expired_at", sa.DateTime(timezone=True), nullable=True),
+    sa.CheckConstraint(f"state IN ({_EXPIRY_SQL})", name="run_expiry_state"),
+    sa.CheckConstraint("(state = 'expired') = (expired_at IS NOT NULL)",
+                       name="run_expiry_expired_at"),
+    comment="runs collected by lazysky gc; the runs row stays as a tombstone for lineage",
+)
+
+
+def _v7_run_expiry(conn: sa.Connection) -> None:
+    run_expiry.create(conn)
+
+
+#: How a workflow version became active for a processing type (lazysky.workflows).
+WORKFLOW_ACTIONS = ("activate", "promote", "rollback")
+_WF_ACTIONS_SQL = ", ".join(f"'{a}'" for a in WORKFLOW_ACTIONS)
+#: What a workflow version's name may be (also its spelling in run configurations).
+WORKFLOW_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+workflow_versions = sa.Table(
+    "workflow_versions",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("steps", JSONB, nullable=False, comment="every step's parameters, validated"),
+    sa.Column("software_version", sa.Text, nullable=False),
+    sa.Column("sha256", sa.Text, nullable=False,
+              comment="of the canonical JSON of steps and software version"),
+    sa.Column("description", sa.Text, nullable=False, server_default=""),
+    sa.Column("registered_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.Column("registered_by", sa.Text, nullable=False),
+    sa.CheckConstraint(f"name ~ '{WORKFLOW_NAME_PATTERN}'", name="workflow_name_form"),
+    sa.CheckConstraint("sha256 ~ '^[0-9a-f]{64}$'", name="workflow_sha256_form"),
+    sa.Index("ix_workflow_versions_sha256", "sha256"),
+    comment="named, immutable pipeline configurations (a trigger refuses changes)",
+)
+
+workflow_activations = sa.Table(
+    "workflow_activations",
+    metadata,
+    sa.Column("activation_id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("run_type", sa.Text, nullable=False),
+    sa.Column("version", sa.Text, sa.ForeignKey("workflow_versions.name"), nullable=False,
+              comment="the version active for run_type from this row on"),
+    sa.Column("previous", sa.Text, sa.ForeignKey("workflow_versions.name"), nullable=True,
+              comment="the version active before"),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("undoes", sa.BigInteger, sa.ForeignKey("workflow_activations.activation_id"),
+              nullable=True, unique=True, comment="the activation a rollback undoes"),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("by", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.CheckConstraint(f"run_type IN ({_RUN_TYPES_SQL})", name="activation_run_type"),
+    sa.CheckConstraint(f"action IN ({_WF_ACTIONS_SQL})", name="activation_action"),
+    sa.CheckConstraint("(action = 'rollback') = (undoes IS NOT NULL)",
+                       name="activation_rollback_undoes"),
+    sa.CheckConstraint("version IS DISTINCT FROM previous", name="activation_changes"),
+    sa.CheckConstraint("length(reason) > 0", name="activation_reason"),
+    sa.Index("ix_workflow_activations_type", "run_type", "activation_id"),
+    comment="history of the active workflow version per processing type: the newest "
+            "row of a type names its active version",
+)
+
+canary_runs = sa.Table(
+    "canary_runs",
+    metadata,
+    sa.Column("execution_id", sa.BigInteger,
+              sa.ForeignKey("batch_executions.execution_id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("run_id", sa.Text, nullable=False, comment="the run of the active version"),
+    sa.Column("version", sa.Text, sa.ForeignKey("workflow_versions.name"), nullable=True,
+              comment="the version that run runs (NULL: explicit steps)"),
+    sa.Column("canary_run_id", sa.Text, nullable=False, comment="the candidate's run"),
+    sa.Column("canary_version", sa.Text, sa.ForeignKey("workflow_versions.name"),
+              nullable=False),
+    sa.Column("share", sa.Float(53), nullable=False, comment="percent of science exposures"),
+    sa.CheckConstraint("share >= 0 AND share <= 100", name="canary_share_range"),
+    comment="the two runs of a batch execution split by a canary",
+)
+
+
+def _v8_workflow_versions(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=[workflow_versions, workflow_activations, canary_runs])
+    # versions and their activation history are immutable: refused in the database too,
+    # so no client (psql included) can change what a past run ran
+    conn.execute(sa.text("""
+        CREATE OR REPLACE FUNCTION lazysky_refuse_change() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION '% is append-only: % refused (register a new workflow '
+                'version, or activate or roll back, instead)', TG_TABLE_NAME, TG_OP
+                USING ERRCODE = 'integrity_constraint_violation';
+        END $$"""))
+    for table in ("workflow_versions", "workflow_activations"):
+        conn.execute(sa.text(
+            f"CREATE TRIGGER {table}_immutable BEFORE UPDATE OR DELETE ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION lazysky_refuse_change()"))
+    # the active version per type: the newest activation of that type (one by construction)
+    conn.execute(sa.text(
+        "CREATE OR REPLACE VIEW workflow_active AS SELECT DISTINCT ON (run_type) run_type, "
+        "version, activation_id, at, by, reason FROM workflow_activations "
+        "ORDER BY run_type, activation_id DESC"))
+
+
+tile_qa = sa.Table(
+    "tile_qa",
+    metadata,
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("product", sa.Text, primary_key=True,
+              comment="product name: the reference coadd (deep1) or an epoch (deep1-v2)"),
+    sa.Column("tile_id", sa.Text, primary_key=True),
+    sa.Column("kind", sa.Text, nullable=False, comment="coadd (reference) or diff (epoch)"),
+    sa.Column("psf_fwhm_px", sa.Float(53), nullable=True),
+    sa.Column("psf_fwhm_arcsec", sa.Float(53), nullable=True),
+    sa.Column("psf_beta", sa.Float(53), nullable=True),
+    sa.Column("psf_n_stars", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("psf_source", sa.Text, nullable=False, server_default="qa-fit"),
+    sa.Column("background", sa.Float(53), nullable=True, comment="image units"),
+    sa.Column("background_rms", sa.Float(53), nullable=True, comment="image units"),
+    sa.Column("astrometric_offset_px", sa.Float(53), nullable=True),
+    sa.Column("astrometric_rms_px", sa.Float(53), nullable=True),
+    sa.Column("astrometric_n_stars", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("score_std", sa.Float(53), nullable=True, comment="S_corr, source-free"),
+    sa.Column("n_detections", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("limiting_mag", sa.Float(53), nullable=True, comment="5 sigma point source"),
+    sa.Column("zeropoint_mag", sa.Float(53), nullable=True,
+              comment="NULL: instrumental magnitudes (counts per frame)"),
+    sa.Column("flagged", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("reasons", JSONB, nullable=False, server_default="[]",
+              comment="why the tile is flagged (thresholds exceeded)"),
+    sa.Column("computed_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.CheckConstraint("kind IN ('coadd', 'diff')", name="tile_qa_kind"),
+    comment="per-tile science QA of a run (lazysky.pipeline.qa, docs/qa.md)",
+)
+
+
+def _v9_tile_qa(conn: sa.Connection) -> None:
+    tile_qa.create(conn)
+# --- association across epochs (lazysky.associate) ------------------------------------
+objects = sa.Table(
+    "objects",
+    metadata,
+    sa.Column("object_id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id", ondelete="CASCADE"),
+              nullable=False),
+    sa.Column("number", sa.Integer, nullable=False,
+              comment="1-based within the run, ordered by first detection"),
+    sa.Column("ra", sa.Float(53), nullable=False, comment="deg, weighted mean"),
+    sa.Column("dec", sa.Float(53), nullable=False, comment="deg, weighted mean"),
+    sa.Column("pos", SPointType(), sa.Computed(_POS_EXPR, persisted=True), nullable=False),
+    sa.Column("pos_err", sa.Float(53), nullable=False,
+              comment="arcsec, error of the mean position"),
+    sa.Column("first_mjd", sa.Float(53), nullable=False, comment="first detection"),
+    sa.Column("last_mjd", sa.Float(53), nullable=False, comment="last detection"),
+    sa.Column("n_detections", sa.Integer, nullable=False),
+    sa.Column("n_epochs", sa.Integer, nullable=False, comment="epochs with a detection"),
+    sa.Column("max_snr", sa.Float(53), nullable=True, comment="largest |snr| detected"),
+    sa.CheckConstraint("ra >= 0 AND ra < 360", name="objects_ra_range"),
+    sa.CheckConstraint("dec >= -90 AND dec <= 90", name="objects_dec_range"),
+    sa.CheckConstraint("n_detections > 0 AND n_epochs > 0", name="objects_detected"),
+    sa.CheckConstraint("first_mjd <= last_mjd", name="objects_mjd_order"),
+    sa.UniqueConstraint("run_id", "number", name="objects_run_number"),
+    sa.Index("ix_objects_pos", "pos", postgresql_using="gist"),
+    comment="difference-image sources associated across epochs (one run)",
+)
+
+object_detections = sa.Table(
+    "object_detections",
+    metadata,
+    sa.Column("run_id", sa.Text, primary_key=True),
+    sa.Column("tile_id", sa.Text, primary_key=True),
+    sa.Column("number", sa.Integer, primary_key=True),
+    sa.Column("object_id", sa.BigInteger,
+              sa.ForeignKey("objects.object_id", ondelete="CASCADE"), nullable=False),
+    # no foreign key into diff_sources: it is partitioned (v5) and its month partitions
+    # are dropped whole (lazysky gc); a run's links go with its objects, which
+    # lazysky.associate replaces after every detection of the run
+    sa.Index("ix_object_detections_object", "object_id"),
+    comment="which object each difference-image source (run_id, tile_id, number) belongs to",
+)
+
+forced_photometry = sa.Table(
+    "forced_photometry",
+    metadata,
+    sa.Column("object_id", sa.BigInteger,
+              sa.ForeignKey("objects.object_id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("exposure_id", sa.Text, sa.ForeignKey("exposures.exposure_id"),
+              primary_key=True, comment="the epoch's first exposure"),
+    sa.Column("epoch", sa.Text, nullable=False, comment="e.g. v2"),
+    sa.Column("mjd", sa.Float(53), nullable=False),
+    sa.Column("tile_id", sa.Text, nullable=False),
+    sa.Column("flux", sa.Float(53), nullable=True,
+              comment="PSF-weighted flux on the difference image (NaN: masked)"),
+    sa.Column("fluxerr", sa.Float(53), nullable=True, comment="from the variance plane"),
+    sa.Column("flags", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("detected", sa.Boolean, nullable=False,
+              comment="a difference-image source of this object is in this epoch"),
+    comment="forced photometry of every object on every epoch's difference image",
+)
+
+
+def _v10_objects(conn: sa.Connection) -> None:
+    metadata.create_all(conn, tables=[objects, object_detections, forced_photometry])
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step of the schema's history."""
@@ -591,6 +856,14 @@ MIGRATIONS: tuple[Migration, ...] = (
               _v4_production_tiles),
     Migration(5, "source tables partitioned by processing type and month",
               _v5_partitioned_sources),
+    Migration(6, "coadd_sources: (run_id, tile_id) index instead of the primary key",
+              _v6_coadd_run_tile_index),
+    Migration(7, "run_expiry: runs collected by lazysky gc (retention)", _v7_run_expiry),
+    Migration(8, "workflow versions, their activations per type, canary runs",
+              _v8_workflow_versions),
+    Migration(9, "tile_qa: per-tile science QA of a run", _v9_tile_qa),
+    Migration(10, "objects: difference sources associated across epochs, forced photometry",
+              _v10_objects),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 LOCK_KEY = 0x6C617A79  # 'lazy': the advisory lock serialising upgrades

@@ -160,6 +160,13 @@ def _prepare(table: sa.Table, sources: Any) -> tuple[np.ndarray, list[str], list
         except (TypeError, ValueError):
             msg = f"column {c!r} must be numeric, got dtype {np.asarray(arrays[c]).dtype}"
             raise ParameterError(msg) from None
+    numbers = rows["number"]
+    if n > 1 and not np.all(numbers[1:] > numbers[:-1]):  # detection order: increasing
+        ordered = np.sort(numbers)
+        if (dup := ordered[1:][ordered[1:] == ordered[:-1]]).size:
+            msg = (f"column 'number' must be unique within a (run, tile); "
+                   f"{int(dup[0])} appears more than once")
+            raise ParameterError(msg)
     # Store a tile's rows in spatial order (1′ Dec strips, then RA): a cone search then
     # reads a few heap pages instead of one per row, and GiST inserts stay local.
     # Rows keep their ``number``; only their physical order changes.
@@ -231,7 +238,8 @@ def write_sources(table: str, run_id: str, tile_id: str, sources: Any, *,
     Raises
     ------
     ParameterError
-        Unknown or missing columns, non-finite positions, Dec outside [-90, 90].
+        Unknown or missing columns, non-finite positions, Dec outside [-90, 90], a
+        ``number`` that repeats.
     CatalogWriteError
         The database refused the rows (unregistered run, failed constraint); nothing
         was changed.

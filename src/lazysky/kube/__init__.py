@@ -5,6 +5,7 @@
   ``DaskAutoscaler`` (kubernetes.dask.org/v1);
 * :mod:`._stack`: namespace, settings ConfigMap, submitter RBAC, NetworkPolicies, the
   catalog PostgreSQL + pg_sphere, the SCS service, the batch CronJob;
+* :mod:`._gc`: the retention CronJob (``lazysky gc``) and the store clients' egress;
 * :mod:`._render`: the whole deployment and the kustomize tree in ``kube/``;
 * :mod:`.bootstrap`: what the catalog-bootstrap Job runs.
 
@@ -18,6 +19,12 @@ Examples
 >>> text = dump_yaml(build_manifests(overlay="prod"))  # doctest: +SKIP
 """
 
+from lazysky.kube._gc import (
+    GC_CRONJOB,
+    STORE_CLIENT_LABEL,
+    build_gc_cronjob,
+    build_store_client_policy,
+)
 from lazysky.kube._pods import (
     APP_LABEL,
     CATALOG_CLIENT_LABEL,
@@ -76,12 +83,14 @@ __all__ = [
     "DASK_CLIENT_LABEL",
     "DB_SECRET",
     "DEFAULT_MEMORY_FRACTION",
+    "GC_CRONJOB",
     "MAX_MEMORY_FRACTION",
     "OVERLAYS",
     "PORTS",
     "RUN_AS_USER",
     "S3_SECRET",
     "SETTINGS_CONFIGMAP",
+    "STORE_CLIENT_LABEL",
     "BootstrapResult",
     "Overlay",
     "Resources",
@@ -93,6 +102,7 @@ __all__ = [
     "build_container",
     "build_dask_autoscaler",
     "build_dask_cluster",
+    "build_gc_cronjob",
     "build_manifests",
     "build_namespace",
     "build_network_policies",
@@ -101,6 +111,7 @@ __all__ = [
     "build_scheduler_spec",
     "build_serve",
     "build_settings_configmap",
+    "build_store_client_policy",
     "build_submitter_rbac",
     "build_worker_spec",
     "check_cron",

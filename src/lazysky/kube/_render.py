@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from lazysky.errors import ParameterError
+from lazysky.kube._gc import build_gc_cronjob, build_store_client_policy
 from lazysky.kube._pods import build_dask_autoscaler, build_dask_cluster, check_image
 from lazysky.kube._resources import Resources
 from lazysky.kube._stack import (
@@ -103,6 +104,7 @@ def build_base(
     db_image: str | None = None, store_url: str = "s3://lazysky-survey",
     worker_resources: Resources | None = None, memory_limit: str | int | None = None,
     batch_schedule: str = "*/5 * * * *", db_storage: str = "50Gi",
+    gc_schedule: str = "30 4 * * *",
 ) -> dict[str, list[dict[str, Any]]]:
     """Every object of the deployment, by the file of ``kube/base/`` it goes in.
 
@@ -124,7 +126,9 @@ def build_base(
         "namespace.yaml": [build_namespace(namespace)],
         "settings.yaml": [build_settings_configmap(settings, namespace=namespace)],
         "rbac.yaml": build_submitter_rbac(namespace=namespace),
-        "networkpolicies.yaml": build_network_policies(namespace=namespace, cluster=cluster),
+        "networkpolicies.yaml": [
+            *build_network_policies(namespace=namespace, cluster=cluster),
+            build_store_client_policy(namespace=namespace)],
         "dask-cluster.yaml": [build_dask_cluster(
             name=cluster, namespace=namespace, image=image,
             worker_resources=worker_resources, memory_limit=memory_limit,
@@ -140,6 +144,8 @@ def build_base(
                                 replicas=BASE.serve_replicas),
         "batch-cronjob.yaml": [build_batch_cronjob(namespace=namespace, image=image,
                                                    schedule=batch_schedule, cluster=cluster)],
+        "gc-cronjob.yaml": [build_gc_cronjob(namespace=namespace, image=image,
+                                             schedule=gc_schedule)],
     }
 
 

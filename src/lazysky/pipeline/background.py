@@ -111,7 +111,6 @@ def _row_levels(values: NDArray[np.float32], *, sigma: float, iters: int) -> NDA
     np.cumsum(d, axis=1, out=c1[:, 1:])
     np.cumsum(d * d, axis=1, out=c2[:, 1:])
     lo, hi = np.zeros(b, dtype=np.intp), count.astype(np.intp)
-    pos = np.arange(n)[None, :]
 
     def stats(
         lo: NDArray[np.intp], hi: NDArray[np.intp]
@@ -123,15 +122,30 @@ def _row_levels(values: NDArray[np.float32], *, sigma: float, iters: int) -> NDA
         var = (c2[rows, hi] - c2[rows, lo]) / k - mean**2
         return (a + z) / 2, mean + ref, np.sqrt(np.maximum(var, 0.0))
 
+    def first(bound: NDArray[np.float64], *, strict: bool) -> NDArray[np.intp]:
+        """Per row, the first position in ``[lo, hi)`` whose value is not ``< bound`` (or
+        ``<= bound`` with ``strict=False``): the run is sorted, so a bisection of every
+        row at once (log2 n gathers) replaces full passes over the rows."""
+        a, b = lo.copy(), hi.copy()
+        while True:
+            todo = a < b
+            if not todo.any():
+                return a
+            mid = (a + b) // 2
+            v = s[rows, np.minimum(mid, n - 1)]
+            left = (v < bound) if strict else (v <= bound)
+            a = np.where(todo & left, mid + 1, a)
+            b = np.where(todo & ~left, mid, b)
+
     active = count >= 16
     for _ in range(iters):
         if not active.any():
             break
         med, _mean, std = stats(lo, hi)
-        lower, upper = (med - sigma * std)[:, None], (med + sigma * std)[:, None]
-        inside = (pos >= lo[:, None]) & (pos < hi[:, None])
-        below = (inside & (s < lower)).sum(axis=1)
-        kept = (inside & (s >= lower) & (s <= upper)).sum(axis=1)
+        lower, upper = med - sigma * std, med + sigma * std
+        start = first(lower, strict=True)  # values in [lo, start) are < lower
+        below = start - lo
+        kept = first(upper, strict=False) - start  # lower <= value <= upper
         active &= (kept < hi - lo) & (kept >= 16)  # else: nothing changes, or too few
         lo, hi = np.where(active, lo + below, lo), np.where(active, lo + below + kept, hi)
     med, mean, std = stats(lo, hi)

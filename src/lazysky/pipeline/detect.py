@@ -503,7 +503,7 @@ def _images_of(path: Path) -> list[dict[str, Any]]:
             }]  # fmt: skip
         history = "\n".join(str(v) for v in hdul[0].header.get("HISTORY", []))
     out = []
-    for ds in read_calibrated(path):
+    for ds in (d.compute() for d in read_calibrated(path)):  # one read per detector
         estimated = bool(ds.attrs["variance_estimated"])
         for k, det in enumerate(ds.detector.values):
             header = fits.Header.fromstring(str(ds.header.values[k]), sep="\n")

@@ -37,7 +37,11 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
 from astropy.wcs import WCS, FITSFixedWarning
+from dask.base import tokenize
+from dask.delayed import delayed
+from numpy.typing import NDArray
 
 from lazysky.errors import FitsFormatError, OutputError, ParameterError
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
@@ -323,10 +327,71 @@ def _sky_variance(image: np.ndarray) -> float:
     return float(np.var(v))
 
 
+def _open_headers(path: Path, what: str) -> fits.HDUList:
+    """Open a FITS file reading its headers only (the data stay on disk until asked for).
+
+    A file shorter than its headers describe is refused here, as :func:`_open` refuses it,
+    so that a lazy read never meets a truncated file halfway through a graph.
+    """
+    if path.suffix.lower() in (".gz", ".fz", ".bz2", ".z"):
+        return _open(path, what)  # compressed: sizes on disk say nothing; read it now
+    if not path.is_file():
+        msg = f"{what} {path}: no such file"
+        raise FitsFormatError(msg)
+    hdul = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+            warnings.simplefilter("ignore", AstropyUserWarning)  # truncation: decided below
+            hdul = fits.open(path, memmap=False)
+            n = len(hdul)  # every header read: a file cut inside a header fails here
+            last = hdul.fileinfo(n - 1)
+    except (OSError, ValueError, IndexError, fits.VerifyError) as exc:
+        if hdul is not None:
+            hdul.close()
+        msg = f"{what} {path} is not a readable FITS file ({exc})"
+        raise FitsFormatError(msg) from None
+    need = int(last["datLoc"]) + int(last["datSpan"])  # the data with their padding
+    size = path.stat().st_size
+    if size < need:
+        hdul.close()
+        msg = (f"{what} {path} is not a readable FITS file (truncated: its headers describe "
+               f"{need} bytes, the file has {size})")  # fmt: skip
+        raise FitsFormatError(msg)
+    return hdul
+
+
+def _read_planes(
+    path: str, image: int, variance: int | None, mask: int | None
+) -> tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.uint16]]:
+    """One detector's ``(1, ny, nx)`` image, variance and mask from the file (a read task).
+
+    Without a variance HDU the variance is the image's sky noise² (:func:`_sky_variance`);
+    without a mask, zeros. Non-finite pixels become NODATA (image 0, variance ∞).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+        with fits.open(path, memmap=False) as hdul:  # lazily: only these HDUs' data
+            img = np.array(hdul[image].data, dtype=np.float32)
+            if variance is not None:
+                var = np.array(hdul[variance].data, dtype=np.float32)
+            else:
+                var = np.full(img.shape, _sky_variance(img), dtype=np.float32)
+            if mask is not None:
+                msk = np.asarray(hdul[mask].data).astype(MASK_DTYPE)
+            else:
+                msk = np.zeros(img.shape, MASK_DTYPE)
+    bad = ~np.isfinite(img) | ~np.isfinite(var)
+    if bad.any():
+        msk[bad] |= MASK_DTYPE.type(MaskBit.NODATA)
+        img[bad], var[bad] = 0.0, np.inf
+    return img[None], var[None], msk[None]
+
+
 def read_calibrated(
     path: PathLike, *, tile_px: int = 1024, require_wcs: bool = True
 ) -> list[xr.Dataset]:
-    """A calibrated FITS file as calibrated Datasets (``image``, ``variance``, ``mask``).
+    """A calibrated FITS file as calibrated Datasets (``image``, ``variance``, ``mask``), lazily.
 
     Image HDUs are the 2-d HDUs not named ``*_VAR``/``*_MASK``; ``<NAME>_VAR`` and
     ``<NAME>_MASK`` are their planes when present. Without a variance plane the variance
@@ -335,52 +400,72 @@ def read_calibrated(
     ``require_wcs=False`` (then an image without one gets an empty ``header``, for
     :func:`lazysky.pipeline.register.register_frames` to fill). One Dataset per set of
     same-shaped images.
+
+    Only the headers are read here (a file shorter than they describe is refused now);
+    each detector's pixels are read by one task, ``read-calibrated-<file>-<hdu>-…``, so
+    reading overlaps the computation that follows.
+
+    Examples
+    --------
+    >>> (cal,) = read_calibrated("e0.cal.fits")  # doctest: +SKIP
+    >>> cal.image.data.dask  # doctest: +SKIP
     """
     p = Path(path)
-    with _open(p, "input") as hdul:
-        named = {h.name: h for h in hdul if h.data is not None}
-        images = [h for h in hdul if h.data is not None and h.data.ndim == 2
-                  and not h.name.endswith(("_VAR", "_MASK"))
-                  and h.name not in ("VARIANCE", "WEIGHT", "MASK", "COUNT")]  # fmt: skip
-        if not images:
-            msg = f"input {p} has no 2-d image HDU"
+    image_hdu = (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)
+    with _open_headers(p, "input") as hdul:
+        headers = [h.header for h in hdul]
+        names = [h.name for h in hdul]
+        is_image = [isinstance(h, image_hdu) for h in hdul]
+    with_data: dict[str, int] = {}
+    for i, (nm, h) in enumerate(zip(names, headers, strict=True)):
+        if int(h.get("NAXIS", 0)) > 0:
+            with_data[nm] = i  # the last of a name, as a dict of the HDUs keeps it
+    images = [i for i, (nm, h) in enumerate(zip(names, headers, strict=True))
+              if is_image[i] and int(h.get("NAXIS", 0)) == 2
+              and not nm.endswith(("_VAR", "_MASK"))
+              and nm not in ("VARIANCE", "WEIGHT", "MASK", "COUNT")]  # fmt: skip
+    if not images:
+        msg = f"input {p} has no 2-d image HDU"
+        raise FitsFormatError(msg)
+    exposure = str(headers[0].get("EXPID", p.stem))
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for i in images:
+        h = headers[i]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            w = WCS(h, naxis=2)
+        if not w.has_celestial and require_wcs:
+            msg = (f"input {p}, HDU {names[i] or 'PRIMARY'}: no celestial WCS; frames "
+                   "without one need registration (--register stars)")  # fmt: skip
             raise FitsFormatError(msg)
-        exposure = str(hdul[0].header.get("EXPID", p.stem))
-        groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
-        for h in images:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FITSFixedWarning)
-                w = WCS(h.header, naxis=2)
-            if not w.has_celestial and require_wcs:
-                msg = (f"input {p}, HDU {h.name or 'PRIMARY'}: no celestial WCS; frames "
-                       "without one need registration (--register stars)")  # fmt: skip
+        shape = (int(h["NAXIS2"]), int(h["NAXIS1"]))
+        var_i, msk_i = with_data.get(f"{names[i]}_VAR"), with_data.get(f"{names[i]}_MASK")
+        for j, what in ((var_i, "variance"), (msk_i, "mask")):
+            if j is None:
+                continue
+            got = (int(headers[j]["NAXIS2"]), int(headers[j]["NAXIS1"]))
+            if got != shape:
+                msg = f"input {p}: the {what} HDU {names[j]} is {got}, its image {shape}"
                 raise FitsFormatError(msg)
-            img = np.asarray(h.data, dtype=np.float32)
-            var_h, msk_h = named.get(f"{h.name}_VAR"), named.get(f"{h.name}_MASK")
-            estimated = var_h is None
-            if var_h is not None:
-                var = np.asarray(var_h.data, dtype=np.float32)
-            else:
-                var = np.full(img.shape, _sky_variance(img), dtype=np.float32)
-            if msk_h is not None:
-                msk = np.asarray(msk_h.data).astype(MASK_DTYPE)
-            else:
-                msk = np.zeros(img.shape, MASK_DTYPE)
-            bad = ~np.isfinite(img) | ~np.isfinite(var)
-            msk[bad] |= MASK_DTYPE.type(MaskBit.NODATA)
-            img[bad], var[bad] = 0.0, np.inf
-            groups.setdefault(img.shape, []).append({
-                "name": h.name or "PRIMARY", "image": img, "variance": var, "mask": msk,
-                "header": (w.celestial.to_header(relax=True).tostring(sep="\n")
-                           if w.has_celestial else ""),
-                "units": str(h.header.get("BUNIT", "")).strip(),
-                "estimated": estimated})  # fmt: skip
+        token = tokenize(str(p.resolve()), p.stat().st_mtime_ns, i, var_i, msk_i)
+        key = f"read-calibrated-{p.name}-{names[i] or 'PRIMARY'}-{token}"
+        read = delayed(_read_planes, pure=True)(str(p), i, var_i, msk_i, dask_key_name=key)
+        groups.setdefault(shape, []).append({
+            "name": names[i] or "PRIMARY", "read": read, "shape": shape,
+            "header": (w.celestial.to_header(relax=True).tostring(sep="\n")
+                       if w.has_celestial else ""),
+            "units": str(h.get("BUNIT", "")).strip(),
+            "estimated": var_i is None})  # fmt: skip
     out = []
+    dtypes = {"image": np.float32, "variance": np.float32, "mask": MASK_DTYPE}
     for n, members in enumerate(groups.values()):
         chunks = (1, tile_px, tile_px)
-        data = {k: (("detector", "y", "x"), da.from_array(np.stack([m[k] for m in members]),
-                                                         chunks=chunks))
-                for k in ("image", "variance", "mask")}  # fmt: skip
+        data = {}
+        for k, (plane, dtype) in enumerate(dtypes.items()):
+            layers = [da.from_delayed(m["read"][k], (1, *m["shape"]), dtype=dtype,
+                                      name=f"{plane}-{m['read'].key}")
+                      for m in members]  # fmt: skip
+            data[plane] = (("detector", "y", "x"), da.concatenate(layers).rechunk(chunks))
         ds = xr.Dataset(
             data,
             coords={
@@ -480,28 +565,29 @@ def coadd_files(
                             pixel_scale_arcsec=pixel_scale_arcsec, tile_px=tile_px)  # fmt: skip
     coadd = stack([p for c in cals for p in resample_exposure(c, grid)], grid, method=method)
     estimated = [Path(c.attrs["path"]).name for c in cals if c.attrs["variance_estimated"]]
+    # the primary's extra cards go in with the first write (updating the file afterwards
+    # would rewrite all of it once they outgrow the header's last 2880-byte block)
+    h = fits.Header()
+    h["PIXSCALE"] = (pixel_scale_arcsec, "arcsec per pixel")
+    for c in cals:
+        h.add_history(f"lazysky coadd input: {Path(c.attrs['path']).name}")
+    h.add_history(f"lazysky coadd: method={method} tile_px={tile_px}")
+    if register is not None:
+        h["REGISTER"] = (register, "inputs registered to the reference by stars")
+        for c in cals:
+            for r in c.attrs.get("registration", []):
+                h.add_history(f"lazysky register: {Path(r['name']).name} "
+                              f"n={r['n_matched']} rms={r['rms_px']:.3f}px")  # fmt: skip
+        if not str(cals[first_of_ref].header.values[0]).strip() or any(
+            "pseudo-celestial" in str(t) for c in cals for t in c.header.values
+        ):
+            h["WCSNAME"] = ("lazysky pseudo-celestial", "relative positions only")
+    if estimated:
+        h["VAREST"] = (True, "some input variances estimated from sky noise")
+        for name in sorted(set(estimated)):
+            h.add_comment(f"variance of {name} estimated from its sky noise (uniform)")
     with _atomic(target) as tmp:
-        write_coadd_fits(coadd, tmp, overwrite=True)
-        with fits.open(tmp, mode="update") as hdul:
-            h = hdul[0].header
-            h["PIXSCALE"] = (pixel_scale_arcsec, "arcsec per pixel")
-            for c in cals:
-                h.add_history(f"lazysky coadd input: {Path(c.attrs['path']).name}")
-            h.add_history(f"lazysky coadd: method={method} tile_px={tile_px}")
-            if register is not None:
-                h["REGISTER"] = (register, "inputs registered to the reference by stars")
-                for c in cals:
-                    for r in c.attrs.get("registration", []):
-                        h.add_history(f"lazysky register: {Path(r['name']).name} "
-                                      f"n={r['n_matched']} rms={r['rms_px']:.3f}px")  # fmt: skip
-                if not str(cals[first_of_ref].header.values[0]).strip() or any(
-                    "pseudo-celestial" in str(t) for c in cals for t in c.header.values
-                ):
-                    h["WCSNAME"] = ("lazysky pseudo-celestial", "relative positions only")
-            if estimated:
-                h["VAREST"] = (True, "some input variances estimated from sky noise")
-                for name in sorted(set(estimated)):
-                    h.add_comment(f"variance of {name} estimated from its sky noise (uniform)")
+        write_coadd_fits(coadd, tmp, overwrite=True, header=h)
     logger.info("coadd of %d inputs -> %s", len(inputs), target)
     return target
 

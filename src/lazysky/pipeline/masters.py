@@ -219,15 +219,25 @@ def master_dark(
     return _master_array(scis[0], data, var, name="dark", units="electron/s", step=step)
 
 
-def _mosaic_level(x: da.Array, *, shared: Sequence[da.Array] = ()) -> da.Array:
+def _mosaic_level(
+    x: da.Array, *, shared: Sequence[da.Array] = (), clone: bool = True
+) -> da.Array:
     """Mean over the mosaic of the pixels within [0.5, 1.5] × the plain mean (lazy scalar).
 
-    Each of the two passes computes ``x`` afresh (:func:`dask.graph_manipulation.bind`:
-    the second pass starts only once the plain mean is known), so no block of ``x`` waits
-    in memory for a mosaic-wide number. ``shared`` (e.g. the master bias) is not recomputed.
+    With ``clone`` (a frame: cheap to recompute, costly to hold), each of the two passes
+    computes ``x`` afresh (:func:`dask.graph_manipulation.bind`: the second pass starts
+    only once the plain mean is known), so no block of ``x`` waits in memory for a
+    mosaic-wide number; ``shared`` (e.g. the master bias) is not recomputed. Without
+    (the combined master: its blocks are the output, held anyway, while recomputing them
+    would re-read every frame), the second pass reuses the blocks of ``x``.
     """
     plain = da.nanmean(x)
-    again = bind(x, plain, omit=list(shared)) if shared else bind(x, plain)
+    if not clone:
+        again = x
+    elif shared:
+        again = bind(x, plain, omit=list(shared))
+    else:
+        again = bind(x, plain)
     good = (again > 0.5 * plain) & (again < 1.5 * plain)
     return da.where(good, again, 0).sum() / good.sum()
 
@@ -271,7 +281,9 @@ def master_flat(
     combined, var = _combine(scaled, variances, kind="flat", sigma=sigma,
                              max_iters=max_iters, max_block_bytes=max_block_bytes,
                              scale=level)  # fmt: skip
-    norm = _mosaic_level(combined)
+    # the master's own level from its blocks, kept: cloning them (as for a frame) would
+    # keep every frame's pass-2 tiles in memory for the second combine (~N frames)
+    norm = _mosaic_level(combined, clone=False)
     data = (combined / norm).astype(np.float32)
     var = (var / norm**2).astype(np.float32)
     step = _step("flat", scis, sigma=sigma, max_iters=max_iters, dark=dark is not None,

@@ -91,8 +91,8 @@ def _merge(
     """One layer per exposure (first valid detector wins); invalid pixels: 0, ∞, their bits."""
     ok_all = ((mask & bad) == 0) & np.isfinite(variance) & (variance > 0)
     if len(set(groups)) == len(groups):  # one layer per exposure already: nothing to merge
-        x = np.where(ok_all, image, 0).astype(np.float32)
-        v = np.where(ok_all, variance, np.inf).astype(np.float32)
+        x = np.where(ok_all, image, 0).astype(np.float32, copy=False)
+        v = np.where(ok_all, variance, np.inf).astype(np.float32, copy=False)
         return x, v, np.asarray(mask, dtype=MASK_DTYPE), ok_all
     keys = list(dict.fromkeys(groups))
     shape = (len(keys), *image.shape[1:])
@@ -276,10 +276,11 @@ def _stack_block(*args: NDArray[Any], groups: list[int], **options: Any) -> NDAr
         return np.empty(pieces[0].shape, dtype=COADD_DTYPE)
     out: NDArray[Any] = np.empty(pieces[0].shape, dtype=COADD_DTYPE)
     for r0 in range(0, len(out), _STRIP_ROWS):  # strips bound the task's memory
-        layers = np.stack([p[r0 : r0 + _STRIP_ROWS] for p in pieces])
+        # each plane stacked on its own: contiguous layers, not strided views of records
+        img, var, msk = (np.stack([p[plane][r0 : r0 + _STRIP_ROWS] for p in pieces])
+                         for plane in ("image", "variance", "mask"))  # fmt: skip
         out[r0 : r0 + _STRIP_ROWS] = stack_pixels(
-            layers["image"], layers["variance"], layers["mask"], groups=groups,
-            frame_weights=weights, **options,
+            img, var, msk, groups=groups, frame_weights=weights, **options,
         )  # fmt: skip
     return out
 
@@ -413,11 +414,64 @@ def _delayed_empty(shape: tuple[int, int], name: str) -> Any:
     return Delayed(name, {name: (_empty_tile, shape)})
 
 
-def write_coadd_fits(coadd: xr.Dataset, path: str | Path, *, overwrite: bool = False) -> Path:
+_FITS_BLOCK = 2880
+_PLANES = ("image", "variance", "weight", "mask", "count")
+
+
+def _fits_headers(
+    coadd: xr.Dataset, grid: SkyGrid, extra: fits.Header | None
+) -> list[fits.Header]:
+    """The five HDUs' headers, as astropy writes them for arrays of the coadd's shape."""
+    header = grid.wcs.to_header()
+    ny, nx = (int(n) for n in coadd["image"].shape)
+    out = []
+    for k, name in enumerate(_PLANES):
+        dtype = np.dtype(coadd[name].dtype)
+        tiny = np.zeros((1, 1), dtype=dtype)  # the header astropy makes for this dtype
+        hdu = (fits.PrimaryHDU(tiny, header=header) if k == 0
+               else fits.ImageHDU(tiny, header=header, name=name.upper()))  # fmt: skip
+        h = hdu.header
+        h["NAXIS1"], h["NAXIS2"] = nx, ny
+        if k == 0:
+            h.set("EXTEND", True, after="NAXIS2")  # as HDUList.writeto adds it
+            h["BUNIT"] = (str(coadd.attrs.get("units", "")), "per grid pixel, one frame")
+            h["NCOMBINE"] = (len(coadd.attrs.get("inputs", [])), "exposures stacked")
+            step = coadd.attrs.get("steps", [{}])[-1]
+            h["COMBINET"] = (str(step.get("method", "")), "combine method")
+            if extra is not None:
+                h.extend(extra, update=True)
+        out.append(h)
+    return out
+
+
+def _fits_order(block: NDArray[Any]) -> NDArray[Any]:
+    """A block as FITS stores it: big-endian; unsigned 16-bit offset by BZERO = 32768."""
+    if block.dtype == np.uint16:  # stored as int16 v - 32768: the same bits as v ^ 0x8000
+        return (block ^ np.uint16(0x8000)).astype(">u2")
+    return block.astype(block.dtype.newbyteorder(">"))
+
+
+def write_coadd_fits(
+    coadd: xr.Dataset,
+    path: str | Path,
+    *,
+    overwrite: bool = False,
+    header: fits.Header | None = None,
+) -> Path:
     """Write a coadd as FITS: image (with the grid WCS), VARIANCE, WEIGHT, MASK, COUNT.
 
-    This computes the coadd (it is an output). Every HDU carries the grid's WCS; the
-    primary image is in the inputs' units per grid pixel per frame (``BUNIT``).
+    This computes the coadd (it is an output), streamed: the file is laid out first from
+    the headers (their sizes fix every plane's offset), then every tile is converted to
+    FITS's byte order and written into its place by its own task (``fits-order-…``, a
+    memory map of the file), so writing overlaps the computation, runs on every thread
+    and never holds the whole coadd. The file is the one astropy would write (tested).
+    Every HDU carries the grid's WCS; the primary image is in the inputs' units per grid
+    pixel per frame (``BUNIT``); ``header`` adds cards (e.g. HISTORY) to the primary.
+
+    Examples
+    --------
+    >>> write_coadd_fits(stack(pieces, grid), "coadd.fits")  # doctest: +SKIP
+    PosixPath('coadd.fits')
     """
     if "grid" not in coadd.attrs:
         msg = "the coadd has no 'grid' attribute: write a Dataset made by lazysky.pipeline.stack"
@@ -428,19 +482,40 @@ def write_coadd_fits(coadd: xr.Dataset, path: str | Path, *, overwrite: bool = F
         raise OutputError(msg)
     g = dict(coadd.attrs["grid"])
     grid = SkyGrid(**{**g, "shape": tuple(g["shape"])})
-    header = grid.wcs.to_header()
-    done = coadd[["image", "variance", "weight", "mask", "count"]].compute()
-    primary = fits.PrimaryHDU(done.image.values, header=header)
-    primary.header["BUNIT"] = (str(coadd.attrs.get("units", "")), "per grid pixel, one frame")
-    primary.header["NCOMBINE"] = (len(coadd.attrs.get("inputs", [])), "exposures stacked")
-    step = coadd.attrs.get("steps", [{}])[-1]
-    primary.header["COMBINET"] = (str(step.get("method", "")), "combine method")
-    hdus = [primary]
-    for name in ("variance", "weight", "mask", "count"):
-        hdus.append(fits.ImageHDU(done[name].values, header=header, name=name.upper()))
+    headers = _fits_headers(coadd, grid, header)
+    ny, nx = (int(n) for n in coadd["image"].shape)
+    offsets, end = [], 0
+    for h, name in zip(headers, _PLANES, strict=True):
+        end += len(h.tostring())
+        offsets.append(end)
+        end += -(-ny * nx * np.dtype(coadd[name].dtype).itemsize // _FITS_BLOCK) * _FITS_BLOCK
     try:
-        fits.HDUList(hdus).writeto(path, overwrite=overwrite)
+        with open(path, "wb") as f:
+            for h, off in zip(headers, offsets, strict=True):
+                text = h.tostring().encode("ascii")
+                f.seek(off - len(text))
+                f.write(text)
+            f.truncate(end)  # the data and their padding: zeros until written
+        targets = [
+            np.memmap(path, mode="r+", offset=off, shape=(ny, nx),
+                      dtype=np.dtype(coadd[name].dtype).newbyteorder(">"))
+            for name, off in zip(_PLANES, offsets, strict=True)
+        ]  # fmt: skip
+        sources = []
+        for name, t in zip(_PLANES, targets, strict=True):
+            x = da.asarray(coadd[name].data)
+            key = f"fits-order-{name}-{tokenize(x, str(path))}"
+            sources.append(da.map_blocks(_fits_order, x, dtype=t.dtype, name=key))
+        da.store(sources, targets, lock=False)
+        # unmapped without flush() (msync: it waited for the disk): the pages reach the
+        # file like any write()'s, through the page cache (astropy's writeto does not
+        # fsync either); readers see them at once
+        del targets, t
     except OSError as exc:
+        path.unlink(missing_ok=True)
         msg = f"cannot write the coadd to {path}: {exc}"
         raise OutputError(msg) from exc
+    except BaseException:
+        path.unlink(missing_ok=True)  # no half-written coadd left behind
+        raise
     return path

@@ -1,0 +1,71 @@
+"""Reading calibrated FITS for the coadd: lazily, one read task per detector, same pixels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+from conftest import assert_same, raise_if_dask_computes
+
+from lazysky.errors import FitsFormatError
+from lazysky.pipeline._mask import MaskBit
+from lazysky.pipeline.fitsio import read_calibrated
+
+
+def _calibrated_file(path: Path, *, with_var: bool = True) -> tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(5)
+    img = rng.normal(0.0, 3.0, (40, 56)).astype(np.float32)
+    img[7, 9] = np.nan  # a non-finite pixel: NODATA
+    var = np.full(img.shape, 9.0, np.float32)
+    mask = np.zeros(img.shape, np.uint16)
+    mask[3, 4] = int(MaskBit.CR)
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.cdelt = [-7e-5, 7e-5]
+    w.wcs.crval = [10.0, 20.0]
+    w.wcs.crpix = [20, 28]
+    hdus: list[fits.hdu.base.ExtensionHDU] = [fits.ImageHDU(img, w.to_header(), name="CCD01")]
+    if with_var:
+        hdus += [fits.ImageHDU(var, name="CCD01_VAR"), fits.ImageHDU(mask, name="CCD01_MASK")]
+    fits.HDUList([fits.PrimaryHDU(), *hdus]).writeto(path)
+    return img, var, mask
+
+
+def test_read_calibrated_is_lazy_and_reads_the_same_pixels(tmp_path: Path) -> None:
+    img, var, _ = _calibrated_file(tmp_path / "a.cal.fits")
+    with raise_if_dask_computes():
+        (ds,) = read_calibrated(tmp_path / "a.cal.fits", tile_px=16)
+    layers = [str(k) for k in ds.image.data.dask.layers]
+    assert any(k.startswith("read-calibrated-a.cal.fits-CCD01-") for k in layers)
+    assert ds.image.data.chunks[1][0] == 16  # tiles as asked
+    got = ds.compute()
+    expected = np.where(np.isfinite(img), img, 0)
+    assert_same(got.image.values[0], expected)
+    assert got.variance.values[0, 7, 9] == np.inf
+    assert got.mask.values[0, 7, 9] == int(MaskBit.NODATA)
+    assert got.mask.values[0, 3, 4] == int(MaskBit.CR)
+    assert_same(got.variance.values[0][np.isfinite(img)], var[np.isfinite(img)])
+
+
+def test_read_calibrated_without_variance_estimates_it_in_the_task(tmp_path: Path) -> None:
+    _calibrated_file(tmp_path / "b.fits", with_var=False)
+    (ds,) = read_calibrated(tmp_path / "b.fits")
+    assert ds.attrs["variance_estimated"]
+    v = ds.variance.values[0]
+    finite = v[np.isfinite(v)]
+    assert np.all(finite == finite[0])
+    assert 4.0 < float(finite[0]) < 16.0  # the sky noise² of a σ = 3 image
+
+
+@pytest.mark.parametrize("cut", [100, 2880 * 3 + 500])  # inside a header; inside the data
+def test_read_calibrated_refuses_a_truncated_file_before_any_graph(
+    tmp_path: Path, cut: int
+) -> None:
+    _calibrated_file(tmp_path / "c.fits")
+    data = (tmp_path / "c.fits").read_bytes()
+    (tmp_path / "cut.fits").write_bytes(data[: len(data) - cut])
+    with pytest.raises(FitsFormatError, match=r"cut\.fits is not a readable FITS file"):
+        read_calibrated(tmp_path / "cut.fits")
