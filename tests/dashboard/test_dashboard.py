@@ -194,11 +194,15 @@ def test_qa_values_reach_page_and_metrics(watched: dict[str, Any], catalog: Cata
     publish_qa(client, rid, tile, {"fwhm_px": 2.5, "bkg_rms": 3, "flagged": True})
     [snap] = runs(client, rid)
     qa = {t["tile"]: t["qa"] for t in snap["tiles"]}
-    assert qa[tile] == {"fwhm_px": 2.5, "bkg_rms": 3.0, "flagged": True}
+    # published values join (and override) what the run's QA stage gave the tile
+    assert {k: qa[tile][k] for k in ("fwhm_px", "bkg_rms", "flagged")} == {
+        "fwhm_px": 2.5, "bkg_rms": 3.0, "flagged": True}
+    assert "psf_fwhm_px" in qa[tile]
     _, body = _get(watched["base"] + "/metrics")
     text = body.decode()
     assert f'lazysky_qa{{metric="fwhm_px",run_id="{rid}",tile="{tile}"}} 2.5' in text
-    assert f'lazysky_tiles_flagged{{run_id="{rid}"}} 1.0' in text
+    flagged = sum(bool(v["flagged"]) for v in {**shown, tile: {"flagged": True}}.values())
+    assert f'lazysky_tiles_flagged{{run_id="{rid}"}} {float(flagged)}' in text
     with pytest.raises(ParameterError, match=r"fwhm_px='wide'.*expected numbers"):
         publish_qa(client, rid, tile, {"fwhm_px": "wide"})
 
