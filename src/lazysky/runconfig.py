@@ -21,6 +21,7 @@ Examples
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -204,6 +205,29 @@ class RunConfig(_Model):
         return v
 
 
+def read_yaml_mapping(source: Any, *, what: str, of: str) -> dict[str, Any]:
+    """A mapping given as such or read from a YAML file, else a clear ConfigError naming
+    the file (``what``: e.g. "run configuration"; ``of``: what the mapping holds)."""
+    where = f"the {what}"
+    if isinstance(source, Mapping):
+        data: Any = dict(source)
+    else:
+        path = Path(source)
+        where = str(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            msg = f"cannot read the {what} {path}: {exc}"
+            raise ConfigError(msg) from exc
+        except yaml.YAMLError as exc:
+            msg = f"{path} is not valid YAML: {exc}"
+            raise ConfigError(msg) from exc
+    if not isinstance(data, dict):
+        msg = f"{where} must be a mapping of {of}, got {type(data).__name__}"
+        raise ConfigError(msg)
+    return data
+
+
 def load_run_config(source: str | os.PathLike[str] | dict[str, Any]) -> RunConfig:
     """Read and validate a run configuration (a YAML file or a mapping).
 
@@ -213,23 +237,8 @@ def load_run_config(source: str | os.PathLike[str] | dict[str, Any]) -> RunConfi
         The file is missing or not YAML, or a field is unknown or invalid (the message
         names the file and the field).
     """
-    where = "the run configuration"
-    if isinstance(source, dict):
-        data: Any = source
-    else:
-        path = Path(source)
-        where = str(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            msg = f"cannot read the run configuration {path}: {exc}"
-            raise ConfigError(msg) from exc
-        except yaml.YAMLError as exc:
-            msg = f"{path} is not valid YAML: {exc}"
-            raise ConfigError(msg) from exc
-    if not isinstance(data, dict):
-        msg = f"{where} must be a mapping of settings, got {type(data).__name__}"
-        raise ConfigError(msg)
+    data = read_yaml_mapping(source, what="run configuration", of="settings")
+    where = "the run configuration" if isinstance(source, Mapping) else str(Path(source))
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:

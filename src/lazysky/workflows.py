@@ -197,28 +197,14 @@ def parse_steps(source: StepParameters | Mapping[str, Any] | str | os.PathLike[s
     >>> steps.stack.method, steps.detect.threshold
     ('median', 5.0)
     """
-    import yaml
     from pydantic import ValidationError
 
     if isinstance(source, StepParameters):
         return source, ""
-    where = "the workflow configuration"
-    if isinstance(source, Mapping):
-        data: Any = dict(source)
-    else:
-        path = Path(source)
-        where = str(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            msg = f"cannot read the workflow configuration {path}: {exc}"
-            raise ConfigError(msg) from exc
-        except yaml.YAMLError as exc:
-            msg = f"{path} is not valid YAML: {exc}"
-            raise ConfigError(msg) from exc
-    if not isinstance(data, dict):
-        msg = f"{where} must be a mapping of step parameters, got {type(data).__name__}"
-        raise ConfigError(msg)
+    from lazysky.runconfig import read_yaml_mapping
+
+    data = read_yaml_mapping(source, what="workflow configuration", of="step parameters")
+    where = "the workflow configuration" if isinstance(source, Mapping) else str(Path(source))
     description = str(data.get("description") or "")
     if "steps" in data and set(data) - {"steps", "description"}:
         from lazysky.runconfig import load_run_config
