@@ -38,7 +38,7 @@ import psycopg
 
 from lazysky.catalog import open_catalog, write_sources
 from lazysky.catalog.cone import cone_query, explain
-from lazysky.catalog.database import libpq_dsn
+from lazysky.catalog.database import SESSION_OPTIONS, libpq_dsn
 from lazysky.catalog.production import plan_run, publish
 from lazysky.catalog.records import finish_run, mark_tile_done, register_run
 from lazysky.config import load_settings
@@ -48,6 +48,8 @@ TILE_ROWS = 10_000
 TILE_DEG = 1.0
 FIELD_DEC = (-5.0, 5.0)
 RADII_DEG = {"1′": 1 / 60, "6′": 0.1}
+#: e.g. BENCH_PLAN_CACHE_MODE=auto: PostgreSQL's default instead of lazysky's sessions'
+PLAN_CACHE_MODE = os.environ.get("BENCH_PLAN_CACHE_MODE", "")
 
 
 def _tile(rng: np.random.Generator, t: int) -> dict[str, np.ndarray]:
@@ -97,7 +99,12 @@ def latencies(dsns: list[str], centres: np.ndarray,
               radius_deg: float) -> list[np.ndarray]:
     """Seconds per cone search on each database's production view, interleaved."""
     out = [np.empty(len(centres)) for _ in dsns]
-    conns = [psycopg.connect(libpq_dsn(d), prepare_threshold=0) for d in dsns]
+    # sessions as lazysky opens them (SESSION_OPTIONS), unless told otherwise
+    conns = [psycopg.connect(libpq_dsn(d), prepare_threshold=0, options=SESSION_OPTIONS)
+             for d in dsns]
+    for c in conns:
+        if PLAN_CACHE_MODE:
+            c.execute(f"SET plan_cache_mode = {PLAN_CACHE_MODE}")
     try:
         for _ in range(2):  # the first pass warms caches and the prepared plans
             for i, (ra, dec) in enumerate(centres):

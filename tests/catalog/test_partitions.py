@@ -182,3 +182,29 @@ def test_a_month_partition_is_dropped_whole(catalog: Catalog, sources: Sources) 
     assert dropped == ["coadd_sources__test__2020_02", "diff_sources__test__2020_02"]
     with catalog.engine().begin() as conn:  # again: nothing left to drop
         assert drop_month_partitions(conn, "test", dt.date(2020, 2, 1)) == []
+
+
+def test_sessions_use_generic_plans(catalog: Catalog) -> None:
+    """Prepared production cones are not re-planned per call (bench_partitions.py)."""
+    with catalog.engine().connect() as conn:
+        assert conn.exec_driver_sql("SHOW plan_cache_mode").scalar() == "force_generic_plan"
+    # and a generic plan still reads only the run's partition, pruned at start-up
+    from lazysky.catalog import register_run
+    from lazysky.runs import Run
+
+    run = new_run_id("exp", date="2019-05-02")
+    register_run(Run(run), catalog=catalog)
+    raw = catalog.engine().raw_connection()
+    try:
+        cur = raw.driver_connection.cursor()
+        cur.execute("PREPARE c(text, text, date) AS SELECT count(*) FROM coadd_sources "
+                    "WHERE run_id = $1 AND run_type = $2 AND run_month = $3")
+        from psycopg import sql
+
+        cur.execute(sql.SQL("EXPLAIN (ANALYZE, COSTS OFF) EXECUTE c({}, 'exp', '2019-05-01')")
+                    .format(sql.Literal(run)))
+        plan = "\n".join(r[0] for r in cur.fetchall())
+        cur.execute("DEALLOCATE c")
+    finally:
+        raw.close()
+    assert "Subplans Removed" in plan, plan

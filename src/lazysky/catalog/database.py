@@ -58,6 +58,16 @@ def libpq_dsn(dsn: str) -> str:
         hide_password=False)
 
 
+#: Options of every lazysky session. Generic plans for prepared statements: psycopg
+#: prepares a query run 5 times on a connection (a cone search, a write), and with
+#: custom plans PostgreSQL re-plans every branch and partition of the production views
+#: each time — ~1 ms per cone once experiments fill their partitions
+#: (benchmarks/bench_partitions.py: p95 beside 10x experiments 2.3-5x that of
+#: production alone with custom plans, 1.02x with generic ones). Partitions are still
+#: pruned: at executor start-up from the parameters, and by the views' one-time filters.
+SESSION_OPTIONS = "-c plan_cache_mode=force_generic_plan"
+
+
 def get_engine(dsn: str, *, read_only: bool = False, statement_timeout_ms: int | None = None,
                pool_size: int = 5) -> sa.Engine:
     """The SQLAlchemy engine of this process for ``dsn`` (made on first use).
@@ -76,7 +86,7 @@ def get_engine(dsn: str, *, read_only: bool = False, statement_timeout_ms: int |
     key = (os.getpid(), f"{dsn}|{statement_timeout_ms}", read_only)
     engine = _ENGINES.get(key)
     if engine is None:
-        options = []
+        options = [SESSION_OPTIONS]
         if read_only:
             options.append("-c default_transaction_read_only=on")
         if statement_timeout_ms is not None:
