@@ -184,15 +184,21 @@ def test_a_concurrent_reader_never_sees_two_versions_of_a_tile(
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        for _ in range(15):
+        # at least 15 switches, and on until the reader has read often enough to see both
+        # versions, however slow the machine: a count of reads, never a time, ends the loop
+        cycles, deadline = 0, time.monotonic() + 120
+        while cycles < 15 or (len(seen) < 20 and time.monotonic() < deadline):
             promote(exp, reason="try", catalog=catalog)
+            if len(seen) < 20:
+                time.sleep(0.01)  # let the reader see the promoted state too
             rollback(field=field, reason="undo", catalog=catalog)
+            cycles += 1
     finally:
         time.sleep(0.05)
         stop.set()
         reader.join(timeout=30)
     assert not failures, failures
-    assert len(seen) > 10
+    assert len(seen) >= 20, len(seen)
     assert all(len(runs) == 1 for per in seen for runs in per.values())
     assert all(set(per) == set(TILES) for per in seen)  # no tile ever vanished
     # a promotion switches its tiles together: never one tile promoted and one not
