@@ -146,6 +146,44 @@ def test_progress_says_so_without_plugin() -> None:
                               "cluster.watch)\n")
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _slow_tile(tile: str) -> str:
+    import time
+
+    time.sleep(1.5)
+    return tile
+
+
+def test_progress_redraws_on_a_terminal_and_ends_with_the_stage() -> None:
+    """On a terminal the bars are redrawn while the stage runs and the last drawing is the
+    finished state."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    from lazysky.dashboard import annotate, watch
+
+    out = _Terminal()
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        watch(client)
+        tasks = [dask.delayed(_slow_tile)(t, dask_key_name=f"stack-{t}-{RUN}")
+                 for t in ("t000_000", "t000_001")]
+        with annotate(RUN, "reference"):
+            futs = client.compute(tasks)
+        show_progress(client, futs, run_id=RUN, stage="reference", label="coadd", out=out)
+        assert all(f.done() for f in futs)
+    text = out.getvalue()
+    drawings = text.split("\x1b[1F")  # each redraw goes back over the one bar
+    assert len(drawings) >= 2, text  # drawn while running, then again
+    assert "reference   [" in drawings[0]
+    assert "2/2   tiles" in drawings[-1], text
+    assert "2/2" not in drawings[0], text
+
+
 def test_grafana_dashboard_uses_the_metrics_lazysky_serves() -> None:
     """Every lazysky_* series a panel queries is one the collector serves."""
     import json

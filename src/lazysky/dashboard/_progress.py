@@ -1,10 +1,11 @@
 """Terminal progress bars per stage, fed by the scheduler's lazysky plugin.
 
-While a stage's futures run, :func:`show_progress` asks the scheduler (the plugin's
-``lazysky_runs`` handler) twice a second how many tiles of each stage are done and draws
-one bar per stage; it works the same under a local or a remote (Kubernetes) client.
-On a terminal the bars are redrawn in place; elsewhere (a log file, a CronJob's output)
-only the final state is printed, once. Without the plugin (``cluster.watch: false``) it
+While a stage's futures run on a terminal, :func:`show_progress` asks the scheduler (the
+plugin's ``lazysky_runs`` handler) twice a second how many tiles of each stage are done
+and redraws one bar per stage in place; it works the same under a local or a remote
+(Kubernetes) client. Elsewhere (a log file, a CronJob's output) it asks nothing while the
+stage runs and prints the final state once. The wait between polls ends the moment the
+futures finish, so watching never holds a stage up. Without the plugin (``cluster.watch: false``) it
 only says so and waits.
 
 Examples
@@ -17,7 +18,6 @@ Examples
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -99,17 +99,36 @@ def show_progress(client: Any, futures: Any, *, run_id: str, stage: str, label: 
         wait(futs)
         return
     live = bool(getattr(out, "isatty", lambda: False)())
-    drawn = 0
-    while True:
-        finished = all(f.done() for f in futs)
+    if not live:  # a log file: only the final state, so nothing to poll meanwhile
+        from distributed import wait
+
+        wait(futs)
         snaps = runs(client, run_id)
         lines = _lines(snaps[0], stages_of(stage)) if snaps else []
-        if live or finished:
-            if drawn:
-                out.write(f"\x1b[{drawn}F")  # back to the first bar, redraw in place
-            out.write("".join(f"{line}\x1b[K\n" if live else f"{line}\n" for line in lines))
-            out.flush()
-            drawn = len(lines)
+        out.write("".join(f"{line}\n" for line in lines))
+        out.flush()
+        return
+    drawn = 0
+    while True:
+        finished = _wait(futs, POLL_S)
+        snaps = runs(client, run_id)
+        lines = _lines(snaps[0], stages_of(stage)) if snaps else []
+        if drawn:
+            out.write(f"\x1b[{drawn}F")  # back to the first bar, redraw in place
+        out.write("".join(f"{line}\x1b[K\n" for line in lines))
+        out.flush()
+        drawn = len(lines)
         if finished:
             return
-        time.sleep(POLL_S)
+
+
+def _wait(futs: Sequence[Any], seconds: float) -> bool:
+    """Wait up to ``seconds`` for every future to finish (errors count): whether they have.
+    Returns as soon as they have, so a stage's end is never held up by a poll's sleep."""
+    from distributed import wait
+
+    try:
+        wait(futs, timeout=seconds)
+    except TimeoutError:
+        return False
+    return True
