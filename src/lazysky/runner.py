@@ -208,10 +208,23 @@ def _compute(client: Any, collection: Any, *, label: str, show: bool, run_id: st
              stage: str = "") -> Any:
     """Compute at a stage's edge on the cluster, with progress bars per stage in the terminal
     (its tasks are annotated with run and stage for the dashboard page: lazysky.dashboard)."""
-    from lazysky.dashboard import annotate, show_progress
+    return _gather(client, _submit(client, collection, run_id=run_id, stage=stage),
+                   label=label, show=show, run_id=run_id, stage=stage)
+
+
+def _submit(client: Any, collection: Any, *, run_id: str, stage: str) -> Any:
+    """Start computing ``collection`` on the cluster, its tasks annotated as ``stage``."""
+    from lazysky.dashboard import annotate
 
     with annotate(run_id, stage):
-        futures = client.compute(collection)
+        return client.compute(collection)
+
+
+def _gather(client: Any, futures: Any, *, label: str, show: bool, run_id: str,
+            stage: str) -> Any:
+    """Wait for what :func:`_submit` started (with progress bars) and gather it."""
+    from lazysky.dashboard import show_progress
+
     if show:
         show_progress(client, futures, run_id=run_id, stage=stage, label=label)
     return client.gather(futures)
@@ -487,20 +500,31 @@ def run(
                 tasks[("diff", tile)] = write(
                     parts, dsn=dsn, table="diff", run_id=run_id, tile=tile,
                     stage="detect-diff", dask_key_name=f"catalog-diff-{tile}-{run_id}")
-            if tasks:
-                _compute(client, list(tasks.values()), label="detect + catalog",
-                         show=show_progress, run_id=run_id, stage="detect")
-        if settings.qa_enabled:  # per-tile science QA (lazysky.pipeline.qa, docs/qa.md)
-            with _stage("qa", timings):
-                from lazysky.pipeline.qa import run_qa
+            det_futures = _submit(client, list(tasks.values()), run_id=run_id,
+                                  stage="detect") if tasks else []
+            # per-tile science QA (lazysky.pipeline.qa, docs/qa.md) reads only the written
+            # products: submitted behind detection, its tasks fill the workers' gaps (a
+            # catalog write waits on PostgreSQL), and only the recording waits for the rows
+            qa_plan, qa_futures = None, []
+            if settings.qa_enabled:
+                from lazysky.pipeline.qa import plan_qa
 
-                qa = run_qa(store, run_id, reference=name, reference_ids=sel.reference,
-                            epochs={diff_names[e]: ids for e, ids in sel.epochs.items()},
-                            meta=sel.meta, catalog=catalog,
-                            thresholds=settings.qa_thresholds, settings=settings,
-                            tiles=det_tiles, compute=lambda c, label: _compute(
-                                client, c, label=label, show=show_progress, run_id=run_id,
-                                stage="qa"))
+                qa_plan = plan_qa(store, run_id, reference=name, reference_ids=sel.reference,
+                                  epochs={diff_names[e]: ids for e, ids in sel.epochs.items()},
+                                  meta=sel.meta, catalog=catalog, settings=settings,
+                                  tiles=det_tiles)
+                qa_futures = _submit(client, qa_plan.tasks, run_id=run_id, stage="qa")
+            if det_futures:
+                _gather(client, det_futures, label="detect + catalog", show=show_progress,
+                        run_id=run_id, stage="detect")
+        if qa_plan is not None:
+            with _stage("qa", timings):
+                from lazysky.pipeline.qa import record_qa
+
+                values = _gather(client, qa_futures, label="qa", show=show_progress,
+                                 run_id=run_id, stage="qa") if qa_futures else []
+                qa = record_qa(store, qa_plan, values, catalog=catalog,
+                               thresholds=settings.qa_thresholds, settings=settings)
                 if settings.cluster.watch:  # the page colours tiles by QA, /metrics too
                     from lazysky.dashboard import publish_qa
 

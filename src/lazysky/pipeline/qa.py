@@ -65,11 +65,14 @@ __all__ = [
     "QA_KINDS",
     "ZEROPOINT_KEYS",
     "Background",
+    "QaPlan",
     "background_stats",
     "flag_tile",
     "limiting_magnitude",
     "match_stars",
+    "plan_qa",
     "qa_tasks",
+    "record_qa",
     "run_qa",
     "score_std",
     "source_mask",
@@ -512,30 +515,43 @@ def _header(meta: Mapping[str, Any]) -> Mapping[str, Any]:
         return {}
 
 
-def run_qa(
+@dataclass(frozen=True)
+class QaPlan:
+    """The QA a run still needs (:func:`plan_qa`): lazy values to compute, then
+    :func:`record_qa`.
+
+    ``keys[i]`` is the ``(product, tile)`` of ``tasks[i]`` (a Delayed dict of
+    :func:`tile_qa`, its ``n_detections`` not yet filled in: the catalog's counts are
+    read when the values are recorded, so QA can compute alongside detection).
+    """
+
+    run_id: str
+    reference: str
+    epochs: Mapping[str, Sequence[str]]
+    keys: list[tuple[str, str]]
+    tasks: list[Any]
+    pixel_scale_arcsec: float
+
+
+def plan_qa(
     store: Any, run_id: str, *, reference: str, reference_ids: Sequence[str],
     epochs: Mapping[str, Sequence[str]], meta: Mapping[str, Mapping[str, Any]],
-    catalog: Any, thresholds: QaThresholds, compute: Any = None, settings: Any = None,
-    tiles: Sequence[str] | None = None,
-) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """The ``qa`` stage of a run: compute the missing tiles' QA, record it, flag tiles.
+    catalog: Any, settings: Any = None, tiles: Sequence[str] | None = None,
+) -> QaPlan:  # fmt: skip
+    """The lazy QA of the (product, tile) pairs of a run missing from ``tile_qa``.
 
-    ``reference`` is the reference coadd's product name, ``epochs`` maps each epoch's
-    product name to its exposures, ``meta`` the exposures' metadata (for zeropoints);
-    ``compute(collection, label)`` computes on the run's cluster (default
-    ``dask.compute``); ``tiles`` the tiles the run processed (default: all of the grid).
-    Rows already in ``tile_qa`` are kept (idempotent on resume); every product's
-    attributes get ``qa`` (the run's QA per tile) and ``qa_flagged``.
+    Arguments as :func:`run_qa`'s. Nothing computes; the products must be written (the
+    coadds and differences), the catalog's detections need not be yet.
 
-    Returns
-    -------
-    dict
-        ``{tile_id: {product: {metric: value, ..., "flagged", "reasons"}}}``.
+    Examples
+    --------
+    >>> plan = plan_qa(store, run_id, reference="deep1", reference_ids=ref_ids,
+    ...                epochs={"deep1-v2": ids}, meta=meta, catalog=catalog)  # doctest: +SKIP
+    >>> record_qa(store, plan, dask.compute(plan.tasks)[0], catalog=catalog,
+    ...           thresholds=QaThresholds())  # doctest: +SKIP
     """
-    import dask
-
-    from lazysky.catalog.qa import read_qa, rows_by_tile, write_qa
-    from lazysky.zarr_store.products import annotate_products, open_product, product_grid
+    from lazysky.catalog.qa import read_qa
+    from lazysky.zarr_store.products import open_product, product_grid
 
     ref = open_product(store, run_id, "coadd", reference, settings=settings)
     grid = product_grid(ref)
@@ -544,6 +560,7 @@ def run_qa(
     names = [reference, *epochs]
     todo = [t for t in (grid.tile_ids() if tiles is None else tiles)
             if any((n, t) not in done for n in names)]
+    tasks: dict[tuple[str, str], Any] = {}
     if todo:
         opened = {n: (open_product(store, run_id, "coadd", n, settings=settings),
                       open_product(store, run_id, "diff", n, settings=settings))
@@ -551,13 +568,35 @@ def run_qa(
         zps = {n: zeropoint_from_headers([_header(meta.get(e, {})) for e in ids])
                for n, ids in [(reference, reference_ids), *epochs.items()]}
         tasks = qa_tasks(ref, opened, run_id=run_id, tiles=todo, zeropoints=zps,
-                         n_detections=_detections(run_id, reference, epochs, catalog))
-        keys = list(tasks)
-        values = (compute(list(tasks.values()), "qa") if compute is not None
-                  else dask.compute(list(tasks.values()))[0])
-        scale = grid.pixel_scale_arcsec
+                         n_detections={})
+    return QaPlan(run_id=run_id, reference=reference, epochs=dict(epochs),
+                  keys=list(tasks), tasks=list(tasks.values()),
+                  pixel_scale_arcsec=grid.pixel_scale_arcsec)
+
+
+def record_qa(
+    store: Any, plan: QaPlan, values: Sequence[Mapping[str, Any]], *, catalog: Any,
+    thresholds: QaThresholds, settings: Any = None,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """Record a plan's computed ``values``: the catalog's detection counts, the flags,
+    ``tile_qa`` rows, and the products' ``qa``/``qa_flagged`` attributes (all of the run's
+    QA, not only this plan's). Call it once the run's detections are written.
+
+    Returns :func:`run_qa`'s per-tile dict.
+    """
+    from lazysky.catalog.qa import read_qa, rows_by_tile, write_qa
+    from lazysky.zarr_store.products import annotate_products
+
+    run_id, reference = plan.run_id, plan.reference
+    if len(values) != len(plan.keys):
+        msg = f"{len(values)} QA value(s) for a plan of {len(plan.keys)} (product, tile) pairs"
+        raise ParameterError(msg)
+    if plan.keys:
+        counts = _detections(run_id, reference, plan.epochs, catalog)
+        scale = plan.pixel_scale_arcsec
         rows = []
-        for (name, tile), v in zip(keys, values, strict=True):
+        for (name, tile), got in zip(plan.keys, values, strict=True):
+            v = {**got, "n_detections": int(counts.get((name, tile), 0))}
             reasons = flag_tile(v, thresholds, pixel_scale_arcsec=scale)
             rows.append({**{k: v[k] for k in (*METRICS, "psf_source", "zeropoint_mag")},
                          "product": name, "tile_id": tile,
@@ -575,3 +614,37 @@ def run_qa(
                                       "qa_thresholds": thresholds.model_dump()},
                       settings=settings)
     return by_tile
+
+
+def run_qa(
+    store: Any, run_id: str, *, reference: str, reference_ids: Sequence[str],
+    epochs: Mapping[str, Sequence[str]], meta: Mapping[str, Mapping[str, Any]],
+    catalog: Any, thresholds: QaThresholds, compute: Any = None, settings: Any = None,
+    tiles: Sequence[str] | None = None,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """The ``qa`` stage of a run: compute the missing tiles' QA, record it, flag tiles.
+
+    ``reference`` is the reference coadd's product name, ``epochs`` maps each epoch's
+    product name to its exposures, ``meta`` the exposures' metadata (for zeropoints);
+    ``compute(collection, label)`` computes on the run's cluster (default
+    ``dask.compute``); ``tiles`` the tiles the run processed (default: all of the grid).
+    Rows already in ``tile_qa`` are kept (idempotent on resume); every product's
+    attributes get ``qa`` (the run's QA per tile) and ``qa_flagged``. The same as
+    :func:`plan_qa`, computing its tasks, then :func:`record_qa` (the runner computes
+    the plan alongside detection).
+
+    Returns
+    -------
+    dict
+        ``{tile_id: {product: {metric: value, ..., "flagged", "reasons"}}}``.
+    """
+    import dask
+
+    plan = plan_qa(store, run_id, reference=reference, reference_ids=reference_ids,
+                   epochs=epochs, meta=meta, catalog=catalog, settings=settings, tiles=tiles)
+    values: Sequence[Mapping[str, Any]] = []
+    if plan.tasks:
+        values = (compute(plan.tasks, "qa") if compute is not None
+                  else dask.compute(plan.tasks)[0])
+    return record_qa(store, plan, values, catalog=catalog, thresholds=thresholds,
+                     settings=settings)
