@@ -1,19 +1,27 @@
-"""What watching costs: the demo's run with and without lazysky's scheduler plugin.
+"""What watching costs: the demo's run with and without lazysky's plugin and QA.
 
 Simulates the demo's survey once (``lazysky demo``: 4 detectors, 4 epochs x 2 dithers),
 then runs the demo's configuration (ingest → masters → reference → differences →
-detect → catalog, with the per-stage progress bars the demo shows) alternately with
-``cluster.watch`` on (plugin, ``/lazysky`` page, ``/metrics`` collector, bars polling the
-scheduler) and off, each on a fresh store and a fresh ``LocalCluster`` of 2 worker
-processes, interleaved (on, off, on, off, …) so a drifting machine load hits both
-alike. While a watched run goes on, a thread fetches ``/lazysky/api/runs`` and
-``/metrics`` once a second, as an open page and a Prometheus scrape would.
+detect → catalog → qa → associate, with the per-stage progress bars the demo shows) in
+arms, each on a fresh store and a fresh ``LocalCluster`` of 2 worker processes,
+interleaved (arm 1, arm 2, …, then in reverse order, …) so a drifting machine load hits
+all alike:
 
-Reports each run's wall time, the medians and their difference (goal: under 3 %), and
-the machine's load average before and after. QA (helper ``qa``) has no on/off switch in
-this tree yet, so only the plugin is measured.
+* ``watched``: ``cluster.watch`` on (plugin, ``/lazysky`` page, ``/metrics`` collector,
+  bars fed by the scheduler) and ``qa_enabled`` on; while it runs, a thread fetches
+  ``/lazysky/api/runs`` and ``/metrics`` once a second, as an open page and a
+  Prometheus scrape would;
+* ``bare``: neither (the issue's comparison: watched against bare, goal under 3 %);
+* ``plugin`` (plugin and scrapes, no QA) and ``qa`` (QA, no plugin), with ``--arms``, to
+  tell the two costs apart.
 
-    python benchmarks/bench_watch.py [--repeats 3] [--out DIR] [--json FILE]
+Reports each run's wall time and CPU seconds (this process — client, scheduler,
+scraper — and the two workers; PostgreSQL's are not counted), the medians per arm and
+their ratios to ``bare``, the stage timings' medians, and the machine's load average
+before and after. On a busy machine the CPU ratio is the steadier of the two.
+
+    python benchmarks/bench_watch.py [--repeats 3] [--arms watched,bare] [--out DIR]
+                                     [--json FILE]
 
 Needs the embedded catalog (or ``LAZYSKY_CATALOG_DSN``); set ``LAZYSKY_CATALOG_DIR`` to
 keep it out of your home directory.
@@ -35,6 +43,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 
 def _scrape(base: str, stop: threading.Event, counts: dict[str, int]) -> None:
     """Read the page's JSON and /metrics once a second, like a browser and Prometheus."""
@@ -48,7 +58,11 @@ def _scrape(base: str, stop: threading.Event, counts: dict[str, int]) -> None:
                 counts[f"{path} failed"] = counts.get(f"{path} failed", 0) + 1
 
 
-def _one(survey: Path, work: Path, *, watch: bool, index: int) -> dict[str, Any]:
+ARMS = {"watched": (True, True), "bare": (False, False), "plugin": (True, False),
+        "qa": (False, True)}  # arm: (cluster.watch, qa_enabled)
+
+
+def _one(survey: Path, work: Path, *, arm: str, index: int) -> dict[str, Any]:
     from distributed import Client, LocalCluster
 
     from lazysky.config import load_settings
@@ -62,7 +76,8 @@ def _one(survey: Path, work: Path, *, watch: bool, index: int) -> dict[str, Any]
         "reference": [f"deep1-r-e{e:03d}-*" for e in range(2)],
         "science": [f"deep1-r-e{e:03d}-*" for e in range(2, 4)],
     })  # fmt: skip
-    settings = load_settings(cluster={"watch": watch})
+    watch, qa = ARMS[arm]
+    settings = load_settings(cluster={"watch": watch}, qa_enabled=qa)
     stop, counts = threading.Event(), {}
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                       dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
@@ -70,25 +85,41 @@ def _one(survey: Path, work: Path, *, watch: bool, index: int) -> dict[str, Any]
         scraper = threading.Thread(target=_scrape, args=(base, stop, counts), daemon=True)
         if watch:
             scraper.start()
+        workers = [psutil.Process(pid) for pid in client.run(os.getpid).values()]
+        cpu0 = time.process_time() + sum(_cpu(w) for w in workers)
         t0 = time.perf_counter()
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             summary = run(cfg, settings=settings, client=client, show_progress=True)
         wall = time.perf_counter() - t0
+        cpu = time.process_time() + sum(_cpu(w) for w in workers) - cpu0
         stop.set()
         if watch:
             scraper.join()
-    return {"watch": watch, "wall_s": round(wall, 2), "status": summary.status,
+    return {"arm": arm, "watch": watch, "qa": qa, "wall_s": round(wall, 2),
+            "cpu_s": round(cpu, 2), "status": summary.status,
             "timings": dict(summary.timings), "sources": summary.sources,
             "dia_sources": summary.dia_sources, "scrapes": counts}
+
+
+def _cpu(proc: Any) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs per setting")
+    parser.add_argument("--arms", default="watched,bare",
+                        help=f"comma-separated, of {sorted(ARMS)}; ratios are to 'bare'")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    bad = [a for a in arms if a not in ARMS]
+    if bad or "bare" not in arms or len(arms) < 2:
+        parser.error(f"--arms: {bad or args.arms!r}; expected two or more of {sorted(ARMS)}, "
+                     "'bare' among them")
 
     from lazysky.simulator import SurveySpec, simulate_survey
 
@@ -100,30 +131,45 @@ def main() -> None:
     load_before = os.getloadavg()
     results = []
     for i in range(args.repeats):
-        for watch in (True, False) if i % 2 == 0 else (False, True):
-            r = _one(survey, out, watch=watch, index=len(results))
+        for arm in arms if i % 2 == 0 else arms[::-1]:
+            r = _one(survey, out, arm=arm, index=len(results))
             results.append(r)
             print(json.dumps(r), flush=True)
     load_after = os.getloadavg()
-    on = [r["wall_s"] for r in results if r["watch"]]
-    off = [r["wall_s"] for r in results if not r["watch"]]
-    m_on, m_off = statistics.median(on), statistics.median(off)
+    walls = {a: [r["wall_s"] for r in results if r["arm"] == a] for a in arms}
+    cpus = {a: [r["cpu_s"] for r in results if r["arm"] == a] for a in arms}
+    med = {a: statistics.median(w) for a, w in walls.items()}
+    med_cpu = {a: statistics.median(c) for a, c in cpus.items()}
     same = {(r["sources"], r["dia_sources"]) for r in results}
+    stages = sorted({k for r in results for k in r["timings"]})
     print()
-    print("| setting | runs | wall (s), each | median (s) |")
-    print("| --- | --- | --- | --- |")
-    print(f"| plugin on (page + /metrics scraped 1/s) | {len(on)} | "
-          f"{', '.join(f'{x:.1f}' for x in on)} | {m_on:.1f} |")
-    print(f"| plugin off | {len(off)} | {', '.join(f'{x:.1f}' for x in off)} | {m_off:.1f} |")
+    print("| arm | runs | wall (s), each | median (s) | / bare | CPU (s), each | median (s) "
+          "| / bare |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for a in arms:
+        print(f"| {a} | {len(walls[a])} | {', '.join(f'{x:.1f}' for x in walls[a])} | "
+              f"{med[a]:.1f} | {med[a] / med['bare']:.3f} | "
+              f"{', '.join(f'{x:.1f}' for x in cpus[a])} | {med_cpu[a]:.1f} | "
+              f"{med_cpu[a] / med_cpu['bare']:.3f} |")
     print()
-    print(f"on / off = {m_on / m_off:.3f} ({100.0 * (m_on - m_off) / m_off:+.1f} %; goal "
-          f"within 3 %); same rows in every run: {len(same) == 1}")
+    print("| stage (median s) | " + " | ".join(arms) + " |")
+    print("| --- |" + " --- |" * len(arms))
+    for st in stages:
+        cells = [statistics.median([r["timings"].get(st, 0.0) for r in results
+                                    if r["arm"] == a]) for a in arms]
+        print(f"| {st} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    print()
+    for a in arms:
+        if a != "bare":
+            print(f"{a} / bare = {med[a] / med['bare']:.3f} by wall "
+                  f"({100.0 * (med[a] - med['bare']) / med['bare']:+.1f} %; goal within 3 %), "
+                  f"{med_cpu[a] / med_cpu['bare']:.3f} by CPU")
+    print(f"same rows in every run: {len(same) == 1}")
     print(f"load average before {load_before[0]:.2f} {load_before[1]:.2f} "
           f"{load_before[2]:.2f}, after {load_after[0]:.2f} {load_after[1]:.2f} "
           f"{load_after[2]:.2f} (2 cores)")
     if args.json:
-        args.json.write_text(json.dumps({"runs": results, "median_on_s": m_on,
-                                         "median_off_s": m_off,
+        args.json.write_text(json.dumps({"runs": results, "median_s": med, "median_cpu_s": med_cpu,
                                          "load_before": load_before,
                                          "load_after": load_after}, indent=2))
 

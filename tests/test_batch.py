@@ -167,7 +167,7 @@ def test_next_cron_time_follows_the_expression() -> None:
     ({"cron": "0 3 * *"}, ParameterError, "has 4 field.*expected 5"),
     ({"cron": "0 0 3 * * *"}, ParameterError, "has 6 field.*expected 5"),
     ({"cron": "0 3 * * mon-xyz"}, ParameterError, "Bad day-of-week"),
-    ({"at": "tomorrow"}, ParameterError, "at: 'tomorrow' is not a date"),
+    ({"at": "tomorrow"}, ParameterError, "at must be an ISO 8601 date or time.*got 'tomorrow'"),
     ({"at": "2026-11-25T03:00", "cron": "0 3 * * *"}, ParameterError, "not both"),
     ({"max_attempts": 0}, ParameterError, "max_attempts must be an integer >= 1"),
     ({"run_type": "nightly"}, ParameterError, "type must be one of prod, exp"),

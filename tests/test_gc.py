@@ -507,7 +507,10 @@ def test_bad_input_changes_nothing_and_a_run_started_during_gc_is_respected(
 
 def test_parse_now() -> None:
     assert parse_now("2027-01-01") == dt.datetime(2027, 1, 1, tzinfo=dt.UTC)
-    assert parse_now("2027-01-01T03:00:00+02:00").utcoffset() == dt.timedelta(hours=2)
+    # the same instant, in UTC (one parser with batch's due times: batch.parse_at)
+    got = parse_now("2027-01-01T03:00:00+02:00")
+    assert got == dt.datetime(2027, 1, 1, 1, tzinfo=dt.UTC)
+    assert got.utcoffset() == dt.timedelta(0)
     assert parse_now(None).tzinfo is not None
     assert isinstance(GcReport(now=NOW, dry_run=True).bytes, int)
 

@@ -187,13 +187,16 @@ def next_cron_time(expr: str, after: dt.datetime) -> dt.datetime:
     return next(CronSim(validate_cron(expr), start))
 
 
-def parse_at(value: str | dt.datetime) -> dt.datetime:
-    """A due time from ISO 8601 text or a datetime; a time without a zone is UTC.
+def parse_at(value: str | dt.datetime, *, what: str = "at") -> dt.datetime:
+    """A time (UTC) from ISO 8601 text or a datetime; a time without a zone is UTC.
+
+    The one parser of times in lazysky (a batch's due time, gc's ``--now``); ``what``
+    names the parameter in the error.
 
     Raises
     ------
     ParameterError
-        Not an ISO 8601 date and time.
+        Not an ISO 8601 date or time.
 
     Examples
     --------
@@ -206,8 +209,8 @@ def parse_at(value: str | dt.datetime) -> dt.datetime:
         try:
             when = dt.datetime.fromisoformat(str(value).strip())
         except ValueError:
-            msg = (f"at: {value!r} is not a date and time; expected ISO 8601 such as "
-                   "'2026-11-25T03:00' (UTC) or '2026-11-25T03:00+01:00'")
+            msg = (f"{what} must be an ISO 8601 date or time such as 2026-11-25, "
+                   f"2026-11-25T03:00 (UTC) or 2026-11-25T03:00+01:00, got {value!r}")
             raise ParameterError(msg) from None
     return when.replace(tzinfo=dt.UTC) if when.tzinfo is None else when.astimezone(dt.UTC)
 

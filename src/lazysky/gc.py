@@ -61,7 +61,7 @@ from lazysky._gc_catalog import (
     drop_expired_month,
     drop_expired_partitions,
 )
-from lazysky.errors import LazySkyError, ParameterError, StoreError
+from lazysky.errors import LazySkyError, StoreError
 
 if TYPE_CHECKING:
     from lazysky.catalog.database import Catalog
@@ -198,16 +198,9 @@ def parse_now(value: str | dt.datetime | None, *, what: str = "now") -> dt.datet
     """
     if value is None:
         return dt.datetime.now(dt.UTC)
-    if isinstance(value, dt.datetime):
-        when = value
-    else:
-        try:
-            when = dt.datetime.fromisoformat(str(value).strip())
-        except ValueError:
-            msg = (f"{what} must be an ISO 8601 date or time such as 2027-01-01 or "
-                   f"2027-01-01T03:00:00+00:00, got {value!r}")
-            raise ParameterError(msg) from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+    from lazysky.batch import parse_at
+
+    return parse_at(value, what=what)
 
 
 # -- the store ------------------------------------------------------------------------

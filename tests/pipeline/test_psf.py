@@ -181,3 +181,24 @@ def test_docstring_examples_run(name: str) -> None:
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+@pytest.mark.parametrize(("size", "fwhm", "beta", "dx", "dy"),
+                         [(11, 2.7, 3.1, 0.3, -0.4), (25, 4.0, 2.0, -1.2, 0.7),
+                          (11, 1.2, 8.0, 0.0, 0.0)])
+def test_moffat_derivatives_match_finite_differences(size: int, fwhm: float, beta: float,
+                                                     dx: float, dy: float) -> None:
+    """The fits' analytic Jacobian (dx, dy, FWHM, β) against central differences."""
+    from lazysky.pipeline.psf import _moffat, _moffat_jac
+
+    m, d = _moffat_jac(size, fwhm, beta, dx, dy)
+    np.testing.assert_allclose(m, _moffat(size, fwhm, beta, dx, dy), rtol=1e-12)
+    p = np.array([dx, dy, fwhm, beta])
+    for i in range(4):
+        h = 1e-6 * max(abs(p[i]), 1.0)
+        up, down = p.copy(), p.copy()
+        up[i] += h
+        down[i] -= h
+        num = (_moffat(size, up[2], up[3], up[0], up[1])
+               - _moffat(size, down[2], down[3], down[0], down[1])) / (2 * h)
+        assert np.max(np.abs(num - d[i])) < 1e-7 * np.max(np.abs(num)), i
