@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from lazysky.catalog import Catalog, CatalogError, finish_run, mark_tile_done, write_sources
 from lazysky.catalog.database import get_engine
 from lazysky.catalog.production import (
+    _LOCK_NAMESPACE,
     list_promotions,
     list_runs,
     plan_run,
@@ -308,3 +309,51 @@ def test_runs_command(catalog: Catalog, field_runs: dict[str, Any],
     assert main(["runs", "promote", "not-a-run", "--reason", "x"]) == 1
     assert "not a run id" in capsys.readouterr().err
     assert production_tiles(field, catalog=catalog)[TILES[0]] == prod
+
+
+def test_a_run_the_gc_collects_while_a_promotion_waits_is_refused(
+        catalog: Catalog, field_runs: dict[str, Any]) -> None:
+    """The promotion reads the run, then waits for the field's lock that the gc holds
+    (as lazysky.gc does) while it marks the run and deletes its rows: once the lock is
+    free, the promotion re-reads what the gc left and refuses; production is unchanged."""
+    from lazysky.catalog.schema import run_expiry, run_tiles
+
+    field, prod, exp = field_runs["field"], field_runs["prod"], field_runs["exp"]
+    publish(prod, catalog=catalog)
+    before = production_tiles(field, catalog=catalog)
+    engine = get_engine(catalog.dsn)
+    outcome: list[BaseException | object] = []
+    try:
+        with engine.begin() as gc_conn:
+            gc_conn.execute(sa.select(sa.func.pg_advisory_xact_lock(
+                _LOCK_NAMESPACE, sa.func.hashtext(field))))
+            waiter = threading.Thread(target=lambda: outcome.append(
+                _try(lambda: promote(exp, reason="race", catalog=catalog))))
+            waiter.start()
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # until the promotion waits on the lock
+                with engine.connect() as probe:
+                    if probe.execute(sa.text(
+                            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                            "AND NOT granted")).scalar():
+                        break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the promotion never waited for the field's lock")
+            gc_conn.execute(run_expiry.insert().values(run_id=exp, reason="exp: 30 days",
+                                                       by="test"))
+            gc_conn.execute(run_tiles.delete().where(run_tiles.c.run_id == exp))
+        waiter.join(timeout=60)
+    finally:
+        engine.dispose()
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], CatalogError), outcome
+    assert f"run {exp} is expiring (lazysky gc collected it" in str(outcome[0])
+    assert production_tiles(field, catalog=catalog) == before
+
+
+def _try(call: Callable[[], object]) -> BaseException | object:
+    try:
+        return call()
+    except BaseException as exc:
+        return exc

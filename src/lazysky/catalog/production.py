@@ -45,7 +45,7 @@ import sqlalchemy as sa
 from lazysky.catalog._errors import CatalogError
 from lazysky.catalog.database import Catalog, open_catalog
 from lazysky.catalog.schema import production_tiles as production_table
-from lazysky.catalog.schema import promotions, run_tiles, runs
+from lazysky.catalog.schema import promotions, run_expiry, run_tiles, runs
 from lazysky.errors import ParameterError
 from lazysky.runs import RUN_STATUSES, RUN_TYPES, validate_run_id
 
@@ -361,9 +361,19 @@ def _change(run_id: str, *, action: str, reason: str, by: str | None,
     reason, who = _reason(reason), _who(by)
     catalog = catalog if catalog is not None else open_catalog()
     with catalog.engine().begin() as conn:
-        rec = _record(conn, run_id)
-        field_name = _promotable(rec, action=action)
+        field_name = _promotable(_record(conn, run_id), action=action)
         _lock(conn, field_name)
+        # again under the lock: what a change that held it first (the gc collecting this
+        # run, another promotion) left is what counts
+        expiry = conn.execute(sa.select(run_expiry.c.state)
+                              .where(run_expiry.c.run_id == run_id)).scalar()
+        if expiry is not None:
+            verb = "promoted" if action == "promote" else "published"
+            msg = (f"run {run_id} is {expiry} (lazysky gc collected it past its "
+                   f"retention): its rows are gone, it cannot be {verb}")
+            raise CatalogError(msg)
+        rec = _record(conn, run_id)
+        _promotable(rec, action=action)
         current = {t: {"run_id": r, "promotion_id": int(p)} for t, r, p in conn.execute(
             sa.select(production_table.c.tile_id, production_table.c.run_id,
                       production_table.c.promotion_id)
