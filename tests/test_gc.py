@@ -325,6 +325,17 @@ def test_gc_removes_exactly_the_expired_runs(databases: Any, store: Any) -> None
                   for n in (exp_month, test_month)}
     assert exists == {exp_month: None, test_month: test_month}
 
+    # what `lazysky runs list/show` print: the tombstones say they were collected
+    from lazysky.catalog.production import list_runs, run_record
+
+    table = list_runs(limit=100, catalog=w.catalog)
+    gc_col = dict(zip(table["run_id"], table["gc"], strict=True))
+    assert {k for k, v in w.runs.items() if gc_col[v]} == GONE
+    assert all(gc_col[w.runs[k]] == "expired" for k in GONE)
+    shown = str(run_record(w.runs["exp_old"], catalog=w.catalog))
+    assert "\ngc         expired " in shown
+    assert "gc " not in str(run_record(w.runs["exp_promoted"], catalog=w.catalog))
+
     again = collect(now=NOW, settings=w.settings, catalog=w.catalog, store=w.store)
     assert (again.runs, again.groups, again.bytes) == ((), (), 0)  # idempotent
     assert _snapshot(w) == after

@@ -117,6 +117,8 @@ class RunRecord:
     tiles_done: Mapping[str, int] = dataclasses.field(default_factory=dict)
     rows: Mapping[str, int] = dataclasses.field(default_factory=dict)
     production_tiles: tuple[str, ...] = ()
+    #: ``expiring``/``expired`` with when and why, once lazysky gc collects the run
+    expiry: str | None = None
 
     @property
     def missing_tiles(self) -> dict[str, list[str]]:
@@ -145,6 +147,8 @@ class RunRecord:
             f"production {len(self.production_tiles)} tile(s)"
             + (f": {', '.join(self.production_tiles)}" if self.production_tiles else ""),
         ]
+        if self.expiry:
+            lines.append(f"gc         {self.expiry}")
         if self.description:
             lines.append(f"about      {self.description}")
         if self.timings:
@@ -226,6 +230,13 @@ def _record(conn: sa.Connection, run_id: str) -> RunRecord:
                         .where(production_table.c.run_id == run_id)
                         .order_by(production_table.c.tile_id)).scalars().all()
     planned = row["tiles"]
+    gone = conn.execute(sa.select(run_expiry).where(run_expiry.c.run_id == run_id)
+                        ).mappings().first()
+    expiry = None
+    if gone is not None:
+        when = gone["expired_at"] or gone["marked_at"]
+        expiry = (f"{gone['state']} {when:%Y-%m-%d %H:%M:%S %Z} by {gone['by']}: "
+                  f"{gone['reason']}")
     return RunRecord(
         run_id=row["run_id"], run_type=row["run_type"], status=row["status"],
         field=row["field"], planned_tiles=tuple(planned) if planned is not None else None,
@@ -233,7 +244,7 @@ def _record(conn: sa.Connection, run_id: str) -> RunRecord:
         software_version=row["software_version"], started_at=row["started_at"],
         finished_at=row["finished_at"], config=row["config"], timings=row["timings"],
         errors=row["errors"], tiles_done={f"{s}:{t}": int(n) for s, t, n in done},
-        rows=rows, production_tiles=tuple(held))
+        rows=rows, production_tiles=tuple(held), expiry=expiry)
 
 
 def run_record(run_id: str, *, catalog: Catalog | None = None) -> RunRecord:
@@ -254,7 +265,8 @@ def run_record(run_id: str, *, catalog: Catalog | None = None) -> RunRecord:
 def list_runs(*, type: str | None = None, status: str | None = None,
               field: str | None = None, limit: int = 50,
               catalog: Catalog | None = None) -> Any:
-    """Runs, newest first, as an astropy Table (id, type, status, field, tiles, parent,
+    """Runs, newest first, as an astropy Table (id, type, status, gc — ``expiring`` or
+    ``expired`` once lazysky gc collects the run, else empty —, field, tiles, parent,
     started, finished, production tiles held).
 
     Parameters
@@ -277,7 +289,10 @@ def list_runs(*, type: str | None = None, status: str | None = None,
         raise ParameterError(msg)
     held = (sa.select(sa.func.count()).select_from(production_table)
             .where(production_table.c.run_id == runs.c.run_id).scalar_subquery())
-    query = sa.select(runs.c.run_id, runs.c.run_type, runs.c.status, runs.c.field,
+    gc_state = (sa.select(run_expiry.c.state).where(run_expiry.c.run_id == runs.c.run_id)
+                .scalar_subquery())
+    query = sa.select(runs.c.run_id, runs.c.run_type, runs.c.status,
+                      sa.func.coalesce(gc_state, ""), runs.c.field,
                       sa.func.coalesce(sa.func.jsonb_array_length(runs.c.tiles), 0),
                       runs.c.parent_run_id, runs.c.started_at, runs.c.finished_at,
                       held, runs.c.description)
@@ -291,8 +306,8 @@ def list_runs(*, type: str | None = None, status: str | None = None,
     catalog = catalog if catalog is not None else open_catalog()
     with catalog.engine().connect() as conn:
         got = conn.execute(query).all()
-    names = ["run_id", "type", "status", "field", "tiles", "parent", "started", "finished",
-             "production_tiles", "description"]
+    names = ["run_id", "type", "status", "gc", "field", "tiles", "parent", "started",
+             "finished", "production_tiles", "description"]
     columns: list[list[Any]] = [[] for _ in names]
     for row in got:
         for col, name, value in zip(columns, names, row, strict=True):
