@@ -526,10 +526,9 @@ def run(
                 qa = record_qa(store, qa_plan, values, catalog=catalog,
                                thresholds=settings.qa_thresholds, settings=settings)
                 if settings.cluster.watch:  # the page colours tiles by QA, /metrics too
-                    from lazysky.dashboard import publish_qa
+                    from lazysky.dashboard import publish_run_qa
 
-                    for tile, products in qa.items():
-                        publish_qa(client, run_id, tile, _tile_qa_values(products))
+                    publish_run_qa(client, run_id, qa)
         if diffs:  # association across epochs: replaces the run's objects (idempotent)
             with _stage("associate", timings):
                 from lazysky.associate import associate
@@ -575,19 +574,6 @@ def _with_neighbours(grid: Any, tiles: Sequence[str]) -> list[str]:
     near = {(iy + dy, ix + dx) for iy, ix in map(parse_tile, tiles)
             for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
     return [grid.tile_id(iy, ix) for iy in range(nty) for ix in range(ntx) if (iy, ix) in near]
-
-
-def _tile_qa_values(products: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """One tile's QA for the dashboard: per metric the largest value over its products
-    (reference coadd and epochs: the worst), detections summed, flagged if any is."""
-    out: dict[str, Any] = {}
-    for values in products.values():
-        for k, v in values.items():
-            if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
-                continue
-            out[k] = out.get(k, 0) + v if k == "n_detections" else max(out.get(k, v), v)
-    out["flagged"] = any(bool(v.get("flagged")) for v in products.values())
-    return out
 
 
 def _sha(meta: Mapping[str, Any]) -> str | None:

@@ -181,14 +181,14 @@ def test_metrics_list_the_runs(watched: dict[str, Any],
 
 def test_qa_values_reach_page_and_metrics(watched: dict[str, Any], catalog: Catalog) -> None:
     from lazysky.catalog.qa import qa_by_tile
-    from lazysky.runner import _tile_qa_values
+    from lazysky.dashboard._plugin import tile_qa_summary
 
     client, rid = watched["client"], watched["clean"].run_id
     # the run's own QA stage published every tile's QA (the worst value over products)
     recorded = qa_by_tile(rid, catalog=catalog)
     assert recorded
     shown = {t["tile"]: t["qa"] for t in runs(client, rid)[0]["tiles"]}
-    assert shown == {t: _tile_qa_values(p) for t, p in recorded.items()}
+    assert shown == {t: tile_qa_summary(p) for t, p in recorded.items()}
     assert all("psf_fwhm_px" in v and "flagged" in v for v in shown.values())
     tile = runs(client, rid)[0]["tiles"][0]["tile"]
     publish_qa(client, rid, tile, {"fwhm_px": 2.5, "bkg_rms": 3, "flagged": True})

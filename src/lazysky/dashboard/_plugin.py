@@ -42,8 +42,10 @@ __all__ = [
     "announce_end",
     "announce_run",
     "publish_qa",
+    "publish_run_qa",
     "report_rows",
     "runs",
+    "tile_qa_summary",
     "watch",
 ]
 
@@ -258,6 +260,34 @@ def publish_qa(client: Any, run_id: str, tile_id: str, values: Mapping[str, Any]
                        "numbers, and a bool 'flagged'")
                 raise ParameterError(msg) from None
     _send(client, {"kind": "qa", "run_id": run_id, "tile": tile_id, "values": clean})
+
+
+def tile_qa_summary(products: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """One tile's QA for the page from its products' (reference coadd and epochs): per
+    metric the largest value (the worst), detections summed, flagged if any is.
+
+    Examples
+    --------
+    >>> tile_qa_summary({"deep1": {"psf_fwhm_px": 2.0, "n_detections": 5, "flagged": False},
+    ...                  "deep1-v2": {"psf_fwhm_px": 2.5, "n_detections": 1, "flagged": True}})
+    {'psf_fwhm_px': 2.5, 'n_detections': 6, 'flagged': True}
+    """
+    out: dict[str, Any] = {}
+    for values in products.values():
+        for k, v in values.items():
+            if isinstance(v, bool) or not isinstance(v, int | float) or v != v:
+                continue
+            out[k] = out.get(k, 0) + v if k == "n_detections" else max(out.get(k, v), v)
+    out["flagged"] = any(bool(v.get("flagged")) for v in products.values())
+    return out
+
+
+def publish_run_qa(client: Any, run_id: str,
+                   by_tile: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
+    """A run's QA (``{tile: {product: values}}``, as :func:`lazysky.pipeline.qa.run_qa`
+    returns) for the page, one :func:`tile_qa_summary` per tile."""
+    for tile, products in by_tile.items():
+        publish_qa(client, run_id, tile, tile_qa_summary(products))
 
 
 def runs(client: Any, run_id: str | None = None) -> list[dict[str, Any]]:
