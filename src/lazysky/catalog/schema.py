@@ -40,6 +40,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
+from lazysky.catalog._gist import ensure_spoint_opclass
 from lazysky.catalog._types import SPointType, SPolyType
 from lazysky.runs import RUN_ID_PATTERN, RUN_STATUSES, RUN_TYPES
 
@@ -855,8 +856,6 @@ def _v11_spoint_opclass(conn: sa.Connection) -> None:
     index names stay); partitions made later inherit the class. Without a superuser, or
     with a pgSphere whose class already lacks decompress, nothing changes.
     """
-    from lazysky.catalog._gist import ensure_spoint_opclass
-
     opclass = ensure_spoint_opclass(conn)
     if opclass is None:
         return
