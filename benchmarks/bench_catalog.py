@@ -5,6 +5,7 @@ Run (it starts its own embedded server in --dir, by default /var/tmp/lazysky-ben
 
     python benchmarks/bench_catalog.py --rows 1000000
     python benchmarks/bench_catalog.py --rows 10000000 --queries 200 --dir DIR
+    python benchmarks/bench_catalog.py --rows 2000000 --ab-opclass 40   # GiST class A/B
 
 q3c (Debian package ``postgresql-15-q3c``) is installed with apt-get when run as root
 and missing; otherwise its columns are skipped with a note. Prints a Markdown report
@@ -322,6 +323,25 @@ def ab_key(catalog: Catalog, tiles: int) -> list[str]:
         conn.execute("DROP INDEX ix_coadd_sources_run_tile")
         conn.execute("VACUUM ANALYZE coadd_sources")
     sides = {"(run_id, tile_id) index": catalog, "primary key": open_catalog(dsn=copy_dsn)}
+    lines = [f"A/B of the replace path's index, {tiles} tiles of {TILE_ROWS:,d} rows each "
+             f"way, interleaved, load average {os.getloadavg()[0]:.1f}:",
+             *_interleaved_writes(sides, tiles)]
+    with psycopg.connect(dsn) as a, psycopg.connect(copy_dsn) as b:
+        for conn, name in ((a, "ix_coadd_sources_run_tile"), (b, "coadd_sources_pkey")):
+            size = conn.execute(  # summed over the partitions' indexes
+                "SELECT pg_size_pretty(sum(pg_relation_size(relid))) "
+                "FROM pg_partition_tree(%s::regclass)", (name,)).fetchone()
+            lines.append(f"  size of {name}: {size[0] if size else '?'}")
+    return lines
+
+
+def _interleaved_writes(sides: dict[str, Catalog], tiles: int) -> list[str]:
+    """Write the same ``tiles`` new tiles into every side, alternately; report lines.
+
+    Which side goes first alternates too. The CPU time of each side's backend is read
+    around every write from ``/proc/<pid>/schedstat`` (the embedded server runs here):
+    CPU-µs per row, steadier than wall time on a shared machine.
+    """
     runs, pids = {}, {}
     for label, cat in sides.items():
         run = Run(new_run_id("test"), description="benchmark A/B")
@@ -347,19 +367,46 @@ def ab_key(catalog: Catalog, tiles: int) -> list[str]:
                           catalog=sides[label])
             wall[label].append(time.perf_counter() - t0)
             cpu[label].append((_backend_cpu_ns(pids[label]) - ns0) / 1e3 / TILE_ROWS)
-    lines = [f"A/B of the replace path's index, {tiles} tiles of {TILE_ROWS:,d} rows each "
-             f"way, interleaved, load average {os.getloadavg()[0]:.1f}:"]
-    for label in sides:
-        lines.append(f"  {label}: backend CPU median {np.median(cpu[label]):.2f} µs/row "
-                     f"(mean {np.mean(cpu[label]):.2f}), wall median "
-                     f"{np.median(wall[label]) * 1e3:.0f} ms per tile")
-    with psycopg.connect(dsn) as a, psycopg.connect(copy_dsn) as b:
-        for conn, name in ((a, "ix_coadd_sources_run_tile"), (b, "coadd_sources_pkey")):
-            size = conn.execute(  # summed over the partitions' indexes
-                "SELECT pg_size_pretty(sum(pg_relation_size(relid))) "
-                "FROM pg_partition_tree(%s::regclass)", (name,)).fetchone()
-            lines.append(f"  size of {name}: {size[0] if size else '?'}")
-    return lines
+    return [f"  {label}: backend CPU median {np.median(cpu[label]):.2f} µs/row (mean "
+            f"{np.mean(cpu[label]):.2f}), wall median {np.median(wall[label]) * 1e3:.0f} ms "
+            f"per tile" for label in sides]
+
+
+def _copy_database(catalog: Catalog, name: str) -> str:
+    """``CREATE DATABASE name TEMPLATE lazysky``; returns its libpq DSN."""
+    dsn = libpq_dsn(catalog.dsn)
+    catalog.engine().dispose()
+    with psycopg.connect(dsn.replace("/lazysky?", "/postgres?"), autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE datname = 'lazysky' AND pid <> pg_backend_pid()")
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE lazysky")
+    return dsn.replace("/lazysky?", f"/{name}?")
+
+
+def ab_opclass(catalog: Catalog, tiles: int) -> list[str]:
+    """Interleaved A/B of the GiST operator class of ``pos`` (schema v11) on the table.
+
+    The catalog is copied into ``lazysky_default``, whose GiST index on ``pos`` is built
+    again with pgSphere's default class (``spoint``); the original's is built again with
+    lazysky's (:data:`lazysky.catalog._gist.OPCLASS`), so both indexes are fresh builds
+    of the same rows. Then :func:`_interleaved_writes`. Returns the report lines.
+    """
+    from lazysky.catalog._gist import OPCLASS
+
+    copy_dsn = _copy_database(catalog, "lazysky_default")
+    for dsn, opclass in ((libpq_dsn(catalog.dsn), OPCLASS), (copy_dsn, "spoint")):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DROP INDEX ix_coadd_sources_pos")
+            conn.execute(f"CREATE INDEX ix_coadd_sources_pos ON coadd_sources "
+                         f"USING gist (pos {opclass})")
+            conn.execute("VACUUM ANALYZE coadd_sources")
+    sides = {f"{OPCLASS} (v11)": catalog, "spoint (pgSphere's default)":
+             open_catalog(dsn=copy_dsn)}
+    return [f"A/B of the GiST operator class of pos, {tiles} tiles of {TILE_ROWS:,d} rows "
+            f"each way, interleaved, load average {os.getloadavg()[0]:.1f}:",
+            *_interleaved_writes(sides, tiles),
+            f"  load average at the end {os.getloadavg()[0]:.1f}"]
 
 
 def main() -> None:
@@ -374,6 +421,9 @@ def main() -> None:
     ap.add_argument("--ab-key", type=int, default=0, metavar="TILES",
                     help="after the load, A/B the (run, tile) index against the old "
                          "primary key with TILES tiles each way, then stop")
+    ap.add_argument("--ab-opclass", type=int, default=0, metavar="TILES",
+                    help="after the load, A/B the GiST class of pos (v11) against "
+                         "pgSphere's default with TILES tiles each way, then stop")
     args = ap.parse_args()
 
     bench_dir = Path(args.dir)
@@ -411,6 +461,9 @@ def main() -> None:
                       f"row-by-row INSERT: {rbr:,.0f} rows/s; ratio {np.mean(rates) / rbr:.0f}×")
     if args.ab_key:
         print("\n".join([*report, *ab_key(catalog, args.ab_key)]))
+        return
+    if args.ab_opclass:
+        print("\n".join([*report, *ab_opclass(catalog, args.ab_opclass)]))
         return
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE coadd_sources")

@@ -119,6 +119,13 @@ def test_a_v5_catalog_upgrades_keeping_its_rows(scratch: str) -> None:
         assert "coadd_sources_pkey" not in after
         assert "ix_coadd_sources_run_tile" in after
         assert n == (300,)
+        with psycopg.connect(libpq_dsn(scratch)) as conn:  # v11: the GiST rebuilt, rows kept
+            classes = _pos_index_classes(conn)
+            conn.execute("SET enable_seqscan = off")
+            near = conn.execute("SELECT count(*) FROM coadd_sources WHERE pos <@ scircle("
+                                "spoint(radians(1.0), 0), radians(0.015))").fetchone()
+        assert set(classes.values()) == {"spoint_lazysky"}, classes
+        assert near == (3,)  # ra 0.99, 1.00, 1.01 (rows i = 99, 100, 101)
         catalog = Catalog(scratch)  # not open_catalog: it remembers a DSN as prepared
         register_run(run, catalog=catalog)
         rows = {"x": np.zeros(5), "y": np.zeros(5), "ra": np.arange(5.0), "dec": np.zeros(5)}
@@ -127,3 +134,100 @@ def test_a_v5_catalog_upgrades_keeping_its_rows(scratch: str) -> None:
         catalog.engine().dispose()
     finally:
         engine.dispose()
+
+
+def _pos_index_classes(conn: psycopg.Connection) -> dict[str, str]:
+    """Every GiST index on a source table's (or partition's) ``pos``: name -> opclass."""
+    rows = conn.execute(
+        "SELECT ic.relname, oc.opcname FROM pg_index i "
+        "JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_class tc ON tc.oid = i.indrelid "
+        "JOIN pg_am a ON a.oid = ic.relam JOIN pg_opclass oc ON oc.oid = i.indclass[0] "
+        "WHERE a.amname = 'gist' AND tc.relname ~ '^(coadd|diff)_sources' "
+        "AND pg_get_indexdef(i.indexrelid) LIKE '%%(pos%%'").fetchall()
+    return {name: opclass for name, opclass in rows}
+
+
+def test_positions_are_indexed_with_the_class_without_decompress(catalog: Catalog) -> None:
+    """Every source table's and partition's GiST index on pos uses lazysky's class, which
+    has every operator of pgSphere's default class and all its support functions but the
+    no-op decompress (and a write then a cone search use it: tests/catalog/test_*cone*,
+    test_catalog_xmatch read those plans)."""
+    from lazysky.catalog._gist import OPCLASS
+
+    members = (
+        "SELECT 'op', o.amopstrategy, o.amopopr::regoperator::text FROM pg_amop o "
+        "WHERE o.amopfamily = %(f)s UNION ALL "
+        "SELECT 'fn', p.amprocnum, p.amproc::regprocedure::text FROM pg_amproc p "
+        "WHERE p.amprocfamily = %(f)s")
+    family = ("SELECT c.opcfamily FROM pg_opclass c JOIN pg_am a ON a.oid = c.opcmethod "
+              "JOIN pg_type t ON t.oid = c.opcintype WHERE a.amname = 'gist' "
+              "AND t.typname = 'spoint' AND ")
+    with psycopg.connect(libpq_dsn(catalog.dsn)) as conn:
+        classes = _pos_index_classes(conn)
+        ours_f = conn.execute(family + "c.opcname = %s", (OPCLASS,)).fetchone()
+        default_f = conn.execute(family + "c.opcdefault").fetchone()
+        assert ours_f is not None
+        assert default_f is not None
+        ours = set(conn.execute(members, {"f": ours_f[0]}).fetchall())
+        default = set(conn.execute(members, {"f": default_f[0]}).fetchall())
+    assert {"ix_coadd_sources_pos", "ix_diff_sources_pos"} <= set(classes)
+    assert len(classes) > 2  # the partitions' indexes too
+    assert set(classes.values()) == {OPCLASS}, classes
+    assert default - ours == {("fn", 4, "g_spherekey_decompress(internal)")}
+    assert ours < default
+
+
+def test_without_superuser_the_default_class_stays(catalog: Catalog) -> None:
+    """A role that may not create operator classes gets None, nothing made, no error."""
+    from lazysky.catalog._gist import ensure_spoint_opclass
+
+    engine = sa.create_engine(catalog.engine().url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as conn, conn.begin() as tx:
+            conn.execute(sa.text("DROP OPERATOR CLASS spoint_lazysky USING gist CASCADE"))
+            conn.execute(sa.text("SET LOCAL ROLE lazysky_reader"))
+            assert ensure_spoint_opclass(conn) is None
+            conn.execute(sa.text("RESET ROLE"))
+            left = conn.execute(sa.text(
+                "SELECT count(*) FROM pg_opclass WHERE opcname = 'spoint_lazysky'")).scalar()
+            assert left == 0
+            tx.rollback()  # the catalog keeps its class and indexes
+    finally:
+        engine.dispose()
+    with psycopg.connect(libpq_dsn(catalog.dsn)) as conn:
+        assert "ix_coadd_sources_pos" in _pos_index_classes(conn)
+
+
+def test_a_written_tile_is_found_whole_through_the_new_class(
+        catalog: Catalog, make_run: Callable[..., str],
+        sources: Callable[..., dict[str, np.ndarray]]) -> None:
+    """Rows written after v11 are all there, and a cone over them is answered by an index
+    scan of a partition index built with lazysky's class, with the brute-force answer."""
+    from astropy.coordinates import SkyCoord
+
+    from lazysky.catalog._gist import OPCLASS
+
+    run = make_run()
+    rows = sources(2000, seed=11, ra_range=(40.0, 41.0), dec_range=(-30.0, -29.0))
+    got = write_sources("coadd", run, "opclass-0", rows, catalog=catalog)
+    centre, radius = (40.5, -29.5), 0.2
+    # run_id || '': as cone_search writes a run filter (never drive from the run index)
+    cone = ("SELECT number FROM coadd_sources WHERE run_type = 'test' AND run_id || '' = %s "
+            "AND pos <@ scircle(spoint(radians(%s), radians(%s)), radians(%s))")
+    args = (run, *centre, radius)
+    with psycopg.connect(libpq_dsn(catalog.dsn)) as conn:
+        n = conn.execute("SELECT count(*) FROM coadd_sources WHERE run_id = %s",
+                         (run,)).fetchone()
+        found = {r[0] for r in conn.execute(cone, args).fetchall()}
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + cone, args).fetchall())
+        classes = _pos_index_classes(conn)
+    assert got.inserted == 2000
+    assert n == (2000,)
+    used = re.findall(r"Index Scan (?:using|on) (\w+_pos_idx\w*)", plan)
+    assert used, plan
+    assert {classes[name] for name in used} == {OPCLASS}, plan
+    sep = SkyCoord(rows["ra"], rows["dec"], unit="deg").separation(
+        SkyCoord(*centre, unit="deg")).deg
+    expected = set((np.flatnonzero(sep < radius) + 1).tolist())  # numbers are 1…n
+    assert len(expected) > 50
+    assert found == expected
