@@ -53,20 +53,27 @@ def map_strip(
 ) -> Any:
     """``PixelMap.evaluate``'s interpolation: node rows ``lo + ri[r]``, columns ``ci[c]``.
 
-    The column blend of the two node rows first, then the row blend, as the numpy code.
+    The column blend of every node row these rows need first, then the row blend, as
+    the numpy code (so equal to it bit for bit).
     """
+    n_nodes = 0
+    for r in range(out_x.shape[0]):
+        n_nodes = max(n_nodes, ri[r] - lo + 2)
+    nc = out_x.shape[1]
+    gx = np.empty((n_nodes, nc))
+    gy = np.empty((n_nodes, nc))
+    for k in range(n_nodes):
+        for c in range(nc):
+            i, t = ci[c], ct[c]
+            s = 1 - t
+            gx[k, c] = xn[lo + k, i] * s + xn[lo + k, i + 1] * t
+            gy[k, c] = yn[lo + k, i] * s + yn[lo + k, i + 1] * t
     for r in range(out_x.shape[0]):
         k = ri[r] - lo
         a, b = 1 - rt[r], rt[r]
-        for c in range(out_x.shape[1]):
-            i, t = ci[c], ct[c]
-            s = 1 - t
-            gx0 = xn[lo + k, i] * s + xn[lo + k, i + 1] * t
-            gx1 = xn[lo + k + 1, i] * s + xn[lo + k + 1, i + 1] * t
-            out_x[r, c] = gx0 * a + gx1 * b
-            gy0 = yn[lo + k, i] * s + yn[lo + k, i + 1] * t
-            gy1 = yn[lo + k + 1, i] * s + yn[lo + k + 1, i + 1] * t
-            out_y[r, c] = gy0 * a + gy1 * b
+        for c in range(nc):
+            out_x[r, c] = gx[k, c] * a + gx[k + 1, c] * b
+            out_y[r, c] = gy[k, c] * a + gy[k + 1, c] * b
 
 
 @_jit

@@ -283,9 +283,11 @@ def _resample_block(
                        cols=(sx.start + wc0 - 1, sx.start + wc1 + 1), step=map_step)  # fmt: skip
     if _coadd_jit.AVAILABLE:  # the compiled kernel: one pass, straight into the records
         planes = [np.asarray(a) for a in (image, variance, mask)]
+        buf_shape = (_STRIP_ROWS + 2, wc1 - wc0 + 2)  # reused: no fresh pages per strip
+        buffers = (np.empty(buf_shape), np.empty(buf_shape))
         for r0 in range(wr0, wr1, _STRIP_ROWS):
             r1 = min(r0 + _STRIP_ROWS, wr1)
-            x_in, y_in = mapping.evaluate(r0 - wr0, r1 - wr0 + 2)
+            x_in, y_in = mapping.evaluate(r0 - wr0, r1 - wr0 + 2, out=buffers)
             strip = out[r0:r1, wc0:wc1]
             if not _coadd_jit.bilinear_strip(
                 *planes, x_in, y_in, origin[0], origin[1], detector_shape[0],
@@ -354,8 +356,19 @@ class PixelMap:
             self._x, self._y = _exact(wcs_out, wcs_in, self._ry, self._cx)
             self._col_index = _weights(self._cx, np.arange(*cols, dtype=float), self.step)
 
-    def evaluate(self, r0: int, r1: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        """``(x_in, y_in)`` of rows ``rows[0] + r0`` to ``rows[0] + r1`` (excluded), all columns."""
+    def evaluate(
+        self,
+        r0: int,
+        r1: int,
+        *,
+        out: tuple[NDArray[np.float64], NDArray[np.float64]] | None = None,
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """``(x_in, y_in)`` of rows ``rows[0] + r0`` to ``rows[0] + r1`` (excluded), all columns.
+
+        ``out``: two float64 arrays of at least ``r1 - r0`` rows and the block's columns to
+        fill and return (views of their first rows; reused, they spare a strip's fresh
+        pages); used only where the interpolation is compiled.
+        """
         rows = np.arange(self.rows[0] + r0, self.rows[0] + r1, dtype=float)
         if self.step == 1:
             return _exact(self._wcs_out, self._wcs_in, rows, np.arange(*self.cols, dtype=float))
@@ -363,7 +376,10 @@ class PixelMap:
         ci, ct = self._col_index
         lo, hi = int(ri.min()), int(ri.max()) + 2  # the node rows these rows need
         if _coadd_jit.AVAILABLE:  # the same arithmetic, compiled (equal to the bit)
-            x, y = np.empty((len(rows), len(ci))), np.empty((len(rows), len(ci)))
+            if out is None:
+                x, y = np.empty((len(rows), len(ci))), np.empty((len(rows), len(ci)))
+            else:
+                x, y = out[0][: len(rows)], out[1][: len(rows)]
             _coadd_jit.map_strip(self._x, self._y, lo, ri, rt, ci, ct, x, y)
             return x, y
         out = []
