@@ -382,7 +382,7 @@ class PixelMap:
                 x, y = out[0][: len(rows)], out[1][: len(rows)]
             _coadd_jit.map_strip(self._x, self._y, lo, ri, rt, ci, ct, x, y)
             return x, y
-        out = []
+        xy = []
         for f in (self._x[lo:hi], self._y[lo:hi]):
             g = f[:, ci] * (1 - ct) + f[:, ci + 1] * ct  # along the columns, node rows only
             v = np.empty((len(rows), g.shape[1]))
@@ -390,8 +390,8 @@ class PixelMap:
                 k = int(ri[r]) - lo
                 np.multiply(g[k], 1 - rt[r], out=v[r])
                 v[r] += g[k + 1] * rt[r]
-            out.append(v)
-        return out[0], out[1]
+            xy.append(v)
+        return xy[0], xy[1]
 
 
 def mapping_step(
