@@ -282,3 +282,69 @@ def clipped_mean_strip(
                 out_variance[r, c] = vsum / safe**2
                 out_weight[r, c] = wsum
                 out_mask[r, c] = bits
+
+
+@_jit
+def _run_stats(s: Any, lo: Any, hi: Any, ref: Any) -> Any:
+    """Median, mean and std of the sorted run ``s[lo:hi]`` (float64, about ``ref``)."""
+    k = max(hi - lo, 1)
+    n = s.shape[0]
+    a = np.float64(s[min(lo + (k - 1) // 2, n - 1)])
+    z = np.float64(s[min(lo + k // 2, n - 1)])
+    s1, s2 = 0.0, 0.0
+    for i in range(lo, hi):
+        d = np.float64(s[i]) - ref
+        s1 += d
+        s2 += d * d
+    mean = s1 / k
+    var = s2 / k - mean * mean
+    return (a + z) / 2, mean + ref, np.sqrt(max(var, 0.0))
+
+
+@_jit
+def row_levels(s: Any, sigma: Any, iters: Any, out: Any) -> Any:
+    """``background._row_levels`` on rows of values already sorted (NaN last).
+
+    The same clipped run of the sorted values per box, its ends found by bisection; the
+    run's mean and std summed directly (float64, about the box's median) instead of from
+    cumulative sums: equal to the numpy path to float32 rounding.
+    """
+    b, n = s.shape
+    for j in range(b):
+        row = s[j]
+        count = 0
+        for i in range(n):
+            if np.isfinite(row[i]):
+                count += 1
+        if count < 16:
+            out[j] = np.nan
+            continue
+        ref = np.float64(row[(count - 1) // 2])
+        lo, hi = 0, count
+        for _ in range(iters):
+            med, _mean, std = _run_stats(row, lo, hi, ref)
+            lower, upper = med - sigma * std, med + sigma * std
+            a, z = lo, hi  # first position not < lower
+            while a < z:
+                mid = (a + z) // 2
+                if row[mid] < lower:
+                    a = mid + 1
+                else:
+                    z = mid
+            start = a
+            a, z = lo, hi  # first position not <= upper
+            while a < z:
+                mid = (a + z) // 2
+                if row[mid] <= upper:
+                    a = mid + 1
+                else:
+                    z = mid
+            kept = a - start
+            if kept == hi - lo or kept < 16:
+                break
+            lo, hi = start, start + kept
+        med, mean, std = _run_stats(row, lo, hi, ref)
+        if std > 0 and abs(mean - med) > 0.3 * std:
+            out[j] = med
+        else:
+            out[j] = 2.5 * med - 1.5 * mean

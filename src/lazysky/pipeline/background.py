@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 from scipy import interpolate, ndimage
 
 from lazysky.errors import ParameterError
+from lazysky.pipeline import _coadd_jit
 
 __all__ = [
     "estimate_background",
@@ -94,6 +95,22 @@ def mesh_levels(
 
 
 def _row_levels(values: NDArray[np.float32], *, sigma: float, iters: int) -> NDArray[np.float64]:
+    """:func:`_box_level` of every row of ``values`` ``(boxes, pixels)``.
+
+    Sorted once by numpy; the clipping by the compiled kernel
+    (:func:`lazysky.pipeline._coadd_jit.row_levels`) when numba is there, else by
+    :func:`_row_levels_numpy` (the reference; the two agree to float32 rounding).
+    """
+    if not _coadd_jit.AVAILABLE:
+        return _row_levels_numpy(values, sigma=sigma, iters=iters)
+    out = np.empty(values.shape[0])
+    _coadd_jit.row_levels(np.sort(values, axis=1), float(sigma), int(iters), out)
+    return out
+
+
+def _row_levels_numpy(
+    values: NDArray[np.float32], *, sigma: float, iters: int
+) -> NDArray[np.float64]:
     """:func:`_box_level` of every row of ``values`` ``(boxes, pixels)``, vectorised.
 
     Sorted once: a clipping interval ``|v - median| <= sigma std`` of sorted values is a
