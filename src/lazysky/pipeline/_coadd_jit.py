@@ -348,3 +348,29 @@ def row_levels(s: Any, sigma: Any, iters: Any, out: Any) -> Any:
             out[j] = med
         else:
             out[j] = 2.5 * med - 1.5 * mean
+
+
+@_jit
+def spline_grid(c: Any, r_first: Any, r_basis: Any, c_first: Any, c_basis: Any, out: Any) -> Any:
+    """A tensor-product B-spline on ``rows × cols``: ``Σ_p Σ_q B_p(row) c[p, q] B_q(col)``.
+
+    ``*_first`` is the first non-zero basis function of each row (column) and
+    ``*_basis`` its ``k + 1`` values (``scipy.interpolate.BSpline.design_matrix``). The
+    rows' blend of the coefficients is made once per row, so a pixel costs ``k + 1``
+    products; a pixel's value depends only on its row and column (no seams between
+    tiles). Equal to FITPACK's ``bispev`` to float64 rounding.
+    """
+    nr, nc = out.shape
+    kr, kc = r_basis.shape[1], c_basis.shape[1]
+    blend = np.empty(c.shape[1])
+    for i in range(nr):
+        for q in range(c.shape[1]):
+            acc = 0.0
+            for p in range(kr):
+                acc += r_basis[i, p] * c[r_first[i] + p, q]
+            blend[q] = acc
+        for j in range(nc):
+            acc = 0.0
+            for q in range(kc):
+                acc += blend[c_first[j] + q] * c_basis[j, q]
+            out[i, j] = acc
