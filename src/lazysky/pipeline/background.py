@@ -86,7 +86,7 @@ def mesh_levels(
             if j < fy and fx > 0:
                 boxes = rows[:, : fx * box_px].reshape(box_px, fx, box_px).transpose(1, 0, 2)
                 out[(*idx, j, slice(0, fx))] = _row_levels(
-                    boxes.reshape(fx, box_px * box_px), sigma=sigma, iters=iters
+                    boxes.reshape(fx, box_px * box_px), sigma=sigma, iters=iters, scratch=True
                 )
             for i in range(fx if j < fy else 0, mx):  # partial boxes: one by one
                 box = rows[:, i * box_px : (i + 1) * box_px]
@@ -94,17 +94,23 @@ def mesh_levels(
     return out
 
 
-def _row_levels(values: NDArray[np.float32], *, sigma: float, iters: int) -> NDArray[np.float64]:
+def _row_levels(
+    values: NDArray[np.float32], *, sigma: float, iters: int, scratch: bool = False
+) -> NDArray[np.float64]:
     """:func:`_box_level` of every row of ``values`` ``(boxes, pixels)``.
 
-    Sorted once by numpy; the clipping by the compiled kernel
+    Sorted once by numpy (in place when ``values`` is ``scratch``: the caller's own
+    temporary); the clipping by the compiled kernel
     (:func:`lazysky.pipeline._coadd_jit.row_levels`) when numba is there, else by
     :func:`_row_levels_numpy` (the reference; the two agree to float32 rounding).
     """
     if not _coadd_jit.AVAILABLE:
         return _row_levels_numpy(values, sigma=sigma, iters=iters)
     out = np.empty(values.shape[0])
-    _coadd_jit.row_levels(np.sort(values, axis=1), float(sigma), int(iters), out)
+    if scratch:
+        values.sort(axis=1)
+    _coadd_jit.row_levels(values if scratch else np.sort(values, axis=1), float(sigma),
+                          int(iters), out)  # fmt: skip
     return out
 
 

@@ -322,15 +322,25 @@ def _stack_block(*args: NDArray[Any], groups: list[int], **options: Any) -> NDAr
     if pieces[0].size == 0:
         return np.empty(pieces[0].shape, dtype=COADD_DTYPE)
     out: NDArray[Any] = np.empty(pieces[0].shape, dtype=COADD_DTYPE)
+    jit = _jit_applies(options["method"], options["weighting"], weights)
+    if jit:  # layer buffers reused by every strip: no fresh pages per strip
+        nx = pieces[0].shape[1]
+        bufs = [np.empty((n, min(_STRIP_ROWS, len(out)), nx), dtype=pieces[0].dtype[plane])
+                for plane in ("image", "variance", "mask")]  # fmt: skip
     for r0 in range(0, len(out), _STRIP_ROWS):  # strips bound the task's memory
+        if jit:
+            rows = min(_STRIP_ROWS, len(out) - r0)
+            layers = [b[:, :rows] for b in bufs]
+            for k, p in enumerate(pieces):
+                for b, plane in zip(layers, ("image", "variance", "mask"), strict=True):
+                    b[k] = p[plane][r0 : r0 + rows]
+            _stack_jit(layers[0], layers[1], layers[2], out[r0 : r0 + rows], groups=groups,
+                       frame_weights=weights,
+                       **{k: v for k, v in options.items() if k != "method"})  # fmt: skip
+            continue
         # each plane stacked on its own: contiguous layers, not strided views of records
         img, var, msk = (np.stack([p[plane][r0 : r0 + _STRIP_ROWS] for p in pieces])
                          for plane in ("image", "variance", "mask"))  # fmt: skip
-        if _jit_applies(options["method"], options["weighting"], weights):
-            _stack_jit(img, var, msk, out[r0 : r0 + _STRIP_ROWS], groups=groups,
-                       frame_weights=weights, **{k: v for k, v in options.items()
-                                                 if k != "method"})  # fmt: skip
-            continue
         out[r0 : r0 + _STRIP_ROWS] = stack_pixels(
             img, var, msk, groups=groups, frame_weights=weights, **options,
         )  # fmt: skip
