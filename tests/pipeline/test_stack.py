@@ -377,3 +377,59 @@ def test_streamed_coadd_fits_is_the_file_astropy_writes(
     assert path.read_bytes() == (tmp_path / "astropy.fits").read_bytes()
     assert int(done["count"].max()) > 1  # a real coadd, several exposures deep
     assert bool((done["mask"] > 0).any())  # the unsigned planes carry values to offset
+
+
+def _assert_coadds_agree(a: Any, b: Any) -> None:
+    """The compiled kernels vs the numpy reference: floats to float32 rounding, ints exact."""
+    for name in ("image", "variance", "weight"):
+        np.testing.assert_allclose(np.asarray(a[name]), np.asarray(b[name]), rtol=1e-6, atol=0)
+    for name in ("count", "rejected", "mask"):
+        assert_same(np.asarray(a[name]), np.asarray(b[name]))
+
+
+def test_compiled_coadd_equals_the_numpy_reference(
+    calibrated: list[xr.Dataset], grid: SkyGrid, coadd: xr.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lazysky.pipeline import _coadd_jit
+
+    assert _coadd_jit.AVAILABLE  # numba is a dependency: the fixture's coadd is compiled
+    assert int(coadd["rejected"].values.sum()) > 0  # clipping happened somewhere
+    monkeypatch.setattr(_coadd_jit, "AVAILABLE", False)
+    reference = _coadd(calibrated, grid).compute()
+    _assert_coadds_agree(coadd, reference)
+
+
+def test_compiled_stack_kernel_equals_the_numpy_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the cases the fixture's coadd may not reach: > 3 layers (sorted median), merged
+    # detectors, NaN / infinite / zero variances, masked layers, pixel weights
+    from lazysky.pipeline import _coadd_jit
+
+    rng = np.random.default_rng(5)
+    n, shape = 6, (40, 50)
+    img = rng.normal(0.0, 1.0, (n, *shape)).astype(np.float32)
+    img[rng.random(img.shape) < 0.02] += 200.0  # cosmic rays
+    var = rng.uniform(0.5, 2.0, img.shape).astype(np.float32)
+    var[rng.random(img.shape) < 0.03] = np.inf
+    var[rng.random(img.shape) < 0.01] = np.nan
+    var[rng.random(img.shape) < 0.01] = 0.0
+    msk = np.where(rng.random(img.shape) < 0.05, MaskBit.SAT, 0).astype(np.uint16)
+    msk[rng.random(img.shape) < 0.02] |= np.uint16(MaskBit.NODATA)
+    cases: list[dict[str, Any]] = [
+        {"weighting": "pixel"},
+        {"frame_weights": [1.0, 0.5, 2.0, 1.0, 0.7, 1.3]},
+        {"groups": [0, 0, 1, 2, 2, 3], "frame_weights": [1.0, 1.0, 0.5, 2.0, 2.0, 0.8]},
+        {"weighting": "pixel", "groups": [0, 1, 1, 2, 3, 3], "max_iters": 1, "sigma": 2.0},
+    ]
+    for k in (2, 3, 6):  # two layers (the pair rule), three (no sort), six (sorted)
+        for case in cases:
+            if "groups" in case and k < n:
+                continue
+            if "frame_weights" in case:
+                case = {**case, "frame_weights": case["frame_weights"][:k]}
+            args = (img[:k], var[:k], msk[:k])
+            compiled = stack_pixels(*args, **case)
+            monkeypatch.setattr(_coadd_jit, "AVAILABLE", False)
+            reference = stack_pixels(*args, **case)
+            monkeypatch.setattr(_coadd_jit, "AVAILABLE", True)
+            _assert_coadds_agree(compiled, reference)
+            assert compiled["rejected"].sum() > 0

@@ -55,6 +55,7 @@ from dask.base import tokenize
 from numpy.typing import NDArray
 
 from lazysky.errors import LazySkyWarning, ParameterError
+from lazysky.pipeline import _coadd_jit
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
 from lazysky.pipeline.grid import SkyGrid, footprint_of, tiles_of
 
@@ -75,6 +76,7 @@ HALO_PX = 2  # bilinear support (1 px) + 1: the cut box never clamps a non-edge 
 _NODATA = MASK_DTYPE.type(MaskBit.NODATA)
 _STRIP_ROWS = 32  # output rows mapped at once: temporaries stay in cache (4x faster than 256)
 MAP_TOLERANCE_PX = 0.01  # largest error of the interpolated pixel mapping (PixelMap)
+_BOX_TOO_SMALL = "resample_pixels: the input box does not hold every pixel the mapping needs"
 
 
 class NoOverlapWarning(LazySkyWarning):
@@ -212,8 +214,7 @@ def _resample_packed(
         or (x0 + (fx > 0)).max() >= bnx
         or (y0 + (fy > 0)).max() >= bny
     ):
-        msg = "resample_pixels: the input box does not hold every pixel the mapping needs"
-        raise ParameterError(msg)
+        raise ParameterError(_BOX_TOO_SMALL)
     # a corner with zero weight reads the pixel itself (never beyond the box): its bits
     # are then those of a corner already counted, so the mask is a plain OR of 4 reads
     step_x, step_y = fx > 0, fy > 0
@@ -268,14 +269,32 @@ def _resample_block(
     if image.size == 0:  # dask's meta inference
         return out
     wr0, wr1, wc0, wc1 = (0, ny, 0, nx) if window is None else window
-    if (wr0, wr1, wc0, wc1) != (0, ny, 0, nx):
-        out["image"], out["variance"], out["mask"] = 0.0, np.inf, _NODATA
     if wr1 <= wr0 or wc1 <= wc0:
+        out["image"], out["variance"], out["mask"] = 0.0, np.inf, _NODATA
         return out
+    # NODATA outside the window only (each record is written once: the fill cost as
+    # much as the resampling)
+    for part in (out[:wr0], out[wr1:], out[wr0:wr1, :wc0], out[wr0:wr1, wc1:]):
+        if part.size:
+            part["image"], part["variance"], part["mask"] = 0.0, np.inf, _NODATA
     sy, sx = grid.tile_slices(tile)
     wcs_in = _wcs_from_text(header)  # fresh objects per task (WCS is not thread-safe)
     mapping = PixelMap(grid.wcs, wcs_in, rows=(sy.start + wr0 - 1, sy.start + wr1 + 1),
                        cols=(sx.start + wc0 - 1, sx.start + wc1 + 1), step=map_step)  # fmt: skip
+    if _coadd_jit.AVAILABLE:  # the compiled kernel: one pass, straight into the records
+        planes = [np.asarray(a) for a in (image, variance, mask)]
+        buf_shape = (_STRIP_ROWS + 2, wc1 - wc0 + 2)  # reused: no fresh pages per strip
+        buffers = (np.empty(buf_shape), np.empty(buf_shape))
+        for r0 in range(wr0, wr1, _STRIP_ROWS):
+            r1 = min(r0 + _STRIP_ROWS, wr1)
+            x_in, y_in = mapping.evaluate(r0 - wr0, r1 - wr0 + 2, out=buffers)
+            strip = out[r0:r1, wc0:wc1]
+            if not _coadd_jit.bilinear_strip(
+                *planes, x_in, y_in, origin[0], origin[1], detector_shape[0],
+                detector_shape[1], _NODATA, strip["image"], strip["variance"], strip["mask"],
+            ):  # fmt: skip
+                raise ParameterError(_BOX_TOO_SMALL)
+        return out
     box = _Packed.of(image, variance, mask)
     for r0 in range(wr0, wr1, _STRIP_ROWS):  # strips bound the task's memory
         r1 = min(r0 + _STRIP_ROWS, wr1)
@@ -337,15 +356,33 @@ class PixelMap:
             self._x, self._y = _exact(wcs_out, wcs_in, self._ry, self._cx)
             self._col_index = _weights(self._cx, np.arange(*cols, dtype=float), self.step)
 
-    def evaluate(self, r0: int, r1: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        """``(x_in, y_in)`` of rows ``rows[0] + r0`` to ``rows[0] + r1`` (excluded), all columns."""
+    def evaluate(
+        self,
+        r0: int,
+        r1: int,
+        *,
+        out: tuple[NDArray[np.float64], NDArray[np.float64]] | None = None,
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """``(x_in, y_in)`` of rows ``rows[0] + r0`` to ``rows[0] + r1`` (excluded), all columns.
+
+        ``out``: two float64 arrays of at least ``r1 - r0`` rows and the block's columns to
+        fill and return (views of their first rows; reused, they spare a strip's fresh
+        pages); used only where the interpolation is compiled.
+        """
         rows = np.arange(self.rows[0] + r0, self.rows[0] + r1, dtype=float)
         if self.step == 1:
             return _exact(self._wcs_out, self._wcs_in, rows, np.arange(*self.cols, dtype=float))
         ri, rt = _weights(self._ry, rows, self.step)
         ci, ct = self._col_index
         lo, hi = int(ri.min()), int(ri.max()) + 2  # the node rows these rows need
-        out = []
+        if _coadd_jit.AVAILABLE:  # the same arithmetic, compiled (equal to the bit)
+            if out is None:
+                x, y = np.empty((len(rows), len(ci))), np.empty((len(rows), len(ci)))
+            else:
+                x, y = out[0][: len(rows)], out[1][: len(rows)]
+            _coadd_jit.map_strip(self._x, self._y, lo, ri, rt, ci, ct, x, y)
+            return x, y
+        xy = []
         for f in (self._x[lo:hi], self._y[lo:hi]):
             g = f[:, ci] * (1 - ct) + f[:, ci + 1] * ct  # along the columns, node rows only
             v = np.empty((len(rows), g.shape[1]))
@@ -353,8 +390,8 @@ class PixelMap:
                 k = int(ri[r]) - lo
                 np.multiply(g[k], 1 - rt[r], out=v[r])
                 v[r] += g[k + 1] * rt[r]
-            out.append(v)
-        return out[0], out[1]
+            xy.append(v)
+        return xy[0], xy[1]
 
 
 def mapping_step(

@@ -48,6 +48,7 @@ from dask.base import tokenize
 from numpy.typing import NDArray
 
 from lazysky.errors import OutputError, ParameterError
+from lazysky.pipeline import _coadd_jit
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
 from lazysky.pipeline.grid import SkyGrid
 from lazysky.pipeline.resample import ResampledTile
@@ -207,6 +208,11 @@ def stack_pixels(
         out["variance"] = np.inf
         out["mask"] = int(MaskBit.NODATA)
         return out
+    if _jit_applies(method, weighting, frame_weights):
+        _stack_jit(image, variance, mask, out, groups=groups, sigma=sigma, amp_frac=amp_frac,
+                   max_iters=max_iters, weighting=weighting, frame_weights=frame_weights,
+                   bad_bits=bad_bits)  # fmt: skip
+        return out
     x, v, m, valid = _merge(image, variance, mask, groups, bad_bits)
     n_valid = valid.sum(axis=0)
     if method == "median":
@@ -263,6 +269,47 @@ def stack_pixels(
     return out
 
 
+def _jit_applies(method: str, weighting: str, frame_weights: Sequence[float] | None) -> bool:
+    """Whether the compiled clipped mean serves (it takes the frame weights as given)."""
+    return (
+        method == "clipped-mean"
+        and _coadd_jit.AVAILABLE
+        and (weighting == "pixel" or frame_weights is not None)
+    )
+
+
+def _stack_jit(
+    image: NDArray[Any],
+    variance: NDArray[Any],
+    mask: NDArray[Any],
+    out: NDArray[Any],
+    *,
+    groups: Sequence[int],
+    sigma: float,
+    amp_frac: float,
+    max_iters: int,
+    weighting: str,
+    frame_weights: Sequence[float] | None,
+    bad_bits: int,
+) -> None:
+    """The clipped mean by the compiled kernel, written into ``out`` (records, in place).
+
+    The same arithmetic as the numpy path of :func:`stack_pixels`, pixel by pixel in one
+    pass (:mod:`lazysky.pipeline._coadd_jit`); equal to it bit for bit on real frames.
+    """
+    keys = list(dict.fromkeys(groups))
+    w = np.zeros(len(keys))
+    if frame_weights is not None:
+        w[:] = [float(frame_weights[groups.index(k)]) for k in keys]
+    _coadd_jit.clipped_mean_strip(
+        *(np.asarray(a) for a in (image, variance, mask)),
+        np.array([keys.index(g) for g in groups], dtype=np.intp), len(keys), int(bad_bits),
+        w, weighting == "pixel", float(sigma), float(amp_frac), int(max_iters),
+        MASK_DTYPE.type(MaskBit.NODATA), out["image"], out["variance"], out["weight"],
+        out["count"], out["rejected"], out["mask"],
+    )  # fmt: skip
+
+
 def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         msg = f"{name} must be one of {list(allowed)}, got {value!r}"
@@ -275,7 +322,22 @@ def _stack_block(*args: NDArray[Any], groups: list[int], **options: Any) -> NDAr
     if pieces[0].size == 0:
         return np.empty(pieces[0].shape, dtype=COADD_DTYPE)
     out: NDArray[Any] = np.empty(pieces[0].shape, dtype=COADD_DTYPE)
+    jit = _jit_applies(options["method"], options["weighting"], weights)
+    if jit:  # layer buffers reused by every strip: no fresh pages per strip
+        nx = pieces[0].shape[1]
+        bufs = [np.empty((n, min(_STRIP_ROWS, len(out)), nx), dtype=pieces[0].dtype[plane])
+                for plane in ("image", "variance", "mask")]  # fmt: skip
     for r0 in range(0, len(out), _STRIP_ROWS):  # strips bound the task's memory
+        if jit:
+            rows = min(_STRIP_ROWS, len(out) - r0)
+            layers = [b[:, :rows] for b in bufs]
+            for k, p in enumerate(pieces):
+                for b, plane in zip(layers, ("image", "variance", "mask"), strict=True):
+                    b[k] = p[plane][r0 : r0 + rows]
+            _stack_jit(layers[0], layers[1], layers[2], out[r0 : r0 + rows], groups=groups,
+                       frame_weights=weights,
+                       **{k: v for k, v in options.items() if k != "method"})  # fmt: skip
+            continue
         # each plane stacked on its own: contiguous layers, not strided views of records
         img, var, msk = (np.stack([p[plane][r0 : r0 + _STRIP_ROWS] for p in pieces])
                          for plane in ("image", "variance", "mask"))  # fmt: skip
