@@ -16,6 +16,7 @@ import pytest
 
 if TYPE_CHECKING:
     from lazysky.catalog import Catalog
+    from lazysky.runner import RunSummary
 
 REAL_DATA = Path(
     os.environ.get(
@@ -103,11 +104,16 @@ def tiny_client() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def tiny_clean_rows(tiny_survey: Path, tmp_path_factory: pytest.TempPathFactory,
-                    catalog: Catalog) -> dict[str, list[tuple[Any, ...]]]:
-    """The catalog rows of one clean run of the tiny survey (what other runs must equal)."""
+def tiny_clean_run(tiny_survey: Path, tmp_path_factory: pytest.TempPathFactory,
+                   catalog: Catalog) -> RunSummary:
+    """One clean run of the tiny survey (what other runs must equal), made once a session.
+
+    Shared: the end-to-end tests check its record and products, the batch, autoscaling
+    and interactive tests compare their runs' rows to its rows (``tiny_clean_rows``).
+    Nothing may change it: a test that needs to mutate a run makes its own.
+    """
     from distributed import Client, LocalCluster
-    from test_run_end_to_end import _config, _rows
+    from test_run_end_to_end import _config
 
     from lazysky.config import load_settings
     from lazysky.runner import run
@@ -118,6 +124,15 @@ def tiny_clean_rows(tiny_survey: Path, tmp_path_factory: pytest.TempPathFactory,
         summary = run(_config(tiny_survey, store), settings=load_settings(
             catalog_dsn=catalog.dsn), client=client, catalog=catalog)
     assert summary.status == "done", summary.errors
-    rows = _rows(catalog, summary.run_id)
+    return summary
+
+
+@pytest.fixture(scope="session")
+def tiny_clean_rows(tiny_clean_run: RunSummary,
+                    catalog: Catalog) -> dict[str, list[tuple[Any, ...]]]:
+    """The catalog rows of the session's clean run of the tiny survey."""
+    from test_run_end_to_end import _rows
+
+    rows = _rows(catalog, tiny_clean_run.run_id)
     assert rows["coadd_sources"], "the clean run found no source"
     return rows
