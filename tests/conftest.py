@@ -16,6 +16,7 @@ import pytest
 
 if TYPE_CHECKING:
     from lazysky.catalog import Catalog
+    from lazysky.runner import RunSummary
 
 REAL_DATA = Path(
     os.environ.get(
@@ -92,32 +93,74 @@ def tiny_survey(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_client() -> Iterator[Any]:
-    """A local cluster of two one-thread worker processes (per module)."""
-    from distributed import Client, LocalCluster
+@pytest.fixture(scope="session")
+def tiny_cluster() -> Iterator[Any]:
+    """A local cluster of two one-thread worker processes, started once a session.
+
+    Reach it through ``tiny_client`` (a client per module, so no module leaves a default
+    client behind for the next). Tests that kill or rescale workers make a cluster of
+    their own.
+    """
+    from distributed import LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
+                      dashboard_address="127.0.0.1:0") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def tiny_client(tiny_cluster: Any) -> Iterator[Any]:
+    """A client of the session's ``tiny_cluster`` (per module)."""
+    from distributed import Client
+
+    with Client(tiny_cluster) as c:
         yield c
 
 
 @pytest.fixture(scope="session")
-def tiny_clean_rows(tiny_survey: Path, tmp_path_factory: pytest.TempPathFactory,
-                    catalog: Catalog) -> dict[str, list[tuple[Any, ...]]]:
-    """The catalog rows of one clean run of the tiny survey (what other runs must equal)."""
-    from distributed import Client, LocalCluster
-    from test_run_end_to_end import _config, _rows
+def tiny_clean(tiny_survey: Path, tmp_path_factory: pytest.TempPathFactory,
+               catalog: Catalog, tiny_cluster: Any) -> dict[str, Any]:
+    """One clean run of the tiny survey (what other runs must equal), made once a session
+    on ``tiny_cluster`` with its progress bars drawn: ``{"summary": RunSummary,
+    "progress": what it printed}``.
+
+    Shared: the end-to-end tests check its record and products, the dashboard tests its
+    page, bars and metrics (the lazysky plugin of ``tiny_cluster``'s scheduler watched
+    it), the batch, autoscaling and interactive tests compare their runs' rows to its
+    rows (``tiny_clean_rows``). Nothing may change it: a test that needs to mutate a run
+    makes its own.
+    """
+    import contextlib
+    import io
+
+    from distributed import Client
+    from test_run_end_to_end import _config
 
     from lazysky.config import load_settings
     from lazysky.runner import run
 
     store = tmp_path_factory.mktemp("tiny-clean-store")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+    out = io.StringIO()
+    with Client(tiny_cluster) as client, contextlib.redirect_stdout(out):
         summary = run(_config(tiny_survey, store), settings=load_settings(
-            catalog_dsn=catalog.dsn), client=client, catalog=catalog)
+            catalog_dsn=catalog.dsn), client=client, catalog=catalog, show_progress=True)
     assert summary.status == "done", summary.errors
-    rows = _rows(catalog, summary.run_id)
+    return {"summary": summary, "progress": out.getvalue()}
+
+
+@pytest.fixture(scope="session")
+def tiny_clean_run(tiny_clean: dict[str, Any]) -> RunSummary:
+    """The summary of the session's clean run of the tiny survey (``tiny_clean``)."""
+    summary: RunSummary = tiny_clean["summary"]
+    return summary
+
+
+@pytest.fixture(scope="session")
+def tiny_clean_rows(tiny_clean_run: RunSummary,
+                    catalog: Catalog) -> dict[str, list[tuple[Any, ...]]]:
+    """The catalog rows of the session's clean run of the tiny survey."""
+    from test_run_end_to_end import _rows
+
+    rows = _rows(catalog, tiny_clean_run.run_id)
     assert rows["coadd_sources"], "the clean run found no source"
     return rows

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +56,9 @@ def _config(survey: Path, store: Path, **extra: Any) -> RunConfig:
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[Any]:
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as c:
-        yield c
+def client(tiny_client: Any) -> Any:
+    """The session's two-worker cluster (tests/conftest.py), through this module's client."""
+    return tiny_client
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 import lazysky
 from lazysky._reprocess import _region_tiles
-from lazysky.catalog import Catalog, CatalogError, coadd_sources, diff_sources, runs
+from lazysky.catalog import Catalog, CatalogError, coadd_sources, diff_sources
 from lazysky.config import load_settings
 from lazysky.errors import ParameterError
 from lazysky.interactive import RunView
@@ -41,14 +41,9 @@ def settings(catalog: Catalog) -> Any:
 
 
 @pytest.fixture(scope="module")
-def parent_id(tiny_clean_rows: dict[str, Any], catalog: Catalog) -> str:
-    """The run id of the session's clean run (the one ``tiny_clean_rows`` made)."""
-    with catalog.engine().connect() as conn:
-        rid = conn.execute(sa.select(runs.c.run_id).where(
-            runs.c.config["store"].astext.like("%tiny-clean-store%"),
-            runs.c.status == "done").order_by(runs.c.started_at.desc())).scalars().first()
-    assert rid is not None
-    return str(rid)
+def parent_id(tiny_clean_run: Any, tiny_clean_rows: dict[str, Any]) -> str:
+    """The run id of the session's clean run (the one ``tiny_clean_rows`` holds)."""
+    return str(tiny_clean_run.run_id)
 
 
 @pytest.fixture(scope="module")

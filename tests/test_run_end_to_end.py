@@ -31,7 +31,7 @@ from lazysky.config import load_settings
 from lazysky.runconfig import RunConfig
 from lazysky.runner import RunSummary, run
 from lazysky.runs import new_run_id
-from lazysky.simulator import SurveySpec, simulate_survey
+from lazysky.simulator import SurveySpec
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -42,10 +42,9 @@ SPEC = SurveySpec(
 
 
 @pytest.fixture(scope="module")
-def survey(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("e2e-survey")
-    simulate_survey(SPEC, root)
-    return root
+def survey(tiny_survey: Path) -> Path:
+    """The session's simulation of SPEC (tests/conftest.py ``tiny_survey``)."""
+    return tiny_survey
 
 
 def _config(survey: Path, store: Path, **extra: Any) -> RunConfig:
@@ -70,11 +69,10 @@ def client() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def clean(survey: Path, tmp_path_factory: pytest.TempPathFactory, client: Any,
-          catalog: Catalog) -> RunSummary:
-    store = tmp_path_factory.mktemp("e2e-store")
-    return run(_config(survey, store), settings=load_settings(catalog_dsn=catalog.dsn),
-               client=client, catalog=catalog)
+def clean(tiny_clean_run: RunSummary) -> RunSummary:
+    """The reference run: the session's clean run of ``survey`` with ``_config`` (the same
+    run the batch, autoscaling and interactive tests compare against)."""
+    return tiny_clean_run
 
 
 def _rows(catalog: Catalog, run_id: str) -> dict[str, list[tuple[Any, ...]]]:
@@ -262,45 +260,54 @@ def test_a_lost_worker_neither_loses_nor_duplicates_rows(
     assert _rows(catalog, result["summary"].run_id) == _rows(catalog, clean.run_id)
 
 
-def test_a_corrupt_exposure_is_skipped_and_recorded(
-        clean: RunSummary, survey: Path, tmp_path: Path, client: Any, catalog: Catalog) -> None:
-    raw = tmp_path / "raw"
+@pytest.fixture(scope="module")
+def faulty(survey: Path, tmp_path_factory: pytest.TempPathFactory, client: Any,
+           catalog: Catalog) -> tuple[RunSummary, Path]:
+    """One run whose inputs hold both bad kinds of exposure the runner must skip: a raw
+    file truncated mid-data (``deep1-r-e009-d00.fits``) and a second frame of epoch 2
+    (``deep1-r-e002-d09``) whose CCD02 lost its WCS. Each test checks its own."""
+    from astropy.io import fits
+
+    tmp = tmp_path_factory.mktemp("e2e-faulty")
+    raw = tmp / "raw"
     shutil.copytree(survey / "raw", raw)
     good = (raw / "deep1-r-e002-d00.fits").read_bytes()
     bad = raw / "deep1-r-e009-d00.fits"
     bad.write_bytes(good[: len(good) // 2])  # truncated mid-data
-    cfg = _config(survey, tmp_path / "store").model_copy(
-        update={"ingest": [str(raw), str(survey / "calib")]})
-    summary = run(cfg, settings=load_settings(catalog_dsn=catalog.dsn), client=client,
-                  catalog=catalog)
-    assert summary.status == "done_with_errors"
-    assert list(summary.errors) == [str(bad)]
-    assert "deep1-r-e009-d00.fits" in str(summary)
-    with catalog.engine().connect() as conn:
-        row = conn.execute(sa.select(runs.c.status, runs.c.errors).where(
-            runs.c.run_id == summary.run_id)).one()
-    assert row.status == "done_with_errors"
-    assert list(row.errors) == [str(bad)]
-    assert _rows(catalog, summary.run_id) == _rows(catalog, clean.run_id)
-
-
-def test_an_exposure_without_wcs_is_skipped_and_recorded(
-        clean: RunSummary, survey: Path, tmp_path: Path, client: Any, catalog: Catalog) -> None:
-    from astropy.io import fits
-
-    raw = tmp_path / "raw"
-    shutil.copytree(survey / "raw", raw)
     with fits.open(raw / "deep1-r-e002-d00.fits") as hdul:
         hdul[0].header["EXPID"] = "deep1-r-e002-d09"  # a second frame of epoch 2 ...
         for key in ("CTYPE1", "CTYPE2"):  # ... whose CCD02 lost its WCS
             del hdul["CCD02"].header[key]
         hdul.writeto(raw / "deep1-r-e002-d09.fits", output_verify="silentfix", checksum=True)
-    cfg = _config(survey, tmp_path / "store").model_copy(
+    cfg = _config(survey, tmp / "store").model_copy(
         update={"ingest": [str(raw), str(survey / "calib")]})
     summary = run(cfg, settings=load_settings(catalog_dsn=catalog.dsn), client=client,
                   catalog=catalog)
+    return summary, bad
+
+
+def test_a_corrupt_exposure_is_skipped_and_recorded(
+        clean: RunSummary, faulty: tuple[RunSummary, Path], catalog: Catalog) -> None:
+    summary, bad = faulty
     assert summary.status == "done_with_errors"
-    assert list(summary.errors) == ["deep1-r-e002-d09"]
+    assert str(bad) in summary.errors
+    assert "deep1-r-e009-d00.fits" in str(summary)
+    with catalog.engine().connect() as conn:
+        row = conn.execute(sa.select(runs.c.status, runs.c.errors).where(
+            runs.c.run_id == summary.run_id)).one()
+    assert row.status == "done_with_errors"
+    assert str(bad) in row.errors
+    # nothing else was skipped: the two bad inputs of the run, and only they
+    assert sorted(row.errors) == sorted(summary.errors) == sorted(
+        [str(bad), "deep1-r-e002-d09"])
+    assert _rows(catalog, summary.run_id) == _rows(catalog, clean.run_id)
+
+
+def test_an_exposure_without_wcs_is_skipped_and_recorded(
+        clean: RunSummary, faulty: tuple[RunSummary, Path], catalog: Catalog) -> None:
+    summary, _ = faulty
+    assert summary.status == "done_with_errors"
+    assert "deep1-r-e002-d09" in summary.errors
     assert "detector CCD02 has no celestial WCS" in summary.errors["deep1-r-e002-d09"]
     assert dict(summary.epochs) == {"v2": ("deep1-r-e002-d00",)}
     assert _rows(catalog, summary.run_id) == _rows(catalog, clean.run_id)

@@ -1,7 +1,8 @@
 """The lazysky dashboard page, its JSON, /metrics and the terminal bars, on real runs.
 
-One local cluster with the plugin runs the tiny survey twice (module-wide): a clean run,
-whose page data must equal the catalog's ``run_tiles`` and the products' complete tiles,
+The session's local cluster with the plugin (``tiny_cluster``) runs the tiny survey
+twice: the session's clean run (``tiny_clean``, with its progress bars), whose page data
+must equal the catalog's ``run_tiles`` and the products' complete tiles,
 and a run that fails — a corrupt raw file among its inputs (skipped at ingest) and one
 reference exposure whose pixels were damaged in the store (the tiles it covers fail) —
 whose failures must show with their error text, exposure and tile.
@@ -9,8 +10,6 @@ whose failures must show with their error text, exposure and tile.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -54,34 +53,37 @@ def _damage_one_detector(store: Path, exposure: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def watched(tiny_survey: Path, tmp_path_factory: pytest.TempPathFactory,
-            catalog: Catalog) -> dict[str, Any]:
-    from distributed import Client, LocalCluster
+def watched(tiny_survey: Path, tiny_clean: dict[str, Any], tiny_client: Any,
+            tmp_path_factory: pytest.TempPathFactory, catalog: Catalog) -> dict[str, Any]:
+    """Two runs the plugin of ``tiny_cluster``'s scheduler watched: the session's clean
+    run (``tiny_clean``, drawn with progress bars) and a failing run made here.
+
+    The plugin keeps the newest MAX_RUNS (20) runs of the session's cluster: in the
+    suite's order this module is the first to use it after the clean run.
+    """
+    from lazysky.runs import new_run_id
 
     settings = load_settings(catalog_dsn=catalog.dsn)
-    store = tmp_path_factory.mktemp("dash-store")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            clean = run(_config(tiny_survey, store), settings=settings, client=client,
-                        catalog=catalog, show_progress=True)
-        # the failing run: the clean run's ingested store, one reference exposure damaged,
-        # and a truncated raw file to ingest
-        bad_store = tmp_path_factory.mktemp("dash-bad-store")
-        shutil.copytree(store / "raw", bad_store / "raw")
-        shutil.copytree(store / "calib", bad_store / "calib")
-        damaged = _damage_one_detector(bad_store, "deep1-r-e000-d00")
-        good = (tiny_survey / "raw" / "deep1-r-e002-d00.fits").read_bytes()
-        truncated = tmp_path_factory.mktemp("dash-bad-raw") / "deep1-r-e009-d00.fits"
-        truncated.write_bytes(good[: len(good) // 2])
-        cfg = _config(tiny_survey, bad_store).model_copy(update={"ingest": [str(truncated)]})
-        with pytest.raises(Exception) as failed:  # noqa: PT011 - whatever the codec raises
-            run(cfg, settings=settings, client=client, catalog=catalog)
-        yield {"client": client, "clean": clean, "progress": out.getvalue(),
-               "store": store, "bad_store": bad_store, "damaged": damaged,
-               "truncated": truncated, "error": failed.value,
-               "base": client.dashboard_link.rsplit("/status", 1)[0]}
+    clean: RunSummary = tiny_clean["summary"]
+    store = Path(clean.store)
+    # the failing run: the clean run's ingested store (copied), one reference exposure
+    # damaged, and a truncated raw file to ingest
+    bad_store = tmp_path_factory.mktemp("dash-bad-store")
+    shutil.copytree(store / "raw", bad_store / "raw")
+    shutil.copytree(store / "calib", bad_store / "calib")
+    damaged = _damage_one_detector(bad_store, "deep1-r-e000-d00")
+    good = (tiny_survey / "raw" / "deep1-r-e002-d00.fits").read_bytes()
+    truncated = tmp_path_factory.mktemp("dash-bad-raw") / "deep1-r-e009-d00.fits"
+    truncated.write_bytes(good[: len(good) // 2])
+    failing_id = new_run_id("test")
+    cfg = _config(tiny_survey, bad_store, run_id=failing_id).model_copy(
+        update={"ingest": [str(truncated)]})
+    with pytest.raises(Exception) as failed:  # noqa: PT011 - whatever the codec raises
+        run(cfg, settings=settings, client=tiny_client, catalog=catalog)
+    return {"client": tiny_client, "clean": clean, "progress": tiny_clean["progress"],
+            "store": store, "bad_store": bad_store, "damaged": damaged,
+            "truncated": truncated, "error": failed.value, "failing_id": failing_id,
+            "base": tiny_client.dashboard_link.rsplit("/status", 1)[0]}
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +127,7 @@ def test_clean_run_page_matches_catalog_and_products(
 
 def test_failing_run_shows_failed_tiles_with_their_error(
         watched: dict[str, Any], pages: dict[str, dict[str, Any]]) -> None:
-    [page] = [p for rid, p in pages.items() if rid != watched["clean"].run_id]
+    page = pages[watched["failing_id"]]
     assert page["status"] == "failed"
     failed = [t for t in page["tiles"] if t["state"] == "failed"]
     assert failed, "no tile shows as failed"

@@ -20,6 +20,7 @@ from lazysky.simulator import SurveySpec, load_instrument, plan_exposures, simul
 
 INST = load_instrument("tiny")
 TILE = 64  # small tiles, so every test crosses tile boundaries
+WHOLE = 4096  # a tile larger than any detector of the tiny instrument: one chunk each
 
 
 @dataclass
@@ -126,11 +127,22 @@ def bright_survey(tmp_path_factory: pytest.TempPathFactory) -> Survey:
 
 
 def _calibrate_all(survey: Survey, masters: Any) -> list[xr.Dataset]:
+    """Every exposure calibrated, cosmic rays flagged, sky subtracted, in memory, then
+    chunked in TILE blocks again for the steps under test.
+
+    Computed in whole-detector chunks: the pixels are the same bit for bit as in TILE
+    chunks (the steps' halos make chunked equal in-memory, which
+    tests/pipeline/test_calibrate.py and test_cosmics.py check), and the cosmic-ray
+    finder's halos on 64 px tiles cost three times the CPU. One exposure at a time:
+    ``dask.compute`` of two sky-subtracted exposures together fails (a key of
+    ``subtract_background``'s graph is missing when their graphs are merged).
+    """
     from lazysky.pipeline import calibrate_exposure, flag_cosmic_rays, subtract_background
 
     out = []
     for k in range(len(survey.pointings)):
-        cal = subtract_background(flag_cosmic_rays(calibrate_exposure(survey.exposure(k), masters)))
+        exposure = survey.exposure(k, tile_px=WHOLE)
+        cal = subtract_background(flag_cosmic_rays(calibrate_exposure(exposure, masters)))
         cal = cal.compute()  # data variables back to dask; coordinates stay metadata
         out.append(
             cal.assign({k: v.chunk({"y": TILE, "x": TILE}) for k, v in cal.data_vars.items()})
