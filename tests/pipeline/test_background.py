@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import dask
 import numpy as np
 import pytest
 from conftest import Survey, assert_same, raise_if_dask_computes
@@ -64,6 +65,22 @@ def test_background_matches_the_true_sky(survey: Survey, masters: Any) -> None:
     print(f"background / true sky - 1: mean {rel.mean():.5f}, rms {rel.std():.5f}")
     assert abs(rel.mean()) < 0.002  # faint sources' light lifts it a little
     assert rel.std() < 0.002
+
+
+def test_subtracted_dataset_computes_whole(survey: Survey, masters: Any) -> None:
+    """``dask.compute(dataset)`` of a calibrated, sky-subtracted exposure equals its
+    variables computed each as its own collection. With tiles of one box the mesh reads
+    the mask straight from calibrate's layer, which dask 2026.8 fused away (a missing
+    dependency of the finalize task) unless the background's tiles read it too."""
+    one = {"detector": [0]}  # one detector of four is enough (0.2 s a compute)
+    sub = subtract_background(calibrate_exposure(survey.exposure(1).isel(one), masters.isel(one)))
+    assert sub.image.data.chunksize[1] == 64  # a tile is one box: no rechunk in between
+    (whole,) = dask.compute(sub)
+    parts = dask.compute(*(sub[name].data for name in sub.data_vars))
+    assert sorted(whole.data_vars) == ["background", "image", "mask", "variance"]
+    for name, part in zip(sub.data_vars, parts, strict=True):
+        assert_same(whole[name].values, part)
+    assert np.ptp(whole.background.values) > 0  # a real sky, not a constant
 
 
 def test_background_rejects_bad_parameters() -> None:

@@ -301,15 +301,32 @@ def estimate_background(
     cols = da.arange(nx, chunks=image.chunks[2])
 
     def block(
-        tile: NDArray[Any], m: NDArray[Any], r: NDArray[Any], c: NDArray[Any]
+        tile: NDArray[Any],
+        _bad: NDArray[Any],
+        m: NDArray[Any],
+        r: NDArray[Any],
+        c: NDArray[Any],
     ) -> NDArray[np.float32]:
         out: NDArray[Any] = np.empty(tile.shape, dtype=np.float32)  # the tile: block shape
         for d in range(out.shape[0]):
             out[d] = interpolate_mesh(m[d], r, c, box_px=box_px, shape=(ny, nx))
         return out
 
+    # The mask tiles are read here too, though only the mesh uses them: it gives the
+    # mask (like the image) a second reader, so dask cannot fuse it into the mesh's
+    # layer. dask 2026.8 optimizes ``dask.compute(dataset)`` with only its finalize key:
+    # a requested variable whose Blockwise layer has one Blockwise reader is fused into
+    # it and the finalize task then misses it (``ValueError: Missing dependency
+    # ('getitem-…', …) for dependents {'finalize-hlgfinalizecompute-…'}``), here
+    # whenever the mesh tiles are the image's (tiles a multiple of ``box_px``).
+    # Minimal reproduction (dask 2026.8.0, xarray 2026.9.0; ok with
+    # ``optimize_graph=False`` or ``dask.compute(m, b)``)::
+    #
+    #     m = da.arange(16, chunks=4).reshape(4, 4).rechunk(2) + 1
+    #     b = da.map_blocks(np.negative, m)
+    #     dask.compute(xr.Dataset({"m": (("y", "x"), m), "b": (("y", "x"), b)}))
     bkg = da.blockwise(
-        block, "dyx", image, "dyx", mesh, "dab", rows, "y", cols, "x",
+        block, "dyx", image, "dyx", mask, "dyx", mesh, "dab", rows, "y", cols, "x",
         concatenate=True, dtype=np.float32, meta=np.empty((0, 0, 0), dtype=np.float32),
         name=f"background-{token}",
     )  # fmt: skip
