@@ -133,9 +133,10 @@ def _calibrate_all(survey: Survey, masters: Any) -> list[xr.Dataset]:
     Computed in whole-detector chunks: the pixels are the same bit for bit as in TILE
     chunks (the steps' halos make chunked equal in-memory, which
     tests/pipeline/test_calibrate.py and test_cosmics.py check), and the cosmic-ray
-    finder's halos on 64 px tiles cost three times the CPU. One exposure at a time:
-    ``dask.compute`` of two sky-subtracted exposures together fails (a key of
-    ``subtract_background``'s graph is missing when their graphs are merged).
+    finder's halos on 64 px tiles cost three times the CPU. One exposure at a time, so
+    only one whole exposure's temporaries are in memory at once. (Computing several
+    sky-subtracted Datasets together used to fail on a dask 2026.8 fusion bug; see
+    ``estimate_background`` and ``test_subtracted_dataset_computes_whole``.)
     """
     from lazysky.pipeline import calibrate_exposure, flag_cosmic_rays, subtract_background
 
