@@ -228,6 +228,13 @@ def test_terminal_shows_a_bar_per_stage(watched: dict[str, Any]) -> None:
         bars = [line for line in out.splitlines() if line.startswith(f"{stage} ")]
         assert bars, f"no bar for {stage} in {out!r}"
         assert f"{n:>3}/{n:<3} tiles" in bars[-1], bars[-1]  # every tile done at the end
+    # QA has no tiles on the page: its bar counts tasks (a tile x product each), all done
+    import re
+
+    qa = [line for line in out.splitlines() if line.startswith("qa ")]
+    assert qa, f"no bar for qa in {out!r}"
+    done, total = map(int, re.search(r"(\d+)/(\d+)\s+tasks", qa[-1]).groups())
+    assert done == total >= n, qa[-1]
 
 
 def test_runs_without_plugin_is_a_clear_error() -> None:

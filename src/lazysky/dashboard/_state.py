@@ -246,4 +246,9 @@ class RunState:
             "sources": sum(self.rows.get("coadd", {}).values()),
             "dia_sources": sum(self.rows.get("diff", {}).values()),
             "timings": dict(self.timings),
+            # every annotated stage's task counts, the page's stages and others (qa)
+            "tasks": {st: {"tasks": n[0], "tasks_done": n[1],
+                           "seconds": round(self.spans[st][1] - self.spans[st][0], 3)
+                           if st in self.spans else 0.0}
+                      for st, n in self.tasks.items()},
         }
