@@ -481,13 +481,20 @@ def test_bad_input_changes_nothing_and_a_run_started_during_gc_is_respected(
     assert {r["run_id"] for r in shown["runs"]} == {w.runs[k] for k in GONE}
     assert _snapshot(w) == before
 
-    # one gc at a time: a second one is refused while the first holds the catalog
+    with pytest.raises(ParameterError, match="wait: expected seconds >= 0, got -1"):
+        collect(now=NOW, settings=w.settings, catalog=w.catalog, store=w.store, wait=-1)
+    assert _snapshot(w) == before
+
+    # one gc at a time: a second one is refused while the first holds the catalog past
+    # the wait
     from lazysky.catalog import CatalogError
 
     with w.catalog.engine().connect() as other:
         other.execute(sa.select(sa.func.pg_advisory_lock(0x6C7A6763)))
-        with pytest.raises(CatalogError, match="another lazysky gc is running"):
-            collect(now=NOW, settings=w.settings, catalog=w.catalog, store=w.store)
+        with pytest.raises(CatalogError, match=r"another lazysky gc is running on this "
+                           r"catalog \(its lock still held after waiting 0.3 s\)"):
+            collect(now=NOW, settings=w.settings, catalog=w.catalog, store=w.store,
+                    wait=0.3)
         other.execute(sa.select(sa.func.pg_advisory_unlock(0x6C7A6763)))
     assert _snapshot(w) == before
 
@@ -504,8 +511,18 @@ def test_bad_input_changes_nothing_and_a_run_started_during_gc_is_respected(
             register_run(Run(late, config={}, inputs={"e1": SHA["e1"]},
                              parent_run_id=w.runs["exp_old"]), catalog=w.catalog)
 
-    report = collect(now=NOW, settings=w.settings, catalog=w.catalog, store=w.store,
-                     on_step=start_a_child)
+    # ... and it goes ahead when the other gc ends within the wait (as a killed gc's
+    # session does a moment after the kill)
+    import threading
+
+    with w.catalog.engine().connect() as other:
+        other.execute(sa.select(sa.func.pg_advisory_lock(0x6C7A6763)))
+        release = threading.Timer(0.5, lambda: other.execute(
+            sa.select(sa.func.pg_advisory_unlock(0x6C7A6763))))
+        release.start()
+        report = collect(now=NOW, settings=w.settings, catalog=w.catalog, store=w.store,
+                         on_step=start_a_child, wait=60)
+        release.join()
     assert [r.run_id for r in report.runs] == [w.runs["test_old"]]
     assert (w.runs["exp_old"], f"in use: parent of {late}, which is kept") in {
         (k.run_id, k.why) for k in report.kept}

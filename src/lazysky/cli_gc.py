@@ -20,7 +20,7 @@ def _cmd_gc(args: argparse.Namespace) -> int:
     now = parse_now(args.now, what="--now")  # a bad --now fails before the catalog is opened
     settings = load_settings(args.settings)
     report = collect(now=now, dry_run=args.dry_run, settings=settings,
-                     catalog=open_catalog(settings), store=args.store)
+                     catalog=open_catalog(settings), store=args.store, wait=args.wait)
     print(json.dumps(report.as_dict(), indent=1) if args.format == "json" else report)
     return 1 if report.errors else 0
 
@@ -33,6 +33,9 @@ def add_gc_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="list what would go and how much space it frees; change nothing")
     p.add_argument("--now", help="measure retention against this ISO 8601 time "
                    "(default: the clock), e.g. 2027-01-01 to see what expires by then")
+    p.add_argument("--wait", type=float, default=10.0, metavar="SECONDS",
+                   help="wait this long for another gc to end before giving up "
+                   "(default: 10)")
     p.add_argument("--store", help="the store (default: the settings' store_url)")
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--settings", help="lazysky settings YAML (default: $LAZYSKY_CONFIG)")

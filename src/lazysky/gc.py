@@ -44,6 +44,7 @@ import getpass
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -61,7 +62,7 @@ from lazysky._gc_catalog import (
     drop_expired_month,
     drop_expired_partitions,
 )
-from lazysky.errors import LazySkyError, StoreError
+from lazysky.errors import LazySkyError, ParameterError, StoreError
 
 if TYPE_CHECKING:
     from lazysky.catalog.database import Catalog
@@ -341,6 +342,20 @@ def _raw(plan: _Plan, gone: set[str]) -> list[str]:
     return sorted(e for e, rs in users.items() if all(r in gone for r in rs))
 
 
+def _take_gc_lock(conn: sa.Connection, wait: float) -> bool:
+    """Take the session advisory lock of gc, polling for up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        got = conn.execute(sa.select(sa.func.pg_try_advisory_lock(_GC_LOCK))).scalar()
+        conn.commit()
+        if got:
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(0.1, left))
+
+
 def collect(
     *,
     now: str | dt.datetime | None = None,
@@ -350,6 +365,7 @@ def collect(
     store: StoreLike | None = None,
     storage_options: dict[str, Any] | None = None,
     on_step: Step | None = None,
+    wait: float = 10.0,
 ) -> GcReport:
     """Remove every expired run whole, then the masters and raw exposures only they used.
 
@@ -371,6 +387,10 @@ def collect(
     on_step
         Called with ``(step, run_id)`` after each step of a run (``catalog``,
         ``products``, ``expired``): progress, or a stop point in tests.
+    wait
+        Seconds to wait for another gc's lock before giving up (default 10). A gc that
+        was just killed holds the lock until its database session ends, which the server
+        notices a moment later; the wait lets a re-run started at once go ahead.
 
     Returns
     -------
@@ -379,9 +399,9 @@ def collect(
     Raises
     ------
     ParameterError
-        A bad ``now``.
+        A bad ``now`` or ``wait``.
     CatalogError
-        Another gc holds the catalog's gc lock.
+        Another gc still holds the catalog's gc lock after ``wait`` seconds.
 
     Examples
     --------
@@ -392,6 +412,8 @@ def collect(
     from lazysky.zarr_store._layout import RAW, parse_store
 
     when = parse_now(now)
+    if not wait >= 0:  # NaN too
+        raise ParameterError(f"wait: expected seconds >= 0, got {wait!r}")
     settings = settings if settings is not None else load_settings()
     root = parse_store(store if store is not None else settings.store_url,
                        storage_options=storage_options, settings=settings)
@@ -399,10 +421,9 @@ def collect(
     engine = catalog.engine()
     errors: dict[str, str] = {}
     with engine.connect() as lock_conn:
-        got = lock_conn.execute(sa.select(sa.func.pg_try_advisory_lock(_GC_LOCK))).scalar()
-        lock_conn.commit()
-        if not got:
-            msg = "another lazysky gc is running on this catalog; try again when it ends"
+        if not _take_gc_lock(lock_conn, wait):
+            msg = (f"another lazysky gc is running on this catalog (its lock still held "
+                   f"after waiting {wait:g} s); try again when it ends")
             raise CatalogError(msg)
         try:
             with engine.connect() as conn:
