@@ -27,10 +27,14 @@ from lazysky.catalog.qa import QA_COLUMNS, qa_by_tile, read_qa, write_qa
 from lazysky.config import QaThresholds, load_settings
 from lazysky.errors import ConfigError, ParameterError
 from lazysky.pipeline.qa import (
+    METRICS,
+    QaPlan,
     background_stats,
     flag_tile,
     limiting_magnitude,
     match_stars,
+    merge_plans,
+    plan_qa,
     qa_tasks,
     run_qa,
     score_std,
@@ -234,8 +238,18 @@ def test_flags_follow_the_thresholds(qa_run: tuple[RunSummary, Path],
     epochs = tight["product"] == "deep1-v2"
     assert all(any(r.startswith("score_std") for r in rs)
                for rs in tight["reasons"][epochs & np.isfinite(tight["score_std"])])
-    np.testing.assert_allclose(np.asarray(tight["psf_fwhm_px"]),
-                               np.asarray(before["psf_fwhm_px"]))
+    # the run measured QA on the graphs it was writing (beside the writes, nothing read
+    # back); recomputed from the written products, every value is the same
+    def by_key(t: Any) -> dict[tuple[str, str], Any]:
+        return {(str(r["product"]), str(r["tile_id"])): r for r in t}
+
+    old_rows, new_rows = by_key(before), by_key(tight)
+    assert set(old_rows) == set(new_rows)
+    for key, r in new_rows.items():
+        for m in METRICS:
+            np.testing.assert_allclose(float(r[m]), float(old_rows[key][m]), rtol=1e-12,
+                                       equal_nan=True, err_msg=f"{key} {m}")
+        assert r["psf_source"] == old_rows[key]["psf_source"]
     attrs = open_product(summary.store, summary.run_id, "coadd", "deep1").attrs
     assert len(attrs["qa_flagged"]) == len(tight)
 
@@ -397,3 +411,30 @@ def test_write_qa_refuses_rows_without_keys(catalog: Catalog) -> None:
     with pytest.raises(CatalogError, match="refused the QA rows"):  # run not registered
         write_qa(run_id, [{"product": "deep1", "tile_id": "t000_000", "kind": "coadd"}],
                  catalog=catalog)
+
+
+def test_merge_plans_and_plan_products_refuse_what_does_not_fit(
+        qa_run: tuple[RunSummary, Path], catalog: Catalog) -> None:
+    def plan(run: str, keys: list[tuple[str, str]]) -> QaPlan:
+        return QaPlan(run_id=run, reference="deep1", epochs={"deep1-v2": EPOCH}, keys=keys,
+                      tasks=[object() for _ in keys], pixel_scale_arcsec=0.4)
+
+    a, b = plan("r1", [("deep1", "t0")]), plan("r1", [("deep1-v2", "t0"), ("deep1", "t1")])
+    merged = merge_plans([a, b])
+    assert merged.keys == [("deep1", "t0"), ("deep1-v2", "t0"), ("deep1", "t1")]
+    assert merged.tasks == [*a.tasks, *b.tasks]
+    with pytest.raises(ParameterError, match="at least one QaPlan"):
+        merge_plans([])
+    with pytest.raises(ParameterError, match=r"every plan must be of run r1 .* got runs \['r2'\]"):
+        merge_plans([a, plan("r2", [("deep1", "t2")])])
+    with pytest.raises(ParameterError, match="a \\(product, tile\\) pair is in two plans"):
+        merge_plans([a, a])
+    # products given for an epoch the run does not have
+    summary, _ = qa_run
+    sci = open_product(summary.store, summary.run_id, "coadd", "deep1-v2")
+    diff = open_product(summary.store, summary.run_id, "diff", "deep1-v2")
+    with pytest.raises(ParameterError, match=r"products: \['deep1-v9'\] are not among the "
+                       r"epochs \['deep1-v2'\]"):
+        plan_qa(summary.store, summary.run_id, reference="deep1", reference_ids=REFERENCE,
+                epochs={"deep1-v2": EPOCH}, meta={}, catalog=catalog,
+                products={"deep1-v9": (sci, diff)})

@@ -443,8 +443,15 @@ def run(
             reference = open_product(store, run_id, "coadd", name, settings=settings)
 
         diff_names = {epoch: f"{name}-{epoch}" for epoch in sel.epochs}
+        qa_args = {"reference": name, "reference_ids": sel.reference,
+                   "epochs": {diff_names[e]: ids for e, ids in sel.epochs.items()},
+                   "meta": sel.meta, "catalog": catalog, "settings": settings}
+        qa_plans: list[Any] = []  # QA computed beside the writes, then the rest (after detect)
+        qa_futures: list[Any] = []
         with _stage("difference", timings):
             writes: list[Any] = []
+            graphs: dict[str, tuple[xr.Dataset, xr.Dataset]] = {}  # epoch name: (sci, diff)
+            epoch_todo: list[set[str]] = []
             for epoch, ids in sel.epochs.items():
                 # a tile is done when both its science coadd and its difference are (the two
                 # writes of one tile may finish in either order before an interruption)
@@ -473,9 +480,31 @@ def run(
                 keep.attrs.update(epoch=epoch, exposures=list(ids))
                 writes.append(write_product(store, run_id, "diff", diff_names[epoch], keep,
                                             tiles=todo, compute=False, settings=settings))
+                graphs[diff_names[epoch]] = (science, keep)
+                epoch_todo.append(set(todo))
             if writes:
-                _compute(client, writes, label="differences", show=show_progress,
-                         run_id=run_id, stage="difference")
+                # science QA of the tiles every epoch writes now, from the graphs being
+                # written: it shares their tiles in the workers' memory and reads nothing
+                # back (docs/qa.md); only its recording waits for the catalog's rows. One
+                # submission with the writes (two would optimise the shared graph apart);
+                # its tasks keep their own stage, "qa" (a layer's annotation wins)
+                both = set.intersection(*epoch_todo) if epoch_todo else set()
+                qa_tiles = [t for t in det_tiles if t in both]
+                early: list[Any] = []
+                if settings.qa_enabled and len(graphs) == len(sel.epochs) and qa_tiles:
+                    from lazysky.dashboard import annotate
+                    from lazysky.pipeline.qa import plan_qa
+
+                    with annotate(run_id, "qa"):
+                        qa_plans.append(plan_qa(store, run_id, **qa_args, tiles=qa_tiles,
+                                                products=graphs))
+                    early = qa_plans[-1].tasks
+                futures = _submit(client, [*writes, *early], run_id=run_id,
+                                  stage="difference")
+                qa_futures += futures[len(writes):]
+                _gather(client, futures[:len(writes)], label="differences",
+                        show=show_progress, run_id=run_id, stage="difference")
+                del graphs
             diffs = {epoch: open_product(store, run_id, "diff", n, settings=settings)
                      for epoch, n in diff_names.items()}
 
@@ -502,28 +531,28 @@ def run(
                     stage="detect-diff", dask_key_name=f"catalog-diff-{tile}-{run_id}")
             det_futures = _submit(client, list(tasks.values()), run_id=run_id,
                                   stage="detect") if tasks else []
-            # per-tile science QA (lazysky.pipeline.qa, docs/qa.md) reads only the written
-            # products: submitted behind detection, its tasks fill the workers' gaps (a
-            # catalog write waits on PostgreSQL), and only the recording waits for the rows
-            qa_plan, qa_futures = None, []
+            # the QA the difference stage did not compute (a resumed run, a run without
+            # epochs) reads the written products: submitted behind detection, its tasks
+            # fill the workers' gaps (a catalog write waits on PostgreSQL)
             if settings.qa_enabled:
                 from lazysky.pipeline.qa import plan_qa
 
-                qa_plan = plan_qa(store, run_id, reference=name, reference_ids=sel.reference,
-                                  epochs={diff_names[e]: ids for e, ids in sel.epochs.items()},
-                                  meta=sel.meta, catalog=catalog, settings=settings,
-                                  tiles=det_tiles)
-                qa_futures = _submit(client, qa_plan.tasks, run_id=run_id, stage="qa")
+                measured = {t for p in qa_plans for _, t in p.keys}
+                rest = [t for t in det_tiles if t not in measured]
+                if rest or not qa_plans:
+                    qa_plans.append(plan_qa(store, run_id, **qa_args, tiles=rest))
+                    qa_futures += _submit(client, qa_plans[-1].tasks, run_id=run_id,
+                                          stage="qa")
             if det_futures:
                 _gather(client, det_futures, label="detect + catalog", show=show_progress,
                         run_id=run_id, stage="detect")
-        if qa_plan is not None:
+        if qa_plans:
             with _stage("qa", timings):
-                from lazysky.pipeline.qa import record_qa
+                from lazysky.pipeline.qa import merge_plans, record_qa
 
                 values = _gather(client, qa_futures, label="qa", show=show_progress,
                                  run_id=run_id, stage="qa") if qa_futures else []
-                qa = record_qa(store, qa_plan, values, catalog=catalog,
+                qa = record_qa(store, merge_plans(qa_plans), values, catalog=catalog,
                                thresholds=settings.qa_thresholds, settings=settings)
                 if settings.cluster.watch:  # the page colours tiles by QA, /metrics too
                     from lazysky.dashboard import publish_run_qa

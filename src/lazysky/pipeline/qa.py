@@ -43,6 +43,7 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import warnings
@@ -70,6 +71,7 @@ __all__ = [
     "flag_tile",
     "limiting_magnitude",
     "match_stars",
+    "merge_plans",
     "plan_qa",
     "qa_tasks",
     "record_qa",
@@ -428,6 +430,7 @@ def qa_tasks(
     """
     import dask
 
+    from lazysky._dask import window_delayed
     from lazysky.pipeline.grid import parse_tile
     from lazysky.zarr_store.products import product_grid
 
@@ -437,8 +440,11 @@ def qa_tasks(
     if ref_name in epochs:
         msg = f"the epoch products {sorted(epochs)} include the reference's name {ref_name!r}"
         raise ParameterError(msg)
-    # the reference's stars (a Delayed) go in their own argument: dask (2025.x) reorders
-    # a container that mixes Delayed objects with dask arrays
+    # every block goes in as a Delayed sharing the keys of its graph (window_delayed): a
+    # dask array passed to a Delayed would be optimised on its own, recomputing the lazy
+    # products QA is given beside their writes; the reference's stars (a Delayed) go in
+    # their own argument: dask (2025.x) reorders a container that mixes Delayed objects
+    # with dask arrays
     task = dask.delayed(_tile_task, pure=True)
     out: dict[tuple[str, str], Any] = {}
     for tile in todo:
@@ -446,8 +452,9 @@ def qa_tasks(
         tp = grid.tile_px
 
         def arrays(ds: Any) -> list[Any]:
-            return [*(_block(ds, v, iy, ix, tp) for v in ("image", "variance", "mask")),  # noqa: B023
-                    *(ds[v].data[iy, ix] for v in ("psf", "psf_fwhm", "psf_beta"))]  # noqa: B023
+            return [window_delayed(a) for a in (
+                *(_block(ds, v, iy, ix, tp) for v in ("image", "variance", "mask")),  # noqa: B023
+                *(ds[v].data[iy, ix] for v in ("psf", "psf_fwhm", "psf_beta")))]  # noqa: B023
 
         ref_task = task(arrays(reference), None, {
             "n_detections": int(n_detections.get((ref_name, tile), 0)),
@@ -457,8 +464,9 @@ def qa_tasks(
         ref_stars = dask.delayed(_stars, pure=True)(
             ref_task, dask_key_name=f"qa-stars-{ref_name}-{tile}-{run_id}")
         for name, (sci, diff) in epochs.items():
-            diff_arrays = [*(_block(diff, v, iy, ix, tp) for v in ("score", "variance", "mask")),
-                           diff["psf"].data[iy, ix]]
+            diff_arrays = [window_delayed(a) for a in (
+                *(_block(diff, v, iy, ix, tp) for v in ("score", "variance", "mask")),
+                diff["psf"].data[iy, ix])]
             out[(name, tile)] = task(arrays(sci) + diff_arrays, ref_stars, {
                 "n_detections": int(n_detections.get((name, tile), 0)),
                 "zeropoint_mag": zeropoints.get(name), "stamp_px": stamp_px},
@@ -537,11 +545,16 @@ def plan_qa(
     store: Any, run_id: str, *, reference: str, reference_ids: Sequence[str],
     epochs: Mapping[str, Sequence[str]], meta: Mapping[str, Mapping[str, Any]],
     catalog: Any, settings: Any = None, tiles: Sequence[str] | None = None,
+    products: Mapping[str, tuple[Any, Any]] | None = None,
 ) -> QaPlan:  # fmt: skip
     """The lazy QA of the (product, tile) pairs of a run missing from ``tile_qa``.
 
-    Arguments as :func:`run_qa`'s. Nothing computes; the products must be written (the
-    coadds and differences), the catalog's detections need not be yet.
+    Arguments as :func:`run_qa`'s. Nothing computes; the reference coadd must be written,
+    the catalog's detections need not be yet. ``products`` maps each epoch's product name
+    to its ``(science coadd, difference)`` Datasets to measure instead of the written
+    products: the lazy graphs being written, so that QA computes alongside the writes
+    (sharing their in-memory tiles) and reads nothing back (the runner does this);
+    without it, the written epochs are opened.
 
     Examples
     --------
@@ -553,6 +566,11 @@ def plan_qa(
     from lazysky.catalog.qa import read_qa
     from lazysky.zarr_store.products import open_product, product_grid
 
+    given = dict(products or {})
+    missing = sorted(set(given) - set(epochs))
+    if missing:
+        msg = f"products: {missing} are not among the epochs {sorted(epochs)}"
+        raise ParameterError(msg)
     ref = open_product(store, run_id, "coadd", reference, settings=settings)
     grid = product_grid(ref)
     have = read_qa(run_id, catalog=catalog)
@@ -562,9 +580,9 @@ def plan_qa(
             if any((n, t) not in done for n in names)]
     tasks: dict[tuple[str, str], Any] = {}
     if todo:
-        opened = {n: (open_product(store, run_id, "coadd", n, settings=settings),
-                      open_product(store, run_id, "diff", n, settings=settings))
-                  for n in epochs}
+        opened = {n: given[n] if n in given else (
+            open_product(store, run_id, "coadd", n, settings=settings),
+            open_product(store, run_id, "diff", n, settings=settings)) for n in epochs}
         zps = {n: zeropoint_from_headers([_header(meta.get(e, {})) for e in ids])
                for n, ids in [(reference, reference_ids), *epochs.items()]}
         tasks = qa_tasks(ref, opened, run_id=run_id, tiles=todo, zeropoints=zps,
@@ -572,6 +590,29 @@ def plan_qa(
     return QaPlan(run_id=run_id, reference=reference, epochs=dict(epochs),
                   keys=list(tasks), tasks=list(tasks.values()),
                   pixel_scale_arcsec=grid.pixel_scale_arcsec)
+
+
+def merge_plans(plans: Sequence[QaPlan]) -> QaPlan:
+    """One plan of several of one run (their keys and tasks in order), to record at once.
+
+    Raises
+    ------
+    ParameterError
+        No plan, or plans of different runs or references.
+    """
+    if not plans:
+        raise ParameterError("merge_plans: expected at least one QaPlan, got none")
+    first = plans[0]
+    other = [p.run_id for p in plans if (p.run_id, p.reference) != (first.run_id,
+                                                                     first.reference)]
+    if other:
+        msg = (f"merge_plans: every plan must be of run {first.run_id} and reference "
+               f"{first.reference!r}; got runs {other}")
+        raise ParameterError(msg)
+    keys = [k for p in plans for k in p.keys]
+    if len(set(keys)) != len(keys):
+        raise ParameterError("merge_plans: a (product, tile) pair is in two plans")
+    return dataclasses.replace(first, keys=keys, tasks=[t for p in plans for t in p.tasks])
 
 
 def record_qa(
