@@ -6,6 +6,7 @@ Run (it starts its own embedded server in --dir, by default /var/tmp/lazysky-ben
     python benchmarks/bench_catalog.py --rows 1000000
     python benchmarks/bench_catalog.py --rows 10000000 --queries 200 --dir DIR
     python benchmarks/bench_catalog.py --rows 2000000 --ab-opclass 40   # GiST class A/B
+    python benchmarks/bench_catalog.py --rows 4000000 --ab-settings '' 'shared_buffers=1GB'
 
 q3c (Debian package ``postgresql-15-q3c``) is installed with apt-get when run as root
 and missing; otherwise its columns are skipped with a note. Prints a Markdown report
@@ -19,6 +20,7 @@ steadier guide.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import platform
@@ -165,11 +167,24 @@ _STATS = ("backend_writes", "checkpoint_writes", "bgwriter_writes", "checkpoints
           "wal_bytes", "wal_fpi", "wal_buffers_full")
 
 
+_VMSTAT = ("allocstall", "pgscan_direct", "pgscan_kswapd")
+
+
 def server_stats(dsn: str) -> dict[str, float]:
-    """The server's cumulative write statistics (pg_stat_bgwriter, pg_stat_wal)."""
+    """The server's cumulative write statistics (pg_stat_bgwriter, pg_stat_wal) and the
+    kernel's page reclaim counters (/proc/vmstat: reclaim costs the allocating process
+    CPU once free memory runs out)."""
     with psycopg.connect(libpq_dsn(dsn)) as conn:
         got = conn.execute(_STATS_SQL).fetchone()
-    return dict(zip(_STATS, (float(v) for v in got or ()), strict=True))
+    out = dict(zip(_STATS, (float(v) for v in got or ()), strict=True))
+    vm = dict.fromkeys(_VMSTAT, 0.0)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            key = next((k for k in _VMSTAT if name.startswith(k)), None)
+            if key:
+                vm[key] += float(value)
+    return {**out, **vm}
 
 
 def _load_step(pool: Any, dsn: str, run: str, done: int, todo: int, writers: int,
@@ -188,7 +203,7 @@ def _load_step(pool: Any, dsn: str, run: str, done: int, todo: int, writers: int
     kind1 = server_cpu_by_kind(catalog_dir) if catalog_dir else {}
     st1 = server_stats(dsn)
     rows = todo * TILE_ROWS
-    deltas = {k: st1[k] - st0[k] for k in _STATS}
+    deltas = {k: st1[k] - st0[k] for k in (*_STATS, *_VMSTAT)}
     deltas["writers_us"] = sum(spent) / rows * 1e6
     deltas.update({f"{k}_us": (kind1[k] - kind0[k]) / rows * 1e6 for k in kind1})
     return rows / dt, (sum(spent) + srv) / rows * 1e6, deltas
@@ -200,7 +215,9 @@ def _stats_text(stats: dict[str, float], rows: int) -> str:
             f"{stats['checkpoint_writes'] / rows * 1e3:.1f}, by the "
             f"bgwriter {stats['bgwriter_writes'] / rows * 1e3:.1f}, full-page images "
             f"{stats['wal_fpi'] / rows * 1e3:.1f}; WAL {stats['wal_bytes'] / rows:.0f} B/row; "
-            f"checkpoints {stats['checkpoints']:.0f}; CPU µs/row: writers "
+            f"checkpoints {stats['checkpoints']:.0f}; reclaim per 1000 rows: pages scanned "
+            f"directly {stats['pgscan_direct'] / rows * 1e3:.0f}, by kswapd "
+            f"{stats['pgscan_kswapd'] / rows * 1e3:.0f}; CPU µs/row: writers "
             f"{stats['writers_us']:.2f}, "
             + ", ".join(f"{k[:-3]} {v:.2f}" for k, v in stats.items()
                         if k.endswith("_us") and k != "writers_us"))

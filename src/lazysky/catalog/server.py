@@ -6,6 +6,7 @@ directory, with ``pg_sphere`` created in the ``lazysky`` database. The layout of
 catalog directory::
 
     <catalog_dir>/pgdata/          the cluster (mode 0700)
+    <catalog_dir>/pgdata/lazysky.conf   lazysky's server settings, rewritten at every start
     <catalog_dir>/socket/          the Unix socket (mode 0700: only its owner connects)
     <catalog_dir>/server.log       the server's log
 
@@ -15,6 +16,10 @@ must then lie where that user can reach it (not under a 0700 home directory; the
 as root is ``/var/lib/lazysky/catalog``). Run as a normal user, the server runs as that
 user. Authentication is ``trust`` on the private socket: the directory's permissions are
 the access control.
+
+The settings (:func:`build_server_settings`) size ``shared_buffers`` from the machine's
+memory; ``LAZYSKY_PG_SETTINGS`` (``name=value;name=value``) overrides any of them but
+the socket and listening ones, from the next start on.
 
 :func:`start`, :func:`stop` and :func:`status` are idempotent and safe to call from
 several processes at once (a file lock serialises them).
