@@ -251,7 +251,7 @@ def load(catalog: Catalog, run: str, rows: int, *, writers: int,
 
 
 def ab_settings(bench_dir: Path, rows: int, variants: list[str], *,
-                writers: int) -> list[str]:
+                writers: int, query_rounds: int = 0, clients: int = 4) -> list[str]:
     """Interleaved A/B of embedded-server settings as the table grows.
 
     One embedded server per variant (``bench_dir/A``, ``bench_dir/B``, …), each started
@@ -259,7 +259,10 @@ def ab_settings(bench_dir: Path, rows: int, variants: list[str], *,
     tiles are loaded into every server a tenth of ``rows`` at a time, the variants
     alternating step by step (which goes first alternates too), so the machine's load
     hits all alike. Returns the report lines: per variant and step, rows/s, CPU µs per
-    row (writers + that server), and the server's write statistics.
+    row (writers + that server), and the server's write statistics. With
+    ``query_rounds``, then as many interleaved rounds of queries on every server: 200
+    prepared 6′ cones (p50/p95), ``clients`` prepared 1′ clients for 5 s (queries/s, CPU
+    µs/query) and a 20 000-position cross-match (wall and CPU seconds).
     """
     from lazysky.catalog import server as catalog_server
 
@@ -316,6 +319,8 @@ def ab_settings(bench_dir: Path, rows: int, variants: list[str], *,
         written = [r[2]["backend_writes"] / (step_tiles * TILE_ROWS) * 1e3 for r in res]
         lines.append(f"  {label}: buffers written by backends per 1000 rows per step "
                      f"{', '.join(f'{w:.1f}' for w in written)}")
+    if query_rounds:
+        lines.extend(_ab_queries(sides, rows, query_rounds, clients))
     for label, (cat, _, side_dir) in sides.items():
         with psycopg.connect(libpq_dsn(cat.dsn)) as conn:
             size = conn.execute("SELECT pg_size_pretty(pg_database_size(current_database()))"
@@ -325,6 +330,44 @@ def ab_settings(bench_dir: Path, rows: int, variants: list[str], *,
         catalog_server.stop(side_dir)
     lines.append(f"  load average at the end {os.getloadavg()[0]:.2f}")
     return lines
+
+
+def _ab_queries(sides: dict[str, tuple[Catalog, str, Path]], rows: int, rounds: int,
+                clients: int) -> list[str]:
+    """Interleaved query rounds on every side of :func:`ab_settings`; report lines."""
+    _SPAN[0] = _field_ra_span(rows)
+    got: dict[str, dict[str, list[float]]] = {
+        k: {"p50": [], "p95": [], "qps": [], "cpu_q": [], "xm": [], "xm_cpu": []}
+        for k in sides}
+    for cat, _, _ in sides.values():
+        with psycopg.connect(libpq_dsn(cat.dsn), autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE coadd_sources")
+    far = _centres(20_000, seed=17)
+    for r in range(rounds):
+        for label in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            cat, _, side_dir = sides[label]
+            dsn = libpq_dsn(cat.dsn)
+            p50, p95, _ = sql_latency(dsn, "pgsphere", 0.1, 200)
+            tput = throughput(dsn, 1 / 60, clients, 5.0, rounds=1, catalog_dir=side_dir)
+            srv0, cpu0, t0 = server_cpu_seconds(side_dir), time.process_time(), time.perf_counter()
+            crossmatch(far[:, 0], far[:, 1], "1arcsec", catalog=cat)
+            xm = time.perf_counter() - t0
+            xm_cpu = time.process_time() - cpu0 + server_cpu_seconds(side_dir) - srv0
+            for key, value in (("p50", p50), ("p95", p95), ("qps", tput[True][0][0]),
+                               ("cpu_q", tput[True][0][1]), ("xm", xm), ("xm_cpu", xm_cpu)):
+                got[label][key].append(value)
+            print(f"  query round {r + 1} {label}: 6′ SQL p50/p95 {p50:.2f}/{p95:.2f} ms, "
+                  f"{clients} clients 1′ {tput[True][0][0]:,.0f} q/s "
+                  f"({tput[True][0][1]:.0f} CPU-µs/query), cross-match 20 000: {xm:.2f} s "
+                  f"(CPU {xm_cpu:.2f} s), load average {os.getloadavg()[0]:.1f}", flush=True)
+    out = [f"query rounds ({rounds}, interleaved), medians:"]
+    for label, g in got.items():
+        out.append(f"  {label}: 6′ SQL p50 {np.median(g['p50']):.2f} ms, p95 "
+                   f"{np.median(g['p95']):.2f} ms; {clients} prepared clients at 1′ "
+                   f"{np.median(g['qps']):,.0f} q/s, {np.median(g['cpu_q']):.0f} CPU-µs/query; "
+                   f"cross-match 20 000 positions {np.median(g['xm']):.2f} s, CPU "
+                   f"{np.median(g['xm_cpu']):.2f} s")
+    return out
 
 
 def row_by_row(catalog: Catalog, run: str, n: int) -> float:
@@ -598,6 +641,9 @@ def main() -> None:
                     help="instead of the benchmark: load --rows into one embedded server "
                          "per SETTINGS (LAZYSKY_PG_SETTINGS text; '' = lazysky's "
                          "defaults), interleaved step by step, and compare the curves")
+    ap.add_argument("--query-rounds", type=int, default=0, metavar="N",
+                    help="with --ab-settings: then N interleaved rounds of queries on "
+                         "every server (6′ latency, 4-client throughput, cross-match)")
     ap.add_argument("--load-only", action="store_true",
                     help="stop after the bulk load (and the row-by-row baseline)")
     args = ap.parse_args()
@@ -614,7 +660,8 @@ def main() -> None:
     bench_dir.chmod(0o755)
     if args.ab_settings:
         print("\n".join(ab_settings(bench_dir, args.rows, args.ab_settings,
-                                    writers=args.writers)))
+                                    writers=args.writers, query_rounds=args.query_rounds,
+                                    clients=args.clients)))
         return
     catalog = open_catalog(load_settings(catalog_dir=bench_dir, catalog_dsn=None))
     dsn = libpq_dsn(catalog.dsn)
