@@ -18,11 +18,11 @@ GiB = 2**30
 
 
 @pytest.mark.parametrize(("memory", "expected"), [
-    (24 * GiB, "6144MB"),        # a quarter of the memory …
-    (2 * GiB, "512MB"),
+    (2 * GiB, "512MB"),          # a quarter of the memory …
+    (3 * GiB, "768MB"),
     (256 * 2**20, "128MB"),      # … at least PostgreSQL's default …
-    (1024 * GiB, "8192MB"),      # … at most 8 GB
-    (40 * GiB, "8192MB"),
+    (24 * GiB, "1024MB"),        # … at most 1 GB
+    (1024 * GiB, "1024MB"),
 ])
 def test_shared_buffers_is_a_quarter_of_memory_within_bounds(memory: int,
                                                              expected: str) -> None:

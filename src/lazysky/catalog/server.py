@@ -92,7 +92,11 @@ SETTINGS_ENV = "LAZYSKY_PG_SETTINGS"
 #: ``shared_buffers`` is this fraction of the machine's memory, within the bounds below.
 SHARED_BUFFERS_FRACTION = 0.25
 SHARED_BUFFERS_MIN_MB = 128       # PostgreSQL's own default
-SHARED_BUFFERS_MAX_MB = 8 * 1024
+# 1 GB: at 10 M rows (2.8 GB of heap + indexes) 6 GB bought nothing over 1 GB, neither
+# for bulk loads nor for cones or cross-matches (interleaved A/Bs, docs/catalog.md),
+# while 1 GB did ~6x fewer buffer reads than 256 MB for cone clients at 11 M rows; a
+# bigger pool would only hold memory the pipeline's workers may need
+SHARED_BUFFERS_MAX_MB = 1024
 
 _CONF_FILE = "lazysky.conf"       # in pgdata, rewritten at every start
 _INCLUDE_LINE = f"include = '{_CONF_FILE}'"
@@ -185,7 +189,7 @@ def build_server_settings(
     Examples
     --------
     >>> build_server_settings(24 * 2**30)["shared_buffers"]
-    '6144MB'
+    '1024MB'
     >>> build_server_settings(2 * 2**30)["shared_buffers"]
     '512MB'
     >>> build_server_settings(2**30, overrides={"shared_buffers": "1GB"})["shared_buffers"]
