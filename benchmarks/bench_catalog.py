@@ -6,6 +6,7 @@ Run (it starts its own embedded server in --dir, by default /var/tmp/lazysky-ben
     python benchmarks/bench_catalog.py --rows 1000000
     python benchmarks/bench_catalog.py --rows 10000000 --queries 200 --dir DIR
     python benchmarks/bench_catalog.py --rows 2000000 --ab-opclass 40   # GiST class A/B
+    python benchmarks/bench_catalog.py --rows 4000000 --ab-settings '' 'shared_buffers=1GB'
 
 q3c (Debian package ``postgresql-15-q3c``) is installed with apt-get when run as root
 and missing; otherwise its columns are skipped with a note. Prints a Markdown report
@@ -19,6 +20,7 @@ steadier guide.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import platform
@@ -120,8 +122,105 @@ def server_cpu_seconds(catalog_dir: Path) -> float:
     return total
 
 
+_KINDS = ("checkpointer", "background writer", "walwriter", "autovacuum worker")
+
+
+def server_cpu_by_kind(catalog_dir: Path) -> dict[str, float]:
+    """CPU seconds so far of the embedded server's processes, by kind.
+
+    Kinds: ``backends`` (client connections), the auxiliary processes of ``_KINDS``,
+    and ``exited`` (the postmaster itself plus the children it has reaped: autovacuum
+    workers that finished, backends of closed connections).
+    """
+    out = dict.fromkeys(("backends", *_KINDS, "exited"), 0.0)
+    try:
+        postmaster = int((catalog_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return out
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            title = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if int(entry) == postmaster:
+            out["exited"] += sum(int(f) for f in fields[11:15]) / _TICK
+        elif int(fields[1]) == postmaster:
+            kind = next((k for k in _KINDS if f"postgres: {k}" in title), "backends")
+            if kind == "backends" and "postgres: " in title and "[local]" not in title:
+                kind = "exited"  # other auxiliary processes: launchers, archiver
+            out[kind] += (int(fields[11]) + int(fields[12])) / _TICK
+    return out
+
+
 def _warm_worker(dsn: str) -> None:
     open_catalog(dsn=dsn).engine().dispose()
+
+
+_STATS_SQL = (
+    "SELECT b.buffers_backend, b.buffers_checkpoint, b.buffers_clean, "
+    "b.checkpoints_timed + b.checkpoints_req, w.wal_bytes, w.wal_fpi, w.wal_buffers_full "
+    "FROM pg_stat_bgwriter b, pg_stat_wal w")
+_STATS = ("backend_writes", "checkpoint_writes", "bgwriter_writes", "checkpoints",
+          "wal_bytes", "wal_fpi", "wal_buffers_full")
+
+
+_VMSTAT = ("allocstall", "pgscan_direct", "pgscan_kswapd")
+
+
+def server_stats(dsn: str) -> dict[str, float]:
+    """The server's cumulative write statistics (pg_stat_bgwriter, pg_stat_wal) and the
+    kernel's page reclaim counters (/proc/vmstat: reclaim costs the allocating process
+    CPU once free memory runs out)."""
+    with psycopg.connect(libpq_dsn(dsn)) as conn:
+        got = conn.execute(_STATS_SQL).fetchone()
+    out = dict(zip(_STATS, (float(v) for v in got or ()), strict=True))
+    vm = dict.fromkeys(_VMSTAT, 0.0)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            key = next((k for k in _VMSTAT if name.startswith(k)), None)
+            if key:
+                vm[key] += float(value)
+    return {**out, **vm}
+
+
+def _load_step(pool: Any, dsn: str, run: str, done: int, todo: int, writers: int,
+               catalog_dir: Path | None) -> tuple[float, float, dict[str, float]]:
+    """Write tiles ``done … done + todo - 1``; rows/s, CPU µs/row, server stat deltas."""
+    share = [todo // writers + (1 if i < todo % writers else 0) for i in range(writers)]
+    starts = np.cumsum([0, *share[:-1]]) + done
+    st0 = server_stats(dsn)
+    srv0 = server_cpu_seconds(catalog_dir) if catalog_dir else float("nan")
+    kind0 = server_cpu_by_kind(catalog_dir) if catalog_dir else {}
+    t0 = time.perf_counter()
+    spent = pool.map(_load_worker, [(dsn, run, int(s), k, int(s) + 7)
+                                    for s, k in zip(starts, share, strict=True) if k])
+    dt = time.perf_counter() - t0
+    srv = (server_cpu_seconds(catalog_dir) if catalog_dir else float("nan")) - srv0
+    kind1 = server_cpu_by_kind(catalog_dir) if catalog_dir else {}
+    st1 = server_stats(dsn)
+    rows = todo * TILE_ROWS
+    deltas = {k: st1[k] - st0[k] for k in (*_STATS, *_VMSTAT)}
+    deltas["writers_us"] = sum(spent) / rows * 1e6
+    deltas.update({f"{k}_us": (kind1[k] - kind0[k]) / rows * 1e6 for k in kind1})
+    return rows / dt, (sum(spent) + srv) / rows * 1e6, deltas
+
+
+def _stats_text(stats: dict[str, float], rows: int) -> str:
+    return (f"per 1000 rows: buffers written by backends "
+            f"{stats['backend_writes'] / rows * 1e3:.1f}, by the checkpointer "
+            f"{stats['checkpoint_writes'] / rows * 1e3:.1f}, by the "
+            f"bgwriter {stats['bgwriter_writes'] / rows * 1e3:.1f}, full-page images "
+            f"{stats['wal_fpi'] / rows * 1e3:.1f}; WAL {stats['wal_bytes'] / rows:.0f} B/row; "
+            f"checkpoints {stats['checkpoints']:.0f}; reclaim per 1000 rows: pages scanned "
+            f"directly {stats['pgscan_direct'] / rows * 1e3:.0f}, by kswapd "
+            f"{stats['pgscan_kswapd'] / rows * 1e3:.0f}; CPU µs/row: writers "
+            f"{stats['writers_us']:.2f}, "
+            + ", ".join(f"{k[:-3]} {v:.2f}" for k, v in stats.items()
+                        if k.endswith("_us") and k != "writers_us"))
 
 
 def load(catalog: Catalog, run: str, rows: int, *, writers: int,
@@ -140,21 +239,135 @@ def load(catalog: Catalog, run: str, rows: int, *, writers: int,
         pool.map(_warm_worker, [catalog.dsn] * writers)
         while done < n_tiles:
             todo = min(step_tiles, n_tiles - done)
-            share = [todo // writers + (1 if i < todo % writers else 0) for i in range(writers)]
-            starts = np.cumsum([0, *share[:-1]]) + done
-            srv0 = server_cpu_seconds(catalog_dir) if catalog_dir else float("nan")
-            t0 = time.perf_counter()
-            spent = pool.map(_load_worker, [(catalog.dsn, run, int(s), k, int(s) + 7)
-                                            for s, k in zip(starts, share, strict=True) if k])
-            dt = time.perf_counter() - t0
-            srv = (server_cpu_seconds(catalog_dir) if catalog_dir else float("nan")) - srv0
+            rate, us_per_row, stats = _load_step(pool, catalog.dsn, run, done, todo,
+                                                 writers, catalog_dir)
             done += todo
-            us_per_row = (sum(spent) + srv) / (todo * TILE_ROWS) * 1e6
-            steps.append((done * TILE_ROWS, todo * TILE_ROWS / dt, us_per_row))
-            print(f"  loaded {done * TILE_ROWS:>10,d} rows: {todo * TILE_ROWS / dt:,.0f} rows/s, "
+            steps.append((done * TILE_ROWS, rate, us_per_row))
+            print(f"  loaded {done * TILE_ROWS:>10,d} rows: {rate:,.0f} rows/s, "
                   f"{us_per_row:.1f} CPU-µs/row (writers + server), load average "
-                  f"{os.getloadavg()[0]:.1f}", flush=True)
+                  f"{os.getloadavg()[0]:.1f}; {_stats_text(stats, todo * TILE_ROWS)}",
+                  flush=True)
     return steps
+
+
+def ab_settings(bench_dir: Path, rows: int, variants: list[str], *,
+                writers: int, query_rounds: int = 0, clients: int = 4) -> list[str]:
+    """Interleaved A/B of embedded-server settings as the table grows.
+
+    One embedded server per variant (``bench_dir/A``, ``bench_dir/B``, …), each started
+    with its variant as ``LAZYSKY_PG_SETTINGS`` (``''``: lazysky's defaults). The same
+    tiles are loaded into every server a tenth of ``rows`` at a time, the variants
+    alternating step by step (which goes first alternates too), so the machine's load
+    hits all alike. Returns the report lines: per variant and step, rows/s, CPU µs per
+    row (writers + that server), and the server's write statistics. With
+    ``query_rounds``, then as many interleaved rounds of queries on every server: 200
+    prepared 6′ cones (p50/p95), ``clients`` prepared 1′ clients for 5 s (queries/s, CPU
+    µs/query) and a 20 000-position cross-match (wall and CPU seconds).
+    """
+    from lazysky.catalog import server as catalog_server
+
+    sides: dict[str, tuple[Catalog, str, Path]] = {}
+    for i, text in enumerate(variants):
+        label = chr(ord("A") + i)
+        side_dir = bench_dir / label
+        side_dir.mkdir(parents=True, exist_ok=True)
+        side_dir.chmod(0o755)
+        os.environ[catalog_server.SETTINGS_ENV] = text
+        try:
+            cat = open_catalog(load_settings(catalog_dir=side_dir, catalog_dsn=None))
+        finally:
+            del os.environ[catalog_server.SETTINGS_ENV]
+        run = Run(new_run_id("test"), description="benchmark settings A/B")
+        register_run(run, catalog=cat)
+        sides[label] = (cat, run.run_id, side_dir)
+    lines = [f"A/B of server settings, {rows:,d} rows per server loaded in steps of "
+             f"{rows // 10:,d}, variants interleaved, {writers} writers, load average "
+             f"{os.getloadavg()[0]:.2f} at start:"]
+    for label, text in zip(sides, variants, strict=True):
+        with psycopg.connect(libpq_dsn(sides[label][0].dsn)) as conn:
+            shown = {k: conn.execute(f"SHOW {k}").fetchone() for k in
+                     ("shared_buffers", "max_wal_size", "wal_compression",
+                      "checkpoint_completion_target")}
+        lines.append(f"  {label}: LAZYSKY_PG_SETTINGS={text!r} -> "
+                     + ", ".join(f"{k} {v[0] if v else '?'}" for k, v in shown.items()))
+    print("\n".join(lines), flush=True)
+    n_tiles = rows // TILE_ROWS
+    step_tiles = max(n_tiles // 10, writers)
+    results: dict[str, list[tuple[float, float, dict[str, float]]]] = {k: [] for k in sides}
+    done, step = 0, 0
+    with mp.get_context("spawn").Pool(writers) as pool:
+        for cat, _, _ in sides.values():
+            pool.map(_warm_worker, [cat.dsn] * writers)
+        while done < n_tiles:
+            todo = min(step_tiles, n_tiles - done)
+            order = list(sides) if step % 2 == 0 else list(sides)[::-1]
+            for label in order:
+                cat, run_id, side_dir = sides[label]
+                got = _load_step(pool, cat.dsn, run_id, done, todo, writers, side_dir)
+                results[label].append(got)
+                print(f"  {label} {(done + todo) * TILE_ROWS:>10,d} rows: {got[0]:,.0f} rows/s, "
+                      f"{got[1]:.1f} CPU-µs/row, load average {os.getloadavg()[0]:.1f}; "
+                      f"{_stats_text(got[2], todo * TILE_ROWS)}", flush=True)
+            done += todo
+            step += 1
+    for label, res in results.items():
+        rates = [r[0] for r in res]
+        lines.append(f"  {label}: rows/s per step {', '.join(f'{r:,.0f}' for r in rates)} "
+                     f"(mean {np.mean(rates):,.0f}, min {min(rates):,.0f}, last {rates[-1]:,.0f})")
+        lines.append(f"  {label}: CPU µs/row per step {', '.join(f'{r[1]:.1f}' for r in res)} "
+                     f"(median {np.median([r[1] for r in res]):.1f})")
+        written = [r[2]["backend_writes"] / (step_tiles * TILE_ROWS) * 1e3 for r in res]
+        lines.append(f"  {label}: buffers written by backends per 1000 rows per step "
+                     f"{', '.join(f'{w:.1f}' for w in written)}")
+    if query_rounds:
+        lines.extend(_ab_queries(sides, rows, query_rounds, clients))
+    for label, (cat, _, side_dir) in sides.items():
+        with psycopg.connect(libpq_dsn(cat.dsn)) as conn:
+            size = conn.execute("SELECT pg_size_pretty(pg_database_size(current_database()))"
+                                ).fetchone()
+        lines.append(f"  {label}: database size {size[0] if size else '?'}")
+        cat.engine().dispose()
+        catalog_server.stop(side_dir)
+    lines.append(f"  load average at the end {os.getloadavg()[0]:.2f}")
+    return lines
+
+
+def _ab_queries(sides: dict[str, tuple[Catalog, str, Path]], rows: int, rounds: int,
+                clients: int) -> list[str]:
+    """Interleaved query rounds on every side of :func:`ab_settings`; report lines."""
+    _SPAN[0] = _field_ra_span(rows)
+    got: dict[str, dict[str, list[float]]] = {
+        k: {"p50": [], "p95": [], "qps": [], "cpu_q": [], "xm": [], "xm_cpu": []}
+        for k in sides}
+    for cat, _, _ in sides.values():
+        with psycopg.connect(libpq_dsn(cat.dsn), autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE coadd_sources")
+    far = _centres(20_000, seed=17)
+    for r in range(rounds):
+        for label in (list(sides) if r % 2 == 0 else list(sides)[::-1]):
+            cat, _, side_dir = sides[label]
+            dsn = libpq_dsn(cat.dsn)
+            p50, p95, _ = sql_latency(dsn, "pgsphere", 0.1, 200)
+            tput = throughput(dsn, 1 / 60, clients, 5.0, rounds=1, catalog_dir=side_dir)
+            srv0, cpu0, t0 = server_cpu_seconds(side_dir), time.process_time(), time.perf_counter()
+            crossmatch(far[:, 0], far[:, 1], "1arcsec", catalog=cat)
+            xm = time.perf_counter() - t0
+            xm_cpu = time.process_time() - cpu0 + server_cpu_seconds(side_dir) - srv0
+            for key, value in (("p50", p50), ("p95", p95), ("qps", tput[True][0][0]),
+                               ("cpu_q", tput[True][0][1]), ("xm", xm), ("xm_cpu", xm_cpu)):
+                got[label][key].append(value)
+            print(f"  query round {r + 1} {label}: 6′ SQL p50/p95 {p50:.2f}/{p95:.2f} ms, "
+                  f"{clients} clients 1′ {tput[True][0][0]:,.0f} q/s "
+                  f"({tput[True][0][1]:.0f} CPU-µs/query), cross-match 20 000: {xm:.2f} s "
+                  f"(CPU {xm_cpu:.2f} s), load average {os.getloadavg()[0]:.1f}", flush=True)
+    out = [f"query rounds ({rounds}, interleaved), medians:"]
+    for label, g in got.items():
+        out.append(f"  {label}: 6′ SQL p50 {np.median(g['p50']):.2f} ms, p95 "
+                   f"{np.median(g['p95']):.2f} ms; {clients} prepared clients at 1′ "
+                   f"{np.median(g['qps']):,.0f} q/s, {np.median(g['cpu_q']):.0f} CPU-µs/query; "
+                   f"cross-match 20 000 positions {np.median(g['xm']):.2f} s, CPU "
+                   f"{np.median(g['xm_cpu']):.2f} s")
+    return out
 
 
 def row_by_row(catalog: Catalog, run: str, n: int) -> float:
@@ -424,16 +637,32 @@ def main() -> None:
     ap.add_argument("--ab-opclass", type=int, default=0, metavar="TILES",
                     help="after the load, A/B the GiST class of pos (v11) against "
                          "pgSphere's default with TILES tiles each way, then stop")
+    ap.add_argument("--ab-settings", nargs="+", default=None, metavar="SETTINGS",
+                    help="instead of the benchmark: load --rows into one embedded server "
+                         "per SETTINGS (LAZYSKY_PG_SETTINGS text; '' = lazysky's "
+                         "defaults), interleaved step by step, and compare the curves")
+    ap.add_argument("--query-rounds", type=int, default=0, metavar="N",
+                    help="with --ab-settings: then N interleaved rounds of queries on "
+                         "every server (6′ latency, 4-client throughput, cross-match)")
+    ap.add_argument("--load-only", action="store_true",
+                    help="stop after the bulk load (and the row-by-row baseline)")
     args = ap.parse_args()
 
     bench_dir = Path(args.dir)
     if bench_dir.exists() and not args.keep:
         from lazysky.catalog import server
 
-        server.stop(bench_dir)
+        for sub in [bench_dir, *bench_dir.iterdir()]:
+            if (sub / "pgdata").exists():
+                server.stop(sub)
         shutil.rmtree(bench_dir)
     bench_dir.mkdir(parents=True, exist_ok=True)
     bench_dir.chmod(0o755)
+    if args.ab_settings:
+        print("\n".join(ab_settings(bench_dir, args.rows, args.ab_settings,
+                                    writers=args.writers, query_rounds=args.query_rounds,
+                                    clients=args.clients)))
+        return
     catalog = open_catalog(load_settings(catalog_dir=bench_dir, catalog_dsn=None))
     dsn = libpq_dsn(catalog.dsn)
     with psycopg.connect(dsn) as conn:
@@ -459,6 +688,9 @@ def main() -> None:
                       f"{np.median(cpu):.1f} µs/row (median of steps, i.e. "
                       f"{2e6 / np.median(cpu):,.0f} rows/s if 2 cores did nothing else); "
                       f"row-by-row INSERT: {rbr:,.0f} rows/s; ratio {np.mean(rates) / rbr:.0f}×")
+    if args.load_only:
+        print("\n".join(report))
+        return
     if args.ab_key:
         print("\n".join([*report, *ab_key(catalog, args.ab_key)]))
         return

@@ -6,6 +6,7 @@ directory, with ``pg_sphere`` created in the ``lazysky`` database. The layout of
 catalog directory::
 
     <catalog_dir>/pgdata/          the cluster (mode 0700)
+    <catalog_dir>/pgdata/lazysky.conf   lazysky's server settings, rewritten at every start
     <catalog_dir>/socket/          the Unix socket (mode 0700: only its owner connects)
     <catalog_dir>/server.log       the server's log
 
@@ -15,6 +16,10 @@ must then lie where that user can reach it (not under a 0700 home directory; the
 as root is ``/var/lib/lazysky/catalog``). Run as a normal user, the server runs as that
 user. Authentication is ``trust`` on the private socket: the directory's permissions are
 the access control.
+
+The settings (:func:`build_server_settings`) size ``shared_buffers`` from the machine's
+memory; ``LAZYSKY_PG_SETTINGS`` (``name=value;name=value``) overrides any of them but
+the socket and listening ones, from the next start on.
 
 :func:`start`, :func:`stop` and :func:`status` are idempotent and safe to call from
 several processes at once (a file lock serialises them).
@@ -35,6 +40,7 @@ import fcntl
 import logging
 import os
 import pwd
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,8 +49,12 @@ from pathlib import Path
 from urllib.parse import quote
 
 from lazysky.catalog._errors import CatalogServerError
+from lazysky.errors import ConfigError, ParameterError
 
-__all__ = ["EmbeddedServer", "find_pg_bindir", "start", "status", "stop"]
+__all__ = [
+    "EmbeddedServer", "build_server_settings", "find_pg_bindir", "machine_memory_bytes",
+    "parse_settings_overrides", "start", "status", "stop",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +63,11 @@ DATABASE = "lazysky"
 DEFAULT_PORT = 5432
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes on Linux, keep a margin
 
-#: Server settings of the embedded cluster (PostgreSQL defaults otherwise).
+#: Fixed server settings of the embedded cluster (PostgreSQL defaults otherwise);
+#: :func:`build_server_settings` adds the ones computed from the machine.
 SERVER_SETTINGS: Mapping[str, str] = {
-    "listen_addresses": "''",
+    "listen_addresses": "",
     "max_connections": "100",
-    # 1 GB holds the GiST index of ~10 M sources (0.7 GB) and the hot heap pages: at
-    # 11 M rows 4 cone clients did ~6x fewer buffer reads than with 256MB (pages are
-    # only allocated as they are used)
-    "shared_buffers": "1GB",
     "max_wal_size": "4GB",
     # bulk loads write ~0.5 kB of WAL per row: with the default (1/32 of shared_buffers,
     # 8MB) the loaders keep stalling to write WAL themselves instead of the WAL writer
@@ -69,6 +76,141 @@ SERVER_SETTINGS: Mapping[str, str] = {
     "log_min_messages": "warning",
     "jit": "off",  # compiling costs more than short cone and cross-match queries take
 }
+
+#: Settings lazysky owns: the private socket is the access control (trust
+#: authentication), so these are never taken from :data:`SETTINGS_ENV`.
+PROTECTED_SETTINGS = frozenset({
+    "listen_addresses", "port", "unix_socket_directories", "unix_socket_permissions",
+    "unix_socket_group", "hba_file", "ident_file", "data_directory", "config_file",
+    "include", "include_if_exists", "include_dir",
+})
+
+#: Environment variable of server setting overrides: ``name=value`` pairs separated by
+#: ``;`` (e.g. ``shared_buffers=2GB;max_wal_size=8GB``); applied at the next start.
+SETTINGS_ENV = "LAZYSKY_PG_SETTINGS"
+
+#: ``shared_buffers`` is this fraction of the machine's memory, within the bounds below.
+SHARED_BUFFERS_FRACTION = 0.25
+SHARED_BUFFERS_MIN_MB = 128       # PostgreSQL's own default
+# 1 GB: at 10 M rows (2.8 GB of heap + indexes) 6 GB bought nothing over 1 GB, neither
+# for bulk loads nor for cones or cross-matches (interleaved A/Bs, docs/catalog.md),
+# while 1 GB did ~6x fewer buffer reads than 256 MB for cone clients at 11 M rows; a
+# bigger pool would only hold memory the pipeline's workers may need
+SHARED_BUFFERS_MAX_MB = 1024
+
+_CONF_FILE = "lazysky.conf"       # in pgdata, rewritten at every start
+_INCLUDE_LINE = f"include = '{_CONF_FILE}'"
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)?$")
+_BARE_VALUE_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+def machine_memory_bytes() -> int:
+    """The memory this process may use: physical RAM, or a lower cgroup limit.
+
+    A container's limit (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``) wins
+    over the host's RAM, so a CI job in a 4 GB container sizes for 4 GB.
+    """
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max",
+                       "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            limit = int(Path(limit_file).read_text().strip())  # "max" -> ValueError
+            if 0 < limit < total:
+                total = limit
+    return int(total)
+
+
+def parse_settings_overrides(text: str, *, source: str = SETTINGS_ENV) -> dict[str, str]:
+    """Server setting overrides from ``name=value;name=value`` (``source`` names them).
+
+    Raises
+    ------
+    ConfigError
+        When an item is not ``name=value``, a name is not a PostgreSQL setting name, a
+        value spans lines, or a setting is one lazysky owns (:data:`PROTECTED_SETTINGS`).
+
+    Examples
+    --------
+    >>> parse_settings_overrides("shared_buffers=2GB; max_wal_size = 8GB")
+    {'shared_buffers': '2GB', 'max_wal_size': '8GB'}
+    """
+    out: dict[str, str] = {}
+    for raw in text.split(";"):
+        item = raw.strip()
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        name, value = name.strip().lower(), value.strip()
+        if not sep or not _NAME_RE.match(name):
+            msg = (f"{source}: {item!r} is not a setting; expected name=value pairs "
+                   f"separated by ';', e.g. 'shared_buffers=2GB;max_wal_size=8GB'")
+            raise ConfigError(msg)
+        if name in PROTECTED_SETTINGS:
+            msg = (f"{source}: {name} cannot be overridden: lazysky sets it (the server "
+                   f"listens only on its private socket); settings lazysky owns: "
+                   f"{', '.join(sorted(PROTECTED_SETTINGS))}")
+            raise ConfigError(msg)
+        if "\n" in value or "\r" in value:
+            msg = f"{source}: the value of {name} spans lines: {value!r}"
+            raise ConfigError(msg)
+        if len(value) >= 2 and value[0] == value[-1] == "'":
+            value = value[1:-1].replace("''", "'")
+        out[name] = value
+    return out
+
+
+def build_server_settings(
+    memory_bytes: int, *, overrides: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The embedded server's settings for a machine with ``memory_bytes`` of memory.
+
+    :data:`SERVER_SETTINGS`, plus ``shared_buffers`` =
+    :data:`SHARED_BUFFERS_FRACTION` of the memory, at least
+    :data:`SHARED_BUFFERS_MIN_MB` and at most :data:`SHARED_BUFFERS_MAX_MB` (PostgreSQL
+    touches its buffer pages only as it uses them), then ``overrides``.
+
+    Parameters
+    ----------
+    memory_bytes
+        The machine's (or container's) memory (:func:`machine_memory_bytes`).
+    overrides
+        Settings that win (:func:`parse_settings_overrides` of :data:`SETTINGS_ENV`).
+
+    Returns
+    -------
+    dict
+        Setting name → value, as PostgreSQL spells it (``"6026MB"``).
+
+    Raises
+    ------
+    ParameterError
+        When ``memory_bytes`` is not a positive number.
+
+    Examples
+    --------
+    >>> build_server_settings(24 * 2**30)["shared_buffers"]
+    '1024MB'
+    >>> build_server_settings(2 * 2**30)["shared_buffers"]
+    '512MB'
+    >>> build_server_settings(2**30, overrides={"shared_buffers": "1GB"})["shared_buffers"]
+    '1GB'
+    """
+    if isinstance(memory_bytes, bool) or not isinstance(memory_bytes, int) or memory_bytes <= 0:
+        msg = f"memory_bytes must be a positive number of bytes, got {memory_bytes!r}"
+        raise ParameterError(msg)
+    shared_mb = int(memory_bytes * SHARED_BUFFERS_FRACTION) // 2**20
+    shared_mb = min(max(shared_mb, SHARED_BUFFERS_MIN_MB), SHARED_BUFFERS_MAX_MB)
+    settings = dict(SERVER_SETTINGS)
+    settings["shared_buffers"] = f"{shared_mb}MB"
+    settings.update(overrides or {})
+    return settings
+
+
+def _conf_value(value: str) -> str:
+    """A value as postgresql.conf spells it (quoted unless a bare word or number)."""
+    if _BARE_VALUE_RE.match(value):
+        return value
+    return "'" + value.replace("'", "''") + "'"
 
 
 @dataclass(frozen=True)
@@ -222,12 +364,36 @@ def _initdb(server: EmbeddedServer, bindir: Path) -> None:
         str(bindir / "initdb"), "-D", str(server.pgdata), "-U", SUPERUSER,
         "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-instructions",
     ])
-    lines = [f"{k} = {v}" for k, v in SERVER_SETTINGS.items()]
-    lines.append(f"unix_socket_directories = '{server.socket_dir}'")
+
+
+def _write_conf(server: EmbeddedServer) -> dict[str, str]:
+    """Write ``<pgdata>/lazysky.conf`` for the next start; returns its settings.
+
+    The settings are :func:`build_server_settings` for this machine with the overrides
+    of :data:`SETTINGS_ENV`, then the private socket. ``postgresql.conf`` includes the
+    file at its end (a cluster made before the file existed gets the include appended),
+    so it wins over the cluster's own lines; ``ALTER SYSTEM`` still wins over both.
+    """
+    overrides = parse_settings_overrides(os.environ.get(SETTINGS_ENV, ""))
+    settings = build_server_settings(machine_memory_bytes(), overrides=overrides)
+    lines = [f"{k} = {_conf_value(v)}" for k, v in settings.items()]
+    lines.append(f"unix_socket_directories = {_conf_value(str(server.socket_dir))}")
     lines.append("unix_socket_permissions = 0700")
-    conf = "\n# lazysky embedded catalog\n" + "\n".join(lines) + "\n"
-    with open(server.pgdata / "postgresql.conf", "a") as fh:
-        fh.write(conf)
+    target = server.pgdata / _CONF_FILE
+    tmp = target.with_name(_CONF_FILE + ".tmp")
+    tmp.write_text(f"# written by lazysky at every start of the embedded server; edits are "
+                   f"lost: set {SETTINGS_ENV} or use ALTER SYSTEM\n" + "\n".join(lines) + "\n")
+    user = _server_user()
+    if user is not None:
+        os.chown(tmp, user.pw_uid, user.pw_gid)
+    tmp.replace(target)
+    main_conf = server.pgdata / "postgresql.conf"
+    if _INCLUDE_LINE not in main_conf.read_text():
+        with open(main_conf, "a") as fh:
+            fh.write(f"\n# lazysky embedded catalog: its settings (rewritten at every "
+                     f"start)\n{_INCLUDE_LINE}\n")
+    logger.debug("embedded server settings: %s", settings)
+    return settings
 
 
 def status(catalog_dir: str | os.PathLike[str], *, port: int = DEFAULT_PORT) -> ServerStatus:
@@ -279,7 +445,9 @@ def start(
             _initdb(server, bindir)
         if status(server.catalog_dir, port=port).running:
             return server
-        logger.info("starting the embedded catalog server in %s", server.catalog_dir)
+        settings = _write_conf(server)
+        logger.info("starting the embedded catalog server in %s (shared_buffers %s)",
+                    server.catalog_dir, settings["shared_buffers"])
         proc = _run([
             str(bindir / "pg_ctl"), "-D", str(server.pgdata), "-l", str(server.log_file),
             "-o", f"-p {port}", "-w", "-t", str(timeout_s), "start",
