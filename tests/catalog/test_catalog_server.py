@@ -87,7 +87,7 @@ def test_start_is_idempotent(catalog_dir: Path, catalog: Catalog) -> None:
 
 
 @pytest.mark.slow
-def test_up_status_down_cycle() -> None:
+def test_up_status_down_cycle(monkeypatch: pytest.MonkeyPatch) -> None:
     path = Path(tempfile.mkdtemp(prefix="lazysky-cycle-", dir="/tmp"))
     path.chmod(0o755)
     try:
@@ -101,6 +101,14 @@ def test_up_status_down_cycle() -> None:
         assert catalog_server.stop(path) is True
         assert not catalog_server.status(path).running
         assert catalog_server.stop(path) is False
+        # a setting the server does not know: the start fails naming it and the file;
+        # the next start without it rewrites the file and runs
+        monkeypatch.setenv(catalog_server.SETTINGS_ENV, "no_such_setting=1")
+        with pytest.raises(CatalogServerError, match=r"(?s)did not start.*"
+                           r"no_such_setting.*lazysky\.conf"):
+            catalog_server.start(path)
+        assert not catalog_server.status(path).running
+        monkeypatch.delenv(catalog_server.SETTINGS_ENV)
         catalog_server.start(path)  # restarts on the existing cluster
         assert catalog_server.status(path).running
     finally:
