@@ -38,6 +38,7 @@ from lazysky.pipeline.qa import (
     qa_tasks,
     run_qa,
     score_std,
+    source_mask,
     zeropoint_from_headers,
 )
 from lazysky.runconfig import RunConfig
@@ -336,6 +337,10 @@ def test_background_and_score_ignore_sources_and_masked_pixels() -> None:
     assert bg.level == pytest.approx(12.0, abs=0.1)
     assert bg.rms == pytest.approx(3.0, rel=0.03)
     assert bg.n_pixels < 180 * 200
+    # a source mask given (computed once for the background and S_corr) is the one used
+    assert background_stats(img, mask, sources=source_mask(img, mask)) == bg
+    wider = background_stats(img, mask, sources=source_mask(img, mask, grow_px=8))
+    assert wider.n_pixels < bg.n_pixels
     score = (img - 12.0) / 3.0
     assert score_std(score, mask) == pytest.approx(1.0, abs=0.03)
     assert score_std(score * 1.3, mask) == pytest.approx(1.3, abs=0.04)

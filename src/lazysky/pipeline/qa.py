@@ -144,12 +144,13 @@ def source_mask(
 
 def background_stats(
     image: NDArray[Any], mask: NDArray[Any], *, nsigma: float = 3.0, grow_px: int = 4,
-    bad_bits: int = BAD_BITS,
+    bad_bits: int = BAD_BITS, sources: NDArray[Any] | None = None,
 ) -> Background:  # fmt: skip
     """Median and ``1.4826 · MAD`` of an image's source-free pixels.
 
-    Sources: :func:`source_mask` (``nsigma``, ``grow_px``); masked (``bad_bits``) and
-    non-finite pixels never count. NaN when fewer than ``MIN_PIXELS`` remain.
+    Sources: :func:`source_mask` (``nsigma``, ``grow_px``), or ``sources`` when given
+    (that mask, already computed); masked (``bad_bits``) and non-finite pixels never
+    count. NaN when fewer than ``MIN_PIXELS`` remain.
 
     Examples
     --------
@@ -162,7 +163,9 @@ def background_stats(
     good = np.isfinite(img) & ((np.asarray(mask).astype(np.int64) & bad_bits) == 0)
     if np.count_nonzero(good) < MIN_PIXELS:
         return Background(math.nan, math.nan, 0)
-    free = good & ~source_mask(img, mask, nsigma=nsigma, grow_px=grow_px, bad_bits=bad_bits)
+    if sources is None:
+        sources = source_mask(img, mask, nsigma=nsigma, grow_px=grow_px, bad_bits=bad_bits)
+    free = good & ~np.asarray(sources, dtype=bool)
     n = int(np.count_nonzero(free))
     if n < MIN_PIXELS:
         return Background(math.nan, math.nan, n)
@@ -331,7 +334,8 @@ def tile_qa(
     if not n_stars:
         fwhm, beta, source = float(stored_fwhm_px), float(stored_beta), "product"
     grow = max(2, round(1.5 * fwhm)) if fwhm > 0 else 4
-    bg = background_stats(image, mask, grow_px=grow)
+    sources = source_mask(image, mask, grow_px=grow)  # for the background and S_corr
+    bg = background_stats(image, mask, grow_px=grow, sources=sources)
     out: dict[str, Any] = {
         "psf_fwhm_px": fwhm, "psf_beta": beta, "psf_n_stars": n_stars, "psf_source": source,
         "background": bg.level, "background_rms": bg.rms,
@@ -349,8 +353,7 @@ def tile_qa(
         off, rms, n = match_stars(stars, reference_stars, match_px=match_px)
         out.update(astrometric_offset_px=off, astrometric_rms_px=rms, astrometric_n_stars=n)
     dmask = np.asarray(diff_mask) if diff_mask is not None else np.asarray(mask)
-    out["score_std"] = score_std(score, dmask, grow_px=grow,
-                                 sources=source_mask(image, mask, grow_px=grow))
+    out["score_std"] = score_std(score, dmask, grow_px=grow, sources=sources)
     out["limiting_mag"] = limiting_magnitude(
         diff_variance if diff_variance is not None else variance, dmask,
         diff_psf if diff_psf is not None else np.asarray(stored_psf),
