@@ -207,6 +207,17 @@ def test_qa_values_reach_page_and_metrics(watched: dict[str, Any], catalog: Cata
     assert f'lazysky_tiles_flagged{{run_id="{rid}"}} {float(flagged)}' in text
     with pytest.raises(ParameterError, match=r"fwhm_px='wide'.*expected numbers"):
         publish_qa(client, rid, tile, {"fwhm_px": "wide"})
+    # a run's QA goes in batches of tiles (here 2 per message): every tile arrives
+    from lazysky.dashboard._plugin import publish_run_qa
+
+    bumped = {t: {p: {**v, "limiting_mag": 99.0} for p, v in prods.items()}
+              for t, prods in recorded.items()}
+    publish_run_qa(client, rid, bumped, batch=2)
+    shown = {t["tile"]: t["qa"] for t in runs(client, rid)[0]["tiles"]}
+    assert len(recorded) > 2
+    assert {t: shown[t]["limiting_mag"] for t in recorded} == dict.fromkeys(recorded, 99.0)
+    with pytest.raises(ParameterError, match="batch: expected a number of tiles >= 1, got 0"):
+        publish_run_qa(client, rid, bumped, batch=0)
 
 
 def test_page_answers_and_links_from_navigation(watched: dict[str, Any]) -> None:

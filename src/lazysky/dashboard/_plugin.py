@@ -142,8 +142,13 @@ class LazySkyPlugin(SchedulerPlugin):
             st.exposures = [str(e) for e in msg.get("exposures") or []]
         elif kind == "rows":
             self._run(run_id).add_rows(str(msg["table"]), str(msg["tile"]), int(msg["rows"]))
-        elif kind == "qa":
-            self._run(run_id).add_qa(str(msg["tile"]), dict(msg.get("values") or {}))
+        elif kind == "qa":  # one tile (publish_qa) or a batch of them (publish_run_qa)
+            many = msg.get("tiles")
+            got = many.items() if isinstance(many, Mapping) else [
+                (msg["tile"], msg.get("values"))]
+            st = self._run(run_id)
+            for tile, values in got:
+                st.add_qa(str(tile), dict(values or {}))
         elif kind == "end":
             self._run(run_id).finish(str(msg.get("status", "done")),
                                      timings=msg.get("timings") or {},
@@ -248,6 +253,11 @@ def publish_qa(client: Any, run_id: str, tile_id: str, values: Mapping[str, Any]
     --------
     >>> publish_qa(client, run_id, "t000_001", {"fwhm_px": 2.4, "flagged": False})  # doctest: +SKIP
     """
+    _send(client, {"kind": "qa", "run_id": run_id, "tile": tile_id,
+                   "values": _clean_qa(tile_id, values)})
+
+
+def _clean_qa(tile_id: str, values: Mapping[str, Any]) -> dict[str, Any]:
     clean: dict[str, Any] = {}
     for k, v in values.items():
         if isinstance(v, bool) or v is None:
@@ -259,7 +269,7 @@ def publish_qa(client: Any, run_id: str, tile_id: str, values: Mapping[str, Any]
                 msg = (f"QA value {k}={v!r} of tile {tile_id} is not a number; expected "
                        "numbers, and a bool 'flagged'")
                 raise ParameterError(msg) from None
-    _send(client, {"kind": "qa", "run_id": run_id, "tile": tile_id, "values": clean})
+    return clean
 
 
 def tile_qa_summary(products: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -283,11 +293,16 @@ def tile_qa_summary(products: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]
 
 
 def publish_run_qa(client: Any, run_id: str,
-                   by_tile: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
+                   by_tile: Mapping[str, Mapping[str, Mapping[str, Any]]], *,
+                   batch: int = 1000) -> None:
     """A run's QA (``{tile: {product: values}}``, as :func:`lazysky.pipeline.qa.run_qa`
-    returns) for the page, one :func:`tile_qa_summary` per tile."""
-    for tile, products in by_tile.items():
-        publish_qa(client, run_id, tile, tile_qa_summary(products))
+    returns) for the page, one :func:`tile_qa_summary` per tile, ``batch`` tiles per
+    message to the scheduler (a survey run has thousands of tiles)."""
+    if batch < 1:
+        raise ParameterError(f"batch: expected a number of tiles >= 1, got {batch!r}")
+    items = [(str(t), _clean_qa(str(t), tile_qa_summary(p))) for t, p in by_tile.items()]
+    for i in range(0, len(items), batch):
+        _send(client, {"kind": "qa", "run_id": run_id, "tiles": dict(items[i:i + batch])})
 
 
 def runs(client: Any, run_id: str | None = None) -> list[dict[str, Any]]:
