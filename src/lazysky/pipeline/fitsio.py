@@ -44,6 +44,7 @@ from dask.delayed import delayed
 from numpy.typing import NDArray
 
 from lazysky.errors import FitsFormatError, OutputError, ParameterError
+from lazysky.pipeline._fitsplanes import read_native
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
 from lazysky.pipeline._sections import parse_section
 
@@ -371,21 +372,41 @@ def _read_planes(
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fits.verify.VerifyWarning)
-        with fits.open(path, memmap=False) as hdul:  # lazily: only these HDUs' data
-            img = np.array(hdul[image].data, dtype=np.float32)
+        warnings.simplefilter("ignore", AstropyUserWarning)  # truncation: the reads raise
+        # lazily: only these HDUs' data; plain planes straight into native arrays
+        with open(path, "rb", buffering=0) as f, fits.open(f, memmap=False) as hdul:
+            len(hdul)  # every header read now, before the data reads move the file
+            img = _plane(f, hdul, image, np.float32)
             if variance is not None:
-                var = np.array(hdul[variance].data, dtype=np.float32)
+                var = _plane(f, hdul, variance, np.float32)
             else:
                 var = np.full(img.shape, _sky_variance(img), dtype=np.float32)
             if mask is not None:
-                msk = np.asarray(hdul[mask].data).astype(MASK_DTYPE)
+                msk = _plane(f, hdul, mask, MASK_DTYPE)
             else:
                 msk = np.zeros(img.shape, MASK_DTYPE)
+    # a float64 sum is finite exactly when every value is (float32 values cannot
+    # overflow it): the usual all-finite frame is checked without a boolean plane
+    if np.isfinite(img.sum(dtype=np.float64)) and np.isfinite(var.sum(dtype=np.float64)):
+        return img[None], var[None], msk[None]
     bad = ~np.isfinite(img) | ~np.isfinite(var)
     if bad.any():
         msk[bad] |= MASK_DTYPE.type(MaskBit.NODATA)
         img[bad], var[bad] = 0.0, np.inf
     return img[None], var[None], msk[None]
+
+
+def _plane(f: Any, hdul: fits.HDUList, index: int, dtype: Any) -> NDArray[Any]:
+    """HDU ``index`` as a native ``dtype`` array: read straight when it is a plain plane
+    (:func:`lazysky.pipeline._fitsplanes.read_native`), else through astropy."""
+    try:
+        got = read_native(f, hdul, index, dtype)
+    except OSError as exc:
+        msg = f"input {f.name} is not a readable FITS file ({exc})"
+        raise FitsFormatError(msg) from None
+    if got is not None:
+        return got
+    return np.asarray(hdul[index].data).astype(dtype)
 
 
 def read_calibrated(

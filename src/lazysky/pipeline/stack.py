@@ -36,10 +36,12 @@ of the kept layers' bits).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -49,6 +51,7 @@ from numpy.typing import NDArray
 
 from lazysky.errors import OutputError, ParameterError
 from lazysky.pipeline import _coadd_jit
+from lazysky.pipeline._fitsplanes import write_rows
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
 from lazysky.pipeline.grid import SkyGrid
 from lazysky.pipeline.resample import ResampledTile
@@ -506,11 +509,41 @@ def _fits_headers(
     return out
 
 
-def _fits_order(block: NDArray[Any]) -> NDArray[Any]:
-    """A block as FITS stores it: big-endian; unsigned 16-bit offset by BZERO = 32768."""
-    if block.dtype == np.uint16:  # stored as int16 v - 32768: the same bits as v ^ 0x8000
-        return (block ^ np.uint16(0x8000)).astype(">u2")
-    return block.astype(block.dtype.newbyteorder(">"))
+def _write_band(
+    path: str, offset: int, row_bytes: int, y0: int, x0s: list[int], *blocks: NDArray[Any]
+) -> NDArray[np.int8]:
+    """One row of blocks of a plane, written in FITS byte order at its place (a write task).
+
+    ``blocks`` are the row's blocks left to right, starting at the plane's row ``y0`` and
+    columns ``x0s``; a band the width of the plane is written in strips of whole rows.
+    """
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        if len(blocks) == 1 and blocks[0].shape[1] * blocks[0].dtype.itemsize == row_bytes:
+            write_rows(fd, offset + y0 * row_bytes, row_bytes, blocks[0], 0)
+        else:
+            for b, x0 in zip(blocks, x0s, strict=True):
+                write_rows(fd, offset + y0 * row_bytes, row_bytes, b, x0)
+    finally:
+        os.close(fd)
+    return np.zeros((1, 1), dtype=np.int8)
+
+
+def _band_writes(x: da.Array, path: str, offset: int) -> da.Array:
+    """Lazy ``fits-write-…`` tasks, one per row of blocks of ``x`` (:func:`_write_band`)."""
+    from dask.highlevelgraph import HighLevelGraph
+
+    name = f"fits-write-{tokenize(x, path, offset)}"
+    row_bytes = int(x.shape[1]) * x.dtype.itemsize
+    x0s = [int(v) for v in np.cumsum((0, *x.chunks[1][:-1]))]
+    y0s = np.cumsum((0, *x.chunks[0][:-1]))
+    dsk: dict[Any, Any] = {
+        (name, i, 0): (_write_band, path, offset, row_bytes, int(y0), x0s,
+                       *[(x.name, i, j) for j in range(len(x.chunks[1]))])
+        for i, y0 in enumerate(y0s)
+    }  # fmt: skip
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[x])  # type: ignore[list-item]
+    return da.Array(graph, name, chunks=((1,) * len(y0s), (1,)), dtype=np.int8)
 
 
 def write_coadd_fits(
@@ -523,10 +556,11 @@ def write_coadd_fits(
     """Write a coadd as FITS: image (with the grid WCS), VARIANCE, WEIGHT, MASK, COUNT.
 
     This computes the coadd (it is an output), streamed: the file is laid out first from
-    the headers (their sizes fix every plane's offset), then every tile is converted to
-    FITS's byte order and written into its place by its own task (``fits-order-…``, a
-    memory map of the file), so writing overlaps the computation, runs on every thread
-    and never holds the whole coadd. The file is the one astropy would write (tested).
+    the headers (their sizes fix every plane's offset), then every row of tiles of each
+    plane is converted to FITS's byte order, a strip of whole rows at a time, and written
+    at its place by its own task (``fits-write-…``, ``os.pwrite``), so writing overlaps
+    the computation, runs on every thread and never holds the whole coadd. The file is
+    the one astropy would write (tested).
     Every HDU carries the grid's WCS; the primary image is in the inputs' units per grid
     pixel per frame (``BUNIT``); ``header`` adds cards (e.g. HISTORY) to the primary.
 
@@ -558,21 +592,8 @@ def write_coadd_fits(
                 f.seek(off - len(text))
                 f.write(text)
             f.truncate(end)  # the data and their padding: zeros until written
-        targets = [
-            np.memmap(path, mode="r+", offset=off, shape=(ny, nx),
-                      dtype=np.dtype(coadd[name].dtype).newbyteorder(">"))
-            for name, off in zip(_PLANES, offsets, strict=True)
-        ]  # fmt: skip
-        sources = []
-        for name, t in zip(_PLANES, targets, strict=True):
-            x = da.asarray(coadd[name].data)
-            key = f"fits-order-{name}-{tokenize(x, str(path))}"
-            sources.append(da.map_blocks(_fits_order, x, dtype=t.dtype, name=key))
-        da.store(sources, targets, lock=False)
-        # unmapped without flush() (msync: it waited for the disk): the pages reach the
-        # file like any write()'s, through the page cache (astropy's writeto does not
-        # fsync either); readers see them at once
-        del targets, t
+        dask.compute(*[_band_writes(da.asarray(coadd[name].data), str(path), off)
+                       for name, off in zip(_PLANES, offsets, strict=True)])  # fmt: skip
     except OSError as exc:
         path.unlink(missing_ok=True)
         msg = f"cannot write the coadd to {path}: {exc}"
