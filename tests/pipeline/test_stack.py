@@ -147,6 +147,25 @@ def test_stack_tiled_equals_whole(calibrated: list[xr.Dataset], grid: SkyGrid) -
         assert_same(a[name].values, b[name].values)
 
 
+def test_fused_resample_and_stack_equals_stacking_the_resampled_tiles(
+    calibrated: list[xr.Dataset], grid: SkyGrid, coadd: xr.Dataset
+) -> None:
+    # with the pieces' sources, each tile is resampled and stacked strip by strip in its
+    # stack task (no resampled tile is ever held); without them, stacked from the pieces
+    from dataclasses import replace
+
+    pieces = [p for cal in calibrated for p in resample_exposure(cal, grid)]
+    fused = stack(pieces, grid, method="clipped-mean")
+    names = {str(k[0]) for k in fused.image.data.__dask_graph__()}  # type: ignore[index]
+    assert not any(n.startswith("resample-") for n in names)
+    assert any(n.startswith("stack-") for n in names)
+    plain = stack([replace(p, source=None) for p in pieces], grid, method="clipped-mean")
+    assert any(str(k[0]).startswith("resample-") for k in plain.image.data.__dask_graph__())  # type: ignore[index]
+    done = plain.compute()
+    for name in ("image", "variance", "weight", "count", "rejected", "mask"):
+        assert_same(coadd[name].values, done[name].values)  # the fixture's coadd is fused
+
+
 def test_stack_rejects_bad_input(calibrated: list[xr.Dataset], grid: SkyGrid) -> None:
     with pytest.raises(ParameterError, match="nothing to stack"):
         stack([], grid)

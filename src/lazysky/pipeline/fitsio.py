@@ -410,7 +410,7 @@ def _plane(f: Any, hdul: fits.HDUList, index: int, dtype: Any) -> NDArray[Any]:
 
 
 def read_calibrated(
-    path: PathLike, *, tile_px: int = 1024, require_wcs: bool = True
+    path: PathLike, *, tile_px: int | None = 1024, require_wcs: bool = True
 ) -> list[xr.Dataset]:
     """A calibrated FITS file as calibrated Datasets (``image``, ``variance``, ``mask``), lazily.
 
@@ -420,7 +420,9 @@ def read_calibrated(
     a mask, non-finite pixels are NODATA. Every image needs a celestial WCS unless
     ``require_wcs=False`` (then an image without one gets an empty ``header``, for
     :func:`lazysky.pipeline.register.register_frames` to fill). One Dataset per set of
-    same-shaped images.
+    same-shaped images. The planes are dask-chunked in ``tile_px`` tiles, or one chunk per
+    detector with ``tile_px=None`` (what :func:`coadd_files` reads: the boxes it resamples
+    are then views of the detector, not copies assembled from tiles).
 
     Only the headers are read here (a file shorter than they describe is refused now);
     each detector's pixels are read by one task, ``read-calibrated-<file>-<hdu>-…``, so
@@ -480,7 +482,7 @@ def read_calibrated(
     out = []
     dtypes = {"image": np.float32, "variance": np.float32, "mask": MASK_DTYPE}
     for n, members in enumerate(groups.values()):
-        chunks = (1, tile_px, tile_px)
+        chunks = (1, -1, -1) if tile_px is None else (1, tile_px, tile_px)
         data = {}
         for k, (plane, dtype) in enumerate(dtypes.items()):
             layers = [da.from_delayed(m["read"][k], (1, *m["shape"]), dtype=dtype,
@@ -555,7 +557,9 @@ def coadd_files(
         msg = f"reference must index the {len(inputs)} inputs, got {reference}"
         raise ParameterError(msg)
     target = check_output(out, overwrite=overwrite)
-    per_input = [read_calibrated(p, tile_px=tile_px, require_wcs=register is None)
+    # whole detectors (one chunk each): a detector's box for a grid tile is then a view
+    # of it, not a copy assembled from its tiles (the grid's tiles are the output's)
+    per_input = [read_calibrated(p, tile_px=None, require_wcs=register is None)
                  for p in inputs]  # fmt: skip
     first_of_ref = sum(len(x) for x in per_input[:reference])
     cals = [ds for x in per_input for ds in x]

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ from lazysky.pipeline import _coadd_jit
 from lazysky.pipeline._fitsplanes import write_rows
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
 from lazysky.pipeline.grid import SkyGrid
-from lazysky.pipeline.resample import ResampledTile
+from lazysky.pipeline.resample import ResampledTile, ResampleSource
 
 __all__ = ["COADD_DTYPE", "METHODS", "WEIGHTINGS", "stack", "stack_pixels", "write_coadd_fits"]
 
@@ -350,6 +351,64 @@ def _stack_block(*args: NDArray[Any], groups: list[int], **options: Any) -> NDAr
     return out
 
 
+def _resample_stack_block(
+    *arrays: NDArray[Any], sources: list[ResampleSource], groups: list[int], **options: Any
+) -> NDArray[Any]:
+    """One tile resampled and stacked strip by strip (a ``stack-<tile>`` task).
+
+    ``arrays``: each piece's three input planes, then each piece's frame weight. Every
+    strip of rows is resampled from each piece into the layer buffers and combined by the
+    compiled clipped mean: the layers are exactly those :func:`_stack_block` copies out
+    of the resampled tiles, which are never held whole.
+    """
+    n = len(sources)
+    weights = [float(np.asarray(w).ravel()[0]) for w in arrays[3 * n :]]
+    opts = sources[0].options
+    ny, nx = opts["grid"].tile_shape(opts["tile"])
+    out: NDArray[Any] = np.empty((ny, nx), dtype=COADD_DTYPE)
+    resamplers = [src.resampler(*arrays[3 * k : 3 * k + 3]) for k, src in enumerate(sources)]
+    bufs = [np.empty((n, min(_STRIP_ROWS, ny), nx), dtype=t)
+            for t in (np.float32, np.float32, MASK_DTYPE)]  # fmt: skip
+    for r0 in range(0, ny, _STRIP_ROWS):
+        rows = min(_STRIP_ROWS, ny - r0)
+        layers = [b[:, :rows] for b in bufs]
+        for k, rs in enumerate(resamplers):
+            rs.fill(r0, r0 + rows, layers[0][k], layers[1][k], layers[2][k])
+        _stack_jit(layers[0], layers[1], layers[2], out[r0 : r0 + rows], groups=groups,
+                   frame_weights=weights,
+                   **{k: v for k, v in options.items() if k != "method"})  # fmt: skip
+    return out
+
+
+def _fused_tile(
+    got: list[ResampledTile], groups: list[int], options: dict[str, Any], tile: str,
+    shape: tuple[int, int],
+) -> da.Array | None:
+    """The ``stack-<tile>`` task resampling its pieces' inputs itself, when it can.
+
+    It can when every piece has a :class:`~lazysky.pipeline.resample.ResampleSource`
+    with single-chunk planes and the compiled clipped mean applies; else None (the tile
+    is stacked from the resampled pieces).
+    """
+    from dask.highlevelgraph import HighLevelGraph
+
+    sources = [p.source for p in got]
+    if not (_jit_applies(options["method"], options["weighting"], [1.0])) or any(
+        s is None or any(a.numblocks != (1, 1) for a in s.planes) for s in sources
+    ):
+        return None
+    known = [s for s in sources if s is not None]
+    planes = [a for s in known for a in s.planes]
+    weights = [p.frame_weight for p in got]
+    token = tokenize(*planes, *weights, [s.options for s in known], groups, options)
+    name = f"stack-{tile}-{token}"
+    fn = partial(_resample_stack_block, sources=known, groups=groups, **options)
+    dsk: dict[Any, Any] = {(name, 0, 0): (fn, *[(a.name, 0, 0) for a in planes + weights])}
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=planes + weights)  # type: ignore[arg-type]
+    return da.Array(graph, name, chunks=tuple((n,) for n in shape), dtype=COADD_DTYPE,
+                    meta=np.empty((0, 0), dtype=COADD_DTYPE))  # fmt: skip
+
+
 def _empty_tile(shape: tuple[int, int]) -> NDArray[Any]:
     out = np.zeros(shape, dtype=COADD_DTYPE)
     out["variance"] = np.inf
@@ -448,8 +507,12 @@ def stack(
                     )
                 )
                 continue
-            arrays = [p.pixels for p in got] + [p.frame_weight for p in got]
             groups = [exposures.index(p.exposure) for p in got]
+            fused = _fused_tile(got, groups, options, tile, shape)
+            if fused is not None:  # resampled and stacked in one task, strip by strip
+                row.append(fused)
+                continue
+            arrays = [p.pixels for p in got] + [p.frame_weight for p in got]
             token = tokenize(*arrays, groups, options)
             row.append(da.map_blocks(
                 _stack_block, *arrays, groups=groups, **options,
