@@ -121,9 +121,8 @@ def child_stages(cals: list[Path], out: Path) -> dict[str, Any]:
     import dask
 
     from lazysky.pipeline import SkyGrid, detector_footprints, resample_exposure, stack
-    from lazysky.pipeline.background import estimate_background
+    from lazysky.pipeline.background import subtract_background
     from lazysky.pipeline.fitsio import read_calibrated
-    from lazysky.pipeline.resample import ResampledTile
     from lazysky.pipeline.stack import write_coadd_fits
 
     def cpu() -> float:
@@ -139,22 +138,19 @@ def child_stages(cals: list[Path], out: Path) -> dict[str, Any]:
         mark[:] = [w, c]
 
     with dask.config.set(scheduler="threads", num_workers=2):
-        # read_calibrated is lazy: persisted here so that the read is timed on its own
-        ds = list(dask.persist(*[d for p in cals for d in read_calibrated(p, tile_px=2048)]))
+        # read_calibrated is lazy: persisted here so that the read is timed on its own;
+        # whole detectors, as coadd_files reads them
+        ds = list(dask.persist(*[d for p in cals for d in read_calibrated(p, tile_px=None)]))
         lap("read")
-        bk = dask.persist(*[estimate_background(d) for d in ds])
-        cals_bg = [d.assign(image=d.image - b, background=b) for d, b in zip(ds, bk, strict=True)]
+        cals_bg = list(dask.persist(*[subtract_background(d) for d in ds]))
         lap("background")
         grid = SkyGrid.covering([f for c in cals_bg for f in detector_footprints(c)],
                                 pixel_scale_arcsec=0.26, tile_px=2048)  # fmt: skip
+        # as in coadd_files, each tile is resampled and stacked in one task (strip by
+        # strip): the two stages are one
         pieces = [p for c in cals_bg for p in resample_exposure(c, grid)]
-        pixels = dask.persist(*[p.pixels for p in pieces])
-        weights = dask.persist(*[p.frame_weight for p in pieces])
-        lap("resample")
-        pieces = [ResampledTile(p.exposure, p.detector, p.tile, x, p.units, w)
-                  for p, x, w in zip(pieces, pixels, weights, strict=True)]  # fmt: skip
         coadd = stack(pieces, grid).persist()
-        lap("stack")
+        lap("resample+stack")
         write_coadd_fits(coadd, out, overwrite=True)
         lap("write")
     return laps
@@ -277,7 +273,7 @@ def main() -> None:
     parser.add_argument("--workdir", help="keep the simulated data here (reused if present)")
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--stages", action="store_true",
-                        help="also time lazysky's stages (read, background, resample, stack, "
+                        help="also time lazysky's stages (read, background, resample+stack, "
                              "write) in a second child")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of each tool, alternating; medians are reported")  # fmt: skip

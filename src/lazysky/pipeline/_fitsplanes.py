@@ -86,34 +86,31 @@ def read_native(
     return out.view(dtype)
 
 
-def write_rows(fd: int, offset: int, row_bytes: int, block: NDArray[Any], col0: int) -> None:
-    """Write ``block`` (native rows) big-endian into a plane of the file ``fd``.
+def write_rows(fd: int, offset: int, blocks: list[NDArray[Any]]) -> None:
+    """Write a band of whole rows, given as ``blocks`` side by side, big-endian at ``offset``.
 
-    The plane starts at byte ``offset`` with rows of ``row_bytes``; ``block``'s rows are
-    the plane's rows from its first, starting at column ``col0``. ``uint16`` goes as
-    FITS stores it with ``BZERO = 32768`` (``v ^ 0x8000``, big-endian).
+    The blocks (native, same rows and dtype) make the full width of the plane; strips of
+    ~1 MiB of whole rows are assembled in FITS byte order in one small buffer and written
+    by one ``os.pwrite`` each. ``uint16`` goes as FITS stores it with ``BZERO = 32768``
+    (``v ^ 0x8000``, big-endian).
     """
-    ny, nx = block.shape
-    item = block.dtype.itemsize
-    step = max(1, _ROWS_PER_WRITE_BYTES // max(nx * item, 1))
-    unsigned = block.dtype == np.uint16
-    buf = np.empty((min(step, ny), nx), dtype=block.dtype.newbyteorder(">"))
-    contiguous = col0 == 0 and nx * item == row_bytes  # whole rows: one write per strip
+    dtype = blocks[0].dtype
+    ny = blocks[0].shape[0]
+    widths = [b.shape[1] for b in blocks]
+    nx = sum(widths)
+    row_bytes = nx * dtype.itemsize
+    step = max(1, _ROWS_PER_WRITE_BYTES // max(row_bytes, 1))
+    buf = np.empty((min(step, ny), nx), dtype=dtype.newbyteorder(">"))
+    edges = np.cumsum([0, *widths])
     for r0 in range(0, ny, step):
         part = buf[: min(step, ny - r0)]
-        src = block[r0 : r0 + len(part)]
-        if unsigned:
-            np.bitwise_xor(src, np.uint16(0x8000), out=part, casting="unsafe")
-        else:
-            part[...] = src
-        data = part.data.cast("B")
-        if contiguous:
-            _pwrite_all(fd, data, offset + r0 * row_bytes)
-            continue
-        width = nx * item
-        for i in range(len(part)):
-            _pwrite_all(fd, data[i * width : (i + 1) * width],
-                        offset + (r0 + i) * row_bytes + col0 * item)  # fmt: skip
+        for b, x0, x1 in zip(blocks, edges[:-1], edges[1:], strict=True):
+            src, dst = b[r0 : r0 + len(part)], part[:, x0:x1]
+            if dtype == np.uint16:
+                np.bitwise_xor(src, np.uint16(0x8000), out=dst)
+            else:
+                dst[...] = src
+        _pwrite_all(fd, part.data.cast("B"), offset + r0 * row_bytes)
 
 
 def _pwrite_all(fd: int, data: memoryview, at: int) -> None:

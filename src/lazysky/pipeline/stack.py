@@ -572,21 +572,12 @@ def _fits_headers(
     return out
 
 
-def _write_band(
-    path: str, offset: int, row_bytes: int, y0: int, x0s: list[int], *blocks: NDArray[Any]
-) -> NDArray[np.int8]:
-    """One row of blocks of a plane, written in FITS byte order at its place (a write task).
-
-    ``blocks`` are the row's blocks left to right, starting at the plane's row ``y0`` and
-    columns ``x0s``; a band the width of the plane is written in strips of whole rows.
-    """
+def _write_band(path: str, offset: int, *blocks: NDArray[Any]) -> NDArray[np.int8]:
+    """One row of blocks of a plane (left to right), written in FITS byte order at byte
+    ``offset`` of the file (a write task: whole rows, a strip at a time)."""
     fd = os.open(path, os.O_WRONLY)
     try:
-        if len(blocks) == 1 and blocks[0].shape[1] * blocks[0].dtype.itemsize == row_bytes:
-            write_rows(fd, offset + y0 * row_bytes, row_bytes, blocks[0], 0)
-        else:
-            for b, x0 in zip(blocks, x0s, strict=True):
-                write_rows(fd, offset + y0 * row_bytes, row_bytes, b, x0)
+        write_rows(fd, offset, list(blocks))
     finally:
         os.close(fd)
     return np.zeros((1, 1), dtype=np.int8)
@@ -598,10 +589,9 @@ def _band_writes(x: da.Array, path: str, offset: int) -> da.Array:
 
     name = f"fits-write-{tokenize(x, path, offset)}"
     row_bytes = int(x.shape[1]) * x.dtype.itemsize
-    x0s = [int(v) for v in np.cumsum((0, *x.chunks[1][:-1]))]
     y0s = np.cumsum((0, *x.chunks[0][:-1]))
     dsk: dict[Any, Any] = {
-        (name, i, 0): (_write_band, path, offset, row_bytes, int(y0), x0s,
+        (name, i, 0): (_write_band, path, offset + int(y0) * row_bytes,
                        *[(x.name, i, j) for j in range(len(x.chunks[1]))])
         for i, y0 in enumerate(y0s)
     }  # fmt: skip
