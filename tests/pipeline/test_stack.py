@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from astropy.io import fits
 from astropy.table import Table, vstack
 from astropy.wcs import WCS
 from conftest import INST, Survey, assert_same, raise_if_dask_computes
+from dask.base import is_dask_collection
 
 from lazysky.errors import OutputError, ParameterError
 from lazysky.pipeline import (
@@ -156,9 +158,17 @@ def test_fused_resample_and_stack_equals_stacking_the_resampled_tiles(
 
     pieces = [p for cal in calibrated for p in resample_exposure(cal, grid)]
     fused = stack(pieces, grid, method="clipped-mean")
-    names = {str(k[0]) for k in fused.image.data.__dask_graph__()}  # type: ignore[index]
+    graph = fused.image.data.__dask_graph__()
+    names = {str(k[0]) for k in graph}  # type: ignore[index]
     assert not any(n.startswith("resample-") for n in names)
-    assert any(n.startswith("stack-") for n in names)
+    tasks = [t for k, t in graph.items() if str(k[0]).startswith("stack-t")]  # type: ignore[index]
+    assert len(tasks) == grid.n_tiles[0] * grid.n_tiles[1]
+    # a task carries its pieces' options, not their lazy planes (it goes to workers)
+    for task in tasks:
+        fn = task[0]
+        assert fn.keywords["sources"]
+        assert not any(is_dask_collection(v) for o in fn.keywords["sources"] for v in o.values())
+        assert pickle.loads(pickle.dumps(fn)).keywords["groups"] == fn.keywords["groups"]
     plain = stack([replace(p, source=None) for p in pieces], grid, method="clipped-mean")
     assert any(str(k[0]).startswith("resample-") for k in plain.image.data.__dask_graph__())  # type: ignore[index]
     done = plain.compute()

@@ -525,14 +525,10 @@ def _wcs_from_text(header: str) -> WCS:
 class ResampleSource:
     """What a :class:`ResampledTile`'s task resamples: its input planes (lazy: the
     detector's image, variance and mask, whole or cut to a box) and the options of the
-    resampling (:class:`_Resampler`); :meth:`resampler` prepares it on computed planes."""
+    resampling (``_Resampler(*computed_planes, **options)`` prepares it)."""
 
     planes: tuple[da.Array, da.Array, da.Array]
     options: dict[str, Any]
-
-    def resampler(self, *planes: NDArray[Any]) -> _Resampler:
-        """The prepared resampling of these (computed) planes: ``.fill(r0, r1, ...)``."""
-        return _Resampler(*planes, **self.options)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ from lazysky.pipeline import _coadd_jit
 from lazysky.pipeline._fitsplanes import write_rows
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
 from lazysky.pipeline.grid import SkyGrid
-from lazysky.pipeline.resample import ResampledTile, ResampleSource
+from lazysky.pipeline.resample import ResampledTile, _Resampler
 
 __all__ = ["COADD_DTYPE", "METHODS", "WEIGHTINGS", "stack", "stack_pixels", "write_coadd_fits"]
 
@@ -352,21 +352,22 @@ def _stack_block(*args: NDArray[Any], groups: list[int], **options: Any) -> NDAr
 
 
 def _resample_stack_block(
-    *arrays: NDArray[Any], sources: list[ResampleSource], groups: list[int], **options: Any
+    *arrays: NDArray[Any], sources: list[dict[str, Any]], groups: list[int], **options: Any
 ) -> NDArray[Any]:
     """One tile resampled and stacked strip by strip (a ``stack-<tile>`` task).
 
-    ``arrays``: each piece's three input planes, then each piece's frame weight. Every
+    ``arrays``: each piece's three input planes, then each piece's frame weight;
+    ``sources`` each piece's resampling options
+    (:class:`~lazysky.pipeline.resample.ResampleSource`). Every
     strip of rows is resampled from each piece into the layer buffers and combined by the
     compiled clipped mean: the layers are exactly those :func:`_stack_block` copies out
     of the resampled tiles, which are never held whole.
     """
     n = len(sources)
     weights = [float(np.asarray(w).ravel()[0]) for w in arrays[3 * n :]]
-    opts = sources[0].options
-    ny, nx = opts["grid"].tile_shape(opts["tile"])
+    ny, nx = sources[0]["grid"].tile_shape(sources[0]["tile"])
     out: NDArray[Any] = np.empty((ny, nx), dtype=COADD_DTYPE)
-    resamplers = [src.resampler(*arrays[3 * k : 3 * k + 3]) for k, src in enumerate(sources)]
+    resamplers = [_Resampler(*arrays[3 * k : 3 * k + 3], **opts) for k, opts in enumerate(sources)]
     bufs = [np.empty((n, min(_STRIP_ROWS, ny), nx), dtype=t)
             for t in (np.float32, np.float32, MASK_DTYPE)]  # fmt: skip
     for r0 in range(0, ny, _STRIP_ROWS):
@@ -402,7 +403,9 @@ def _fused_tile(
     weights = [p.frame_weight for p in got]
     token = tokenize(*planes, *weights, [s.options for s in known], groups, options)
     name = f"stack-{tile}-{token}"
-    fn = partial(_resample_stack_block, sources=known, groups=groups, **options)
+    # the task holds the options only (the planes are its inputs, not pickled with it)
+    fn = partial(_resample_stack_block, sources=[s.options for s in known], groups=groups,
+                 **options)  # fmt: skip
     dsk: dict[Any, Any] = {(name, 0, 0): (fn, *[(a.name, 0, 0) for a in planes + weights])}
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=planes + weights)  # type: ignore[arg-type]
     return da.Array(graph, name, chunks=tuple((n,) for n in shape), dtype=COADD_DTYPE,
