@@ -291,8 +291,8 @@ def _background(
     """The background, or with ``subtract`` the image minus it, as a dask array.
 
     Both share the mesh's tasks (``background-mesh-…``, ``background-smooth-…``); the
-    subtracted image is made in the background's own buffer (``background-subtract-…``):
-    one image-sized array per tile instead of two.
+    subtracted image is made in the background's own buffer (its ``background-…`` tasks
+    have a token of their own): one image-sized array per tile instead of two.
     """
     _check(box_px, filter_size)
     image = da.asarray(calibrated["image"].data)
@@ -342,11 +342,11 @@ def _background(
     #     m = da.arange(16, chunks=4).reshape(4, 4).rechunk(2) + 1
     #     b = da.map_blocks(np.negative, m)
     #     dask.compute(xr.Dataset({"m": (("y", "x"), m), "b": (("y", "x"), b)}))
-    name = "background-subtract" if subtract else "background"
+    # both are "background-…" tasks on the dashboard; the subtracted image's own token
     return da.blockwise(
         block, "dyx", image, "dyx", mask, "dyx", mesh, "dab", rows, "y", cols, "x",
         concatenate=True, dtype=dtype, meta=np.empty((0, 0, 0), dtype=dtype),
-        name=f"{name}-{token}",
+        name=f"background-{tokenize(token, 'subtract') if subtract else token}",
     )  # fmt: skip
 
 
