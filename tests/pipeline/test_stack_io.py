@@ -100,3 +100,13 @@ def test_read_calibrated_refuses_a_file_cut_after_the_graph_was_built(tmp_path: 
     (tmp_path / "d.fits").write_bytes(data[: len(data) - 2880 - 500])  # into the mask's data
     with pytest.raises(FitsFormatError, match=r"d\.fits is not a readable FITS file .*early"):
         ds.compute()
+
+
+def test_read_calibrated_whole_detectors_as_one_chunk(tmp_path: Path) -> None:
+    _calibrated_file(tmp_path / "e.fits")
+    (tiled,) = read_calibrated(tmp_path / "e.fits", tile_px=16)
+    (whole,) = read_calibrated(tmp_path / "e.fits", tile_px=None)
+    assert whole.image.data.chunks == ((1,), (40,), (56,))
+    assert whole.mask.data.numblocks == (1, 1, 1)
+    for name in ("image", "variance", "mask"):
+        assert_same(whole[name].values, tiled[name].values)
