@@ -320,6 +320,13 @@ def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
         raise ParameterError(msg)
 
 
+def _layer_buffer(n: int, rows: int, nx: int, dtype: Any) -> NDArray[Any]:
+    """``(n, rows, nx)`` layers for the compiled kernels, cut from rows one element longer:
+    every strip (a last, shorter one too) and every layer is then the same kind of array
+    for numba (non-contiguous), so each kernel is compiled once, not once per layout."""
+    return np.empty((n, rows, nx + 1), dtype=dtype)[:, :, :nx]
+
+
 def _stack_block(*args: NDArray[Any], groups: list[int], **options: Any) -> NDArray[Any]:
     n = len(args) // 2
     pieces, weights = args[:n], [float(np.asarray(w).ravel()[0]) for w in args[n:]]
@@ -329,7 +336,7 @@ def _stack_block(*args: NDArray[Any], groups: list[int], **options: Any) -> NDAr
     jit = _jit_applies(options["method"], options["weighting"], weights)
     if jit:  # layer buffers reused by every strip: no fresh pages per strip
         nx = pieces[0].shape[1]
-        bufs = [np.empty((n, min(_STRIP_ROWS, len(out)), nx), dtype=pieces[0].dtype[plane])
+        bufs = [_layer_buffer(n, min(_STRIP_ROWS, len(out)), nx, pieces[0].dtype[plane])
                 for plane in ("image", "variance", "mask")]  # fmt: skip
     for r0 in range(0, len(out), _STRIP_ROWS):  # strips bound the task's memory
         if jit:
@@ -368,7 +375,7 @@ def _resample_stack_block(
     ny, nx = sources[0]["grid"].tile_shape(sources[0]["tile"])
     out: NDArray[Any] = np.empty((ny, nx), dtype=COADD_DTYPE)
     resamplers = [_Resampler(*arrays[3 * k : 3 * k + 3], **opts) for k, opts in enumerate(sources)]
-    bufs = [np.empty((n, min(_STRIP_ROWS, ny), nx), dtype=t)
+    bufs = [_layer_buffer(n, min(_STRIP_ROWS, ny), nx, t)
             for t in (np.float32, np.float32, MASK_DTYPE)]  # fmt: skip
     for r0 in range(0, ny, _STRIP_ROWS):
         rows = min(_STRIP_ROWS, ny - r0)
