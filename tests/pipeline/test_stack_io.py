@@ -110,3 +110,22 @@ def test_read_calibrated_whole_detectors_as_one_chunk(tmp_path: Path) -> None:
     assert whole.mask.data.numblocks == (1, 1, 1)
     for name in ("image", "variance", "mask"):
         assert_same(whole[name].values, tiled[name].values)
+
+
+def test_read_calibrated_compressed_inputs_read_through_astropy(tmp_path: Path) -> None:
+    # a gzip'd file and a tile-compressed image: their bytes on disk are not the pixels,
+    # so they are read through astropy, not straight into arrays
+    import gzip
+
+    _calibrated_file(tmp_path / "p.fits")
+    (tmp_path / "p.fits.gz").write_bytes(gzip.compress((tmp_path / "p.fits").read_bytes()))
+    with fits.open(tmp_path / "p.fits") as hdul:
+        tiles = fits.CompImageHDU(hdul[1].data, hdul[1].header, name="CCD01",
+                                  compression_type="GZIP_1", quantize_level=0.0)  # fmt: skip
+        fits.HDUList([fits.PrimaryHDU(), tiles, hdul[2].copy(), hdul[3].copy()]).writeto(
+            tmp_path / "t.fits")
+    (plain,) = read_calibrated(tmp_path / "p.fits")
+    for name in ("p.fits.gz", "t.fits"):
+        (ds,) = read_calibrated(tmp_path / name)
+        for plane in ("image", "variance", "mask"):
+            assert_same(ds[plane].values, plain[plane].values)

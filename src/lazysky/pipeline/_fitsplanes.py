@@ -62,7 +62,10 @@ def read_native(
     plain plane (read it through astropy then). Raises ``OSError`` when the file holds
     fewer bytes than the header describes.
     """
-    header = hdul[index].header
+    hdu = hdul[index]
+    if type(hdu) not in (fits.PrimaryHDU, fits.ImageHDU):  # CompImageHDU is an ImageHDU
+        return None
+    header = hdu.header
     kind = _native_kind(header)
     if kind is None or np.dtype(kind[0]).itemsize != np.dtype(dtype).itemsize:
         return None

@@ -373,18 +373,23 @@ def _read_planes(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fits.verify.VerifyWarning)
         warnings.simplefilter("ignore", AstropyUserWarning)  # truncation: the reads raise
-        # lazily: only these HDUs' data; plain planes straight into native arrays
-        with open(path, "rb", buffering=0) as f, fits.open(f, memmap=False) as hdul:
-            len(hdul)  # every header read now, before the data reads move the file
-            img = _plane(f, hdul, image, np.float32)
-            if variance is not None:
-                var = _plane(f, hdul, variance, np.float32)
-            else:
-                var = np.full(img.shape, _sky_variance(img), dtype=np.float32)
-            if mask is not None:
-                msk = _plane(f, hdul, mask, MASK_DTYPE)
-            else:
-                msk = np.zeros(img.shape, MASK_DTYPE)
+        # lazily: only these HDUs' data; plain planes of an uncompressed file (it starts
+        # with SIMPLE, not a gzip/bzip2 header) straight into native arrays
+        with open(path, "rb", buffering=0) as f:
+            raw = f.read(6) == b"SIMPLE"
+            f.seek(0)
+            src = f if raw else None
+            with fits.open(f if raw else path, memmap=False) as hdul:
+                len(hdul)  # every header read now, before the data reads move the file
+                img = _plane(src, hdul, image, np.float32)
+                if variance is not None:
+                    var = _plane(src, hdul, variance, np.float32)
+                else:
+                    var = np.full(img.shape, _sky_variance(img), dtype=np.float32)
+                if mask is not None:
+                    msk = _plane(src, hdul, mask, MASK_DTYPE)
+                else:
+                    msk = np.zeros(img.shape, MASK_DTYPE)
     # a float64 sum is finite exactly when every value is (float32 values cannot
     # overflow it): the usual all-finite frame is checked without a boolean plane
     if np.isfinite(img.sum(dtype=np.float64)) and np.isfinite(var.sum(dtype=np.float64)):
@@ -397,10 +402,11 @@ def _read_planes(
 
 
 def _plane(f: Any, hdul: fits.HDUList, index: int, dtype: Any) -> NDArray[Any]:
-    """HDU ``index`` as a native ``dtype`` array: read straight when it is a plain plane
-    (:func:`lazysky.pipeline._fitsplanes.read_native`), else through astropy."""
+    """HDU ``index`` as a native ``dtype`` array: read straight from the raw file ``f``
+    when it is a plain plane (:func:`lazysky.pipeline._fitsplanes.read_native`), else
+    (or without ``f``: a compressed file) through astropy."""
     try:
-        got = read_native(f, hdul, index, dtype)
+        got = None if f is None else read_native(f, hdul, index, dtype)
     except OSError as exc:
         msg = f"input {f.name} is not a readable FITS file ({exc})"
         raise FitsFormatError(msg) from None
