@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -83,7 +84,8 @@ def read_native(
             msg = f"{getattr(f, 'name', 'file')}: HDU {index} ends {len(view) - done} bytes early"
             raise OSError(msg)
         done += n
-    out.byteswap(inplace=True)
+    if sys.byteorder == "little":  # FITS is big-endian
+        out.byteswap(inplace=True)
     if flip:
         out ^= np.asarray(flip, dtype=bits)
     return out.view(dtype)
