@@ -89,3 +89,34 @@ def test_background_rejects_bad_parameters() -> None:
         estimate_background(cal, box_px=2)
     with pytest.raises(ParameterError, match="filter_size"):
         subtract_background(cal, filter_size=2)
+
+
+def test_one_chunk_or_tiles_give_the_same_background_and_subtraction() -> None:
+    # a whole-detector chunk (what coadd_files reads) spreads its mesh over windows of
+    # at most 2048 px cut inside the tasks; tiles of other sizes (whole boxes or not) give
+    # the same mesh, background and subtracted image, bit for bit
+    import dask.array as da
+    import xarray as xr
+
+    rng = np.random.default_rng(3)
+    ny, nx = 2200, 96
+    yy = np.arange(ny, dtype=np.float32)[:, None]
+    img = (100 + 0.01 * yy + rng.normal(0, 3, (1, ny, nx))).astype(np.float32)
+    mask = np.zeros(img.shape, np.uint16)
+    mask[0, 500:520, 10:30] = 4
+
+    def exposure(chunks: Any) -> xr.Dataset:
+        return xr.Dataset({k: (("detector", "y", "x"), da.from_array(a, chunks=chunks))
+                           for k, a in (("image", img), ("mask", mask),
+                                        ("variance", np.ones_like(img)))})  # fmt: skip
+
+    whole = subtract_background(exposure((1, ny, nx)), box_px=32)
+    mesh = [k for k in whole.background.data.__dask_graph__() if "background-mesh" in str(k[0])]
+    assert len(mesh) == 2  # 2200 rows: two windows of one chunk
+    a = dask.compute(whole.image, whole.background)
+    for chunks in ((1, 640, 64), (1, 500, 50)):  # whole boxes of 32, and not
+        tiled = subtract_background(exposure(chunks), box_px=32)
+        b = dask.compute(tiled.image, tiled.background)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x.values, y.values)
+    assert_same(a[0].values, img - a[1].values)  # image − background, as float32

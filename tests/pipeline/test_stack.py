@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from astropy.io import fits
 from astropy.table import Table, vstack
 from astropy.wcs import WCS
 from conftest import INST, Survey, assert_same, raise_if_dask_computes
+from dask.base import is_dask_collection
 
 from lazysky.errors import OutputError, ParameterError
 from lazysky.pipeline import (
@@ -138,13 +140,43 @@ def test_stack_is_lazy_and_names_tasks_per_tile(
 
 
 def test_stack_tiled_equals_whole(calibrated: list[xr.Dataset], grid: SkyGrid) -> None:
+    # also fused == not fused: the tiled coadd resamples inside its stack tasks (the
+    # pieces' sources), the whole one stacks the resampled pieces (sources dropped)
+    from dataclasses import replace
+
     whole = SkyGrid(grid.ra_deg, grid.dec_deg, grid.pixel_scale_arcsec, grid.shape,
                     tile_px=max(grid.shape))  # fmt: skip
-    a, b = _coadd(calibrated, grid).compute(), _coadd(calibrated, whole).compute()
+    pieces = [replace(p, source=None) for c in calibrated for p in resample_exposure(c, whole)]
+    a, b = _coadd(calibrated, grid).compute(), stack(pieces, whole).compute()
     assert grid.n_tiles[0] > 2
     assert whole.n_tiles == (1, 1)
     for name in ("image", "variance", "weight", "count", "rejected", "mask"):
         assert_same(a[name].values, b[name].values)
+
+
+def test_fused_resample_and_stack_holds_no_resampled_tile(
+    calibrated: list[xr.Dataset], grid: SkyGrid
+) -> None:
+    # with the pieces' sources, each tile is resampled and stacked strip by strip in its
+    # stack task (no resampled tile is ever held); without them, stacked from the pieces
+    from dataclasses import replace
+
+    pieces = [p for cal in calibrated for p in resample_exposure(cal, grid)]
+    fused = stack(pieces, grid, method="clipped-mean")
+    graph = fused.image.data.__dask_graph__()
+    names = {str(k[0]) for k in graph}  # type: ignore[index]
+    assert not any(n.startswith("resample-") for n in names)
+    tasks = [t for k, t in graph.items() if str(k[0]).startswith("stack-t")]  # type: ignore[index]
+    assert len(tasks) == grid.n_tiles[0] * grid.n_tiles[1]
+    # a task carries its pieces' options, not their lazy planes (it goes to workers)
+    for task in tasks:
+        fn = task[0]
+        assert fn.keywords["sources"]
+        assert not any(is_dask_collection(v) for o in fn.keywords["sources"] for v in o.values())
+        assert pickle.loads(pickle.dumps(fn)).keywords["groups"] == fn.keywords["groups"]
+    plain = stack([replace(p, source=None) for p in pieces], grid, method="clipped-mean")
+    assert any(str(k[0]).startswith("resample-") for k in plain.image.data.__dask_graph__())  # type: ignore[index]
+    # the two give the same coadd bit for bit: test_stack_tiled_equals_whole
 
 
 def test_stack_rejects_bad_input(calibrated: list[xr.Dataset], grid: SkyGrid) -> None:

@@ -39,6 +39,14 @@ def _jit(fn: Any) -> Any:
     return numba.njit(nogil=True, cache=True, error_model="numpy")(fn)
 
 
+def _jit_inline(fn: Any) -> Any:
+    """A helper compiled into its callers (numba IR inlining: the same arithmetic,
+    without a call per pixel)."""
+    if numba is None:  # pragma: no cover
+        return fn
+    return numba.njit(nogil=True, cache=True, error_model="numpy", inline="always")(fn)
+
+
 @_jit
 def map_strip(
     xn: Any,
@@ -141,7 +149,7 @@ def bilinear_strip(
     return True
 
 
-@_jit
+@_jit_inline
 def _median_kept(
     x: Any,
     keep: Any,
@@ -216,22 +224,37 @@ def clipped_mean_strip(
     keep = np.zeros(n_keys, dtype=np.bool_)
     new = np.zeros(n_keys, dtype=np.bool_)
     buf = np.zeros(n_keys, dtype=np.float32)
+    identity = n_in == n_keys
+    for k in range(n_in):
+        if groups[k] != k:
+            identity = False
     for r in range(ny):
         for c in range(nx):
-            for j in range(n_keys):
-                x[j], v[j], m[j], valid[j] = 0, np.inf, nodata, False
-            for k in range(n_in):  # merge: the first valid layer of an exposure wins
-                j = groups[k]
-                vk = variance[k, r, c]
-                ok = (mask[k, r, c] & bad) == 0 and np.isfinite(vk) and vk > 0
-                if ok and not valid[j]:
-                    x[j], v[j], m[j], valid[j] = image[k, r, c], vk, mask[k, r, c], True
-                elif not ok and not valid[j] and m[j] == nodata:
-                    m[j] = mask[k, r, c]
             n_valid = 0
-            for j in range(n_keys):
-                keep[j] = valid[j]
-                n_valid += valid[j]
+            if identity:  # one layer per exposure: nothing to merge
+                for j in range(n_keys):
+                    vk = variance[j, r, c]
+                    mk = mask[j, r, c]
+                    m[j] = mk
+                    if (mk & bad) == 0 and np.isfinite(vk) and vk > 0:
+                        x[j], v[j], valid[j], keep[j] = image[j, r, c], vk, True, True
+                        n_valid += 1
+                    else:
+                        x[j], v[j], valid[j], keep[j] = 0, np.inf, False, False
+            else:
+                for j in range(n_keys):
+                    x[j], v[j], m[j], valid[j] = 0, np.inf, nodata, False
+                for k in range(n_in):  # merge: the first valid layer of an exposure wins
+                    j = groups[k]
+                    vk = variance[k, r, c]
+                    ok = (mask[k, r, c] & bad) == 0 and np.isfinite(vk) and vk > 0
+                    if ok and not valid[j]:
+                        x[j], v[j], m[j], valid[j] = image[k, r, c], vk, mask[k, r, c], True
+                    elif not ok and not valid[j] and m[j] == nodata:
+                        m[j] = mask[k, r, c]
+                for j in range(n_keys):
+                    keep[j] = valid[j]
+                    n_valid += valid[j]
             if n_valid >= 3:
                 for _ in range(max_iters):
                     centre = _median_kept(x, keep, n_keys, buf)

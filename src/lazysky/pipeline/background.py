@@ -76,17 +76,21 @@ def mesh_levels(
     out = np.full((*img.shape[:-2], my, mx), np.nan, dtype=np.float32)
     if img.size == 0:
         return out
-    bad = np.zeros(img.shape, dtype=bool) if mask is None else np.asarray(mask) != 0
-    work = np.where(bad, np.float32(np.nan), img)
+    msk = None if mask is None else np.asarray(mask)
     fy, fx = ny // box_px, nx // box_px  # whole boxes: all of a row of them at once
     for idx in np.ndindex(*img.shape[:-2]):
-        plane = work[idx]
+        plane = img[idx]
         for j in range(my):
+            # masked pixels as NaN, one row of boxes at a time (no copy of the plane)
             rows = plane[j * box_px : (j + 1) * box_px]
+            if msk is not None:
+                rows = np.where(msk[idx][j * box_px : (j + 1) * box_px] != 0,
+                                np.float32(np.nan), rows)  # fmt: skip
             if j < fy and fx > 0:
                 boxes = rows[:, : fx * box_px].reshape(box_px, fx, box_px).transpose(1, 0, 2)
+                flat = boxes.reshape(fx, box_px * box_px)  # a copy, unless one box wide
                 out[(*idx, j, slice(0, fx))] = _row_levels(
-                    boxes.reshape(fx, box_px * box_px), sigma=sigma, iters=iters, scratch=True
+                    flat, sigma=sigma, iters=iters, scratch=not np.may_share_memory(flat, img)
                 )
             for i in range(fx if j < fy else 0, mx):  # partial boxes: one by one
                 box = rows[:, i * box_px : (i + 1) * box_px]
@@ -262,6 +266,9 @@ def _check(box_px: int, filter_size: int) -> None:
         raise ParameterError(msg)
 
 
+_MESH_TILE_PX = 2048  # the mesh's tasks cover at most this square (in whole boxes)
+
+
 def estimate_background(
     calibrated: xr.Dataset, *, box_px: int = 64, filter_size: int = 3
 ) -> xr.DataArray:
@@ -270,25 +277,32 @@ def estimate_background(
     Masked pixels (any flag) are left out of the boxes. The result is chunked like
     ``image``; tasks are named ``background-mesh-…`` and ``background-…``.
     """
+    bkg = _background(calibrated, box_px=box_px, filter_size=filter_size, subtract=False)
+    coords = {k: v for k, v in calibrated["image"].coords.items() if set(v.dims) <= {"detector"}}
+    out = xr.DataArray(bkg, dims=("detector", "y", "x"), coords=coords, name="background")
+    out.attrs.update({"units": calibrated["image"].attrs.get("units", ""),
+                      "box_px": box_px, "filter_size": filter_size})  # fmt: skip
+    return out
+
+
+def _background(
+    calibrated: xr.Dataset, *, box_px: int, filter_size: int, subtract: bool
+) -> da.Array:
+    """The background, or with ``subtract`` the image minus it, as a dask array.
+
+    Both share the mesh's tasks (``background-mesh-…``, ``background-smooth-…``); the
+    subtracted image is made in the background's own buffer (its ``background-…`` tasks
+    have a token of their own): one image-sized array per tile instead of two.
+    """
     _check(box_px, filter_size)
     image = da.asarray(calibrated["image"].data)
     mask = da.asarray(calibrated["mask"].data).rechunk(image.chunks)
     ny, nx = int(image.shape[1]), int(image.shape[2])
-    # tiles for the mesh: whole boxes, about the size of the image's tiles
-    step = max(box_px, (max(image.chunks[1][0], image.chunks[2][0]) // box_px) * box_px)
-    img_b, mask_b = image.rechunk((1, step, step)), mask.rechunk((1, step, step))
-    mesh_chunks = tuple(tuple(-(-c // box_px) for c in ch) for ch in img_b.chunks[1:])
+    # tiles for the mesh: whole boxes, about the size of the image's tiles but no larger
+    # than _MESH_TILE_PX (a whole-detector chunk still gives its mesh to several tasks;
+    # the boxes, and so the mesh, are the same whatever the tiles)
     token = tokenize(image, mask, box_px, filter_size)
-    mesh = da.map_blocks(
-        mesh_levels,
-        img_b,
-        mask_b,
-        box_px=box_px,
-        chunks=(img_b.chunks[0], *mesh_chunks),
-        dtype=np.float32,
-        meta=np.empty((0, 0, 0), dtype=np.float32),
-        name=f"background-mesh-{token}",
-    )
+    mesh = _mesh(image, mask, box_px=box_px, name=f"background-mesh-{token}")
     mesh = da.map_blocks(
         smooth_mesh,
         mesh.rechunk({0: 1, 1: -1, 2: -1}),
@@ -299,6 +313,7 @@ def estimate_background(
     )
     rows = da.arange(ny, chunks=image.chunks[1])
     cols = da.arange(nx, chunks=image.chunks[2])
+    dtype = np.result_type(image.dtype, np.float32) if subtract else np.dtype(np.float32)
 
     def block(
         tile: NDArray[Any],
@@ -306,10 +321,12 @@ def estimate_background(
         m: NDArray[Any],
         r: NDArray[Any],
         c: NDArray[Any],
-    ) -> NDArray[np.float32]:
-        out: NDArray[Any] = np.empty(tile.shape, dtype=np.float32)  # the tile: block shape
+    ) -> NDArray[Any]:
+        out: NDArray[Any] = np.empty(tile.shape, dtype=dtype)  # the tile: block shape
         for d in range(out.shape[0]):
             out[d] = interpolate_mesh(m[d], r, c, box_px=box_px, shape=(ny, nx))
+            if subtract:  # image − background, as float32 arithmetic, in the same buffer
+                np.subtract(tile[d], out[d], out=out[d])
         return out
 
     # The mask tiles are read here too, though only the mesh uses them: it gives the
@@ -325,16 +342,56 @@ def estimate_background(
     #     m = da.arange(16, chunks=4).reshape(4, 4).rechunk(2) + 1
     #     b = da.map_blocks(np.negative, m)
     #     dask.compute(xr.Dataset({"m": (("y", "x"), m), "b": (("y", "x"), b)}))
-    bkg = da.blockwise(
+    # both are "background-…" tasks on the dashboard; the subtracted image's own token
+    return da.blockwise(
         block, "dyx", image, "dyx", mask, "dyx", mesh, "dab", rows, "y", cols, "x",
-        concatenate=True, dtype=np.float32, meta=np.empty((0, 0, 0), dtype=np.float32),
-        name=f"background-{token}",
+        concatenate=True, dtype=dtype, meta=np.empty((0, 0, 0), dtype=dtype),
+        name=f"background-{tokenize(token, 'subtract') if subtract else token}",
     )  # fmt: skip
-    coords = {k: v for k, v in calibrated["image"].coords.items() if set(v.dims) <= {"detector"}}
-    out = xr.DataArray(bkg, dims=("detector", "y", "x"), coords=coords, name="background")
-    out.attrs.update({"units": calibrated["image"].attrs.get("units", ""),
-                      "box_px": box_px, "filter_size": filter_size})  # fmt: skip
-    return out
+
+
+def _mesh(image: da.Array, mask: da.Array, *, box_px: int, name: str) -> da.Array:
+    """:func:`mesh_levels` of ``image`` lazily, one task per window of its chunks.
+
+    A window is at most :data:`_MESH_TILE_PX` square in whole boxes, cut from its chunk
+    inside the task (a view: dask's own slicing would copy a window of less than half a
+    chunk), so a whole-detector chunk still spreads its mesh over several tasks. Boxes
+    start at multiples of ``box_px`` from the detector's origin whatever the chunks and
+    windows (chunks that are not whole boxes are made so first), so the mesh is the same.
+    """
+    from dask.highlevelgraph import HighLevelGraph
+
+    if any(c % box_px for ch in image.chunks[1:] for c in ch[:-1]):  # tiles of whole boxes
+        size = max(box_px, (max(image.chunks[1][0], image.chunks[2][0]) // box_px) * box_px)
+        image, mask = image.rechunk((1, size, size)), mask.rechunk((1, size, size))
+    step = max(box_px, (_MESH_TILE_PX // box_px) * box_px)
+    splits = []  # per axis: per chunk, the (start, stop) of its windows
+    for ch in image.chunks[1:]:
+        splits.append([[(a, min(a + step, c)) for a in range(0, c, step)] for c in ch])
+    dsk: dict[Any, Any] = {}
+    for d in range(len(image.chunks[0])):
+        wy = 0
+        for iy, rows in enumerate(splits[0]):
+            for r0, r1 in rows:
+                wx = 0
+                for ix, cols in enumerate(splits[1]):
+                    for c0, c1 in cols:
+                        win = (slice(None), slice(r0, r1), slice(c0, c1))
+                        dsk[(name, d, wy, wx)] = (_mesh_window, (image.name, d, iy, ix),
+                                                  (mask.name, d, iy, ix), win, box_px)  # fmt: skip
+                        wx += 1
+                wy += 1
+    chunks = (image.chunks[0], *(tuple(-(-(b - a) // box_px) for per in sp for a, b in per)
+                                  for sp in splits))  # fmt: skip
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[image, mask])  # type: ignore[list-item]
+    return da.Array(graph, name, chunks=chunks, dtype=np.float32,
+                    meta=np.empty((0, 0, 0), dtype=np.float32))  # fmt: skip
+
+
+def _mesh_window(
+    image: NDArray[Any], mask: NDArray[Any], window: tuple[slice, ...], box_px: int
+) -> NDArray[np.float32]:
+    return mesh_levels(image[window], mask[window], box_px=box_px)
 
 
 def subtract_background(
@@ -352,7 +409,11 @@ def subtract_background(
     """
     bkg = estimate_background(calibrated, box_px=box_px, filter_size=filter_size)
     out = calibrated.copy()
-    out["image"] = calibrated["image"] - bkg
+    # the image minus the same background, made in one buffer per tile (equal to
+    # ``image - bkg``); computing both evaluates the (cheap) spline twice
+    out["image"] = calibrated["image"].copy(
+        data=_background(calibrated, box_px=box_px, filter_size=filter_size, subtract=True)
+    )
     out["image"].attrs = dict(calibrated["image"].attrs)
     out["background"] = bkg
     out.attrs["steps"] = [

@@ -44,6 +44,7 @@ from dask.delayed import delayed
 from numpy.typing import NDArray
 
 from lazysky.errors import FitsFormatError, OutputError, ParameterError
+from lazysky.pipeline._fitsplanes import read_native
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
 from lazysky.pipeline._sections import parse_section
 
@@ -371,16 +372,28 @@ def _read_planes(
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fits.verify.VerifyWarning)
-        with fits.open(path, memmap=False) as hdul:  # lazily: only these HDUs' data
-            img = np.array(hdul[image].data, dtype=np.float32)
-            if variance is not None:
-                var = np.array(hdul[variance].data, dtype=np.float32)
-            else:
-                var = np.full(img.shape, _sky_variance(img), dtype=np.float32)
-            if mask is not None:
-                msk = np.asarray(hdul[mask].data).astype(MASK_DTYPE)
-            else:
-                msk = np.zeros(img.shape, MASK_DTYPE)
+        warnings.simplefilter("ignore", AstropyUserWarning)  # truncation: the reads raise
+        # lazily: only these HDUs' data; plain planes of an uncompressed file (it starts
+        # with SIMPLE, not a gzip/bzip2 header) straight into native arrays
+        with open(path, "rb", buffering=0) as f:
+            raw = f.read(6) == b"SIMPLE"
+            f.seek(0)
+            src = f if raw else None
+            with fits.open(f if raw else path, memmap=False) as hdul:
+                len(hdul)  # every header read now, before the data reads move the file
+                img = _plane(src, hdul, image, np.float32)
+                if variance is not None:
+                    var = _plane(src, hdul, variance, np.float32)
+                else:
+                    var = np.full(img.shape, _sky_variance(img), dtype=np.float32)
+                if mask is not None:
+                    msk = _plane(src, hdul, mask, MASK_DTYPE)
+                else:
+                    msk = np.zeros(img.shape, MASK_DTYPE)
+    # a float64 sum is finite exactly when every value is (float32 values cannot
+    # overflow it): the usual all-finite frame is checked without a boolean plane
+    if np.isfinite(img.sum(dtype=np.float64)) and np.isfinite(var.sum(dtype=np.float64)):
+        return img[None], var[None], msk[None]
     bad = ~np.isfinite(img) | ~np.isfinite(var)
     if bad.any():
         msk[bad] |= MASK_DTYPE.type(MaskBit.NODATA)
@@ -388,8 +401,22 @@ def _read_planes(
     return img[None], var[None], msk[None]
 
 
+def _plane(f: Any, hdul: fits.HDUList, index: int, dtype: Any) -> NDArray[Any]:
+    """HDU ``index`` as a native ``dtype`` array: read straight from the raw file ``f``
+    when it is a plain plane (:func:`lazysky.pipeline._fitsplanes.read_native`), else
+    (or without ``f``: a compressed file) through astropy."""
+    try:
+        got = None if f is None else read_native(f, hdul, index, dtype)
+    except OSError as exc:
+        msg = f"input {f.name} is not a readable FITS file ({exc})"
+        raise FitsFormatError(msg) from None
+    if got is not None:
+        return got
+    return np.asarray(hdul[index].data).astype(dtype)
+
+
 def read_calibrated(
-    path: PathLike, *, tile_px: int = 1024, require_wcs: bool = True
+    path: PathLike, *, tile_px: int | None = 1024, require_wcs: bool = True
 ) -> list[xr.Dataset]:
     """A calibrated FITS file as calibrated Datasets (``image``, ``variance``, ``mask``), lazily.
 
@@ -399,7 +426,9 @@ def read_calibrated(
     a mask, non-finite pixels are NODATA. Every image needs a celestial WCS unless
     ``require_wcs=False`` (then an image without one gets an empty ``header``, for
     :func:`lazysky.pipeline.register.register_frames` to fill). One Dataset per set of
-    same-shaped images.
+    same-shaped images. The planes are dask-chunked in ``tile_px`` tiles, or one chunk per
+    detector with ``tile_px=None`` (what :func:`coadd_files` reads: the boxes it resamples
+    are then views of the detector, not copies assembled from tiles).
 
     Only the headers are read here (a file shorter than they describe is refused now);
     each detector's pixels are read by one task, ``read-calibrated-<file>-<hdu>-…``, so
@@ -459,7 +488,7 @@ def read_calibrated(
     out = []
     dtypes = {"image": np.float32, "variance": np.float32, "mask": MASK_DTYPE}
     for n, members in enumerate(groups.values()):
-        chunks = (1, tile_px, tile_px)
+        chunks = (1, -1, -1) if tile_px is None else (1, tile_px, tile_px)
         data = {}
         for k, (plane, dtype) in enumerate(dtypes.items()):
             layers = [da.from_delayed(m["read"][k], (1, *m["shape"]), dtype=dtype,
@@ -534,7 +563,9 @@ def coadd_files(
         msg = f"reference must index the {len(inputs)} inputs, got {reference}"
         raise ParameterError(msg)
     target = check_output(out, overwrite=overwrite)
-    per_input = [read_calibrated(p, tile_px=tile_px, require_wcs=register is None)
+    # whole detectors (one chunk each): a detector's box for a grid tile is then a view
+    # of it, not a copy assembled from its tiles (the grid's tiles are the output's)
+    per_input = [read_calibrated(p, tile_px=None, require_wcs=register is None)
                  for p in inputs]  # fmt: skip
     first_of_ref = sum(len(x) for x in per_input[:reference])
     cals = [ds for x in per_input for ds in x]

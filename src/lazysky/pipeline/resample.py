@@ -64,6 +64,7 @@ __all__ = [
     "RESAMPLED_DTYPE",
     "NoOverlapWarning",
     "PixelMap",
+    "ResampleSource",
     "ResampledPixels",
     "ResampledTile",
     "mapping_step",
@@ -250,59 +251,106 @@ def _resample_block(
     image: NDArray[Any],
     variance: NDArray[Any],
     mask: NDArray[Any],
-    *,
-    header: str,
-    grid: SkyGrid,
-    tile: str,
-    origin: tuple[int, int],
-    detector_shape: tuple[int, int],
-    map_step: int = 1,
-    window: tuple[int, int, int, int] | None = None,
+    **options: Any,
 ) -> NDArray[Any]:
-    """One (detector, tile) task: the mapping from fresh WCS objects, then the kernel.
+    """One (detector, tile) task: :class:`_Resampler` on the whole tile, into records.
 
-    Only ``window`` (``(row0, row1, col0, col1)`` within the tile, default all of it) is
-    mapped: the rest of the tile lies outside the detector and is NODATA.
+    ``options``: those of :class:`_Resampler` (``header``, ``grid``, ``tile``, ``origin``,
+    ``detector_shape``, ``map_step``, ``window``, ``box``).
     """
-    ny, nx = grid.tile_shape(tile)
+    ny, nx = options["grid"].tile_shape(options["tile"])
     out = np.empty((ny, nx), dtype=RESAMPLED_DTYPE)
     if image.size == 0:  # dask's meta inference
         return out
-    wr0, wr1, wc0, wc1 = (0, ny, 0, nx) if window is None else window
-    if wr1 <= wr0 or wc1 <= wc0:
-        out["image"], out["variance"], out["mask"] = 0.0, np.inf, _NODATA
-        return out
-    # NODATA outside the window only (each record is written once: the fill cost as
-    # much as the resampling)
-    for part in (out[:wr0], out[wr1:], out[wr0:wr1, :wc0], out[wr0:wr1, wc1:]):
-        if part.size:
-            part["image"], part["variance"], part["mask"] = 0.0, np.inf, _NODATA
-    sy, sx = grid.tile_slices(tile)
-    wcs_in = _wcs_from_text(header)  # fresh objects per task (WCS is not thread-safe)
-    mapping = PixelMap(grid.wcs, wcs_in, rows=(sy.start + wr0 - 1, sy.start + wr1 + 1),
-                       cols=(sx.start + wc0 - 1, sx.start + wc1 + 1), step=map_step)  # fmt: skip
-    if _coadd_jit.AVAILABLE:  # the compiled kernel: one pass, straight into the records
-        planes = [np.asarray(a) for a in (image, variance, mask)]
-        buf_shape = (_STRIP_ROWS + 2, wc1 - wc0 + 2)  # reused: no fresh pages per strip
-        buffers = (np.empty(buf_shape), np.empty(buf_shape))
-        for r0 in range(wr0, wr1, _STRIP_ROWS):
-            r1 = min(r0 + _STRIP_ROWS, wr1)
-            x_in, y_in = mapping.evaluate(r0 - wr0, r1 - wr0 + 2, out=buffers)
-            strip = out[r0:r1, wc0:wc1]
-            if not _coadd_jit.bilinear_strip(
-                *planes, x_in, y_in, origin[0], origin[1], detector_shape[0],
-                detector_shape[1], _NODATA, strip["image"], strip["variance"], strip["mask"],
-            ):  # fmt: skip
-                raise ParameterError(_BOX_TOO_SMALL)
-        return out
-    box = _Packed.of(image, variance, mask)
-    for r0 in range(wr0, wr1, _STRIP_ROWS):  # strips bound the task's memory
-        r1 = min(r0 + _STRIP_ROWS, wr1)
-        x_in, y_in = mapping.evaluate(r0 - wr0, r1 - wr0 + 2)
-        px = _resample_packed(box, x_in, y_in, origin=origin, detector_shape=detector_shape)
-        strip = out[r0:r1, wc0:wc1]
-        strip["image"], strip["variance"], strip["mask"] = px.image, px.variance, px.mask
+    _Resampler(image, variance, mask, **options).fill(0, ny, out["image"], out["variance"],
+                                                      out["mask"])  # fmt: skip
     return out
+
+
+class _Resampler:
+    """One detector resampled onto one tile, prepared once: :meth:`fill` writes any rows.
+
+    The mapping from fresh WCS objects (WCS is not thread-safe), the input planes (cut to
+    ``box``, a view, when they are the whole detector) and the window of the tile the
+    detector can reach (``(row0, row1, col0, col1)``, default all of it): outside it the
+    tile is NODATA. A pixel's value does not depend on which rows are asked for together,
+    so filling a tile in any strips gives the same bits.
+    """
+
+    def __init__(
+        self,
+        image: NDArray[Any],
+        variance: NDArray[Any],
+        mask: NDArray[Any],
+        *,
+        header: str,
+        grid: SkyGrid,
+        tile: str,
+        origin: tuple[int, int],
+        detector_shape: tuple[int, int],
+        map_step: int = 1,
+        window: tuple[int, int, int, int] | None = None,
+        box: tuple[slice, slice] | None = None,
+    ) -> None:
+        planes = [np.asarray(a) for a in (image, variance, mask)]
+        if box is not None:
+            planes = [a[box] for a in planes]
+        self.planes, self.origin, self.detector_shape = planes, origin, detector_shape
+        ny, nx = grid.tile_shape(tile)
+        self.window = (0, ny, 0, nx) if window is None else window
+        wr0, wr1, wc0, wc1 = self.window
+        self.mapping: PixelMap | None = None
+        if wr1 > wr0 and wc1 > wc0:
+            sy, sx = grid.tile_slices(tile)
+            self.mapping = PixelMap(grid.wcs, _wcs_from_text(header),
+                                    rows=(sy.start + wr0 - 1, sy.start + wr1 + 1),
+                                    cols=(sx.start + wc0 - 1, sx.start + wc1 + 1),
+                                    step=map_step)  # fmt: skip
+        self._buffers: tuple[NDArray[np.float64], NDArray[np.float64]] | None = None
+        self._packed: _Packed | None = None
+
+    def fill(
+        self, r0: int, r1: int, image: NDArray[Any], variance: NDArray[Any], mask: NDArray[Any]
+    ) -> None:
+        """Tile rows ``r0`` to ``r1`` (excluded) into ``image``, ``variance``, ``mask``
+        (each ``(r1 - r0, tile columns)``)."""
+        wr0, wr1, wc0, wc1 = self.window
+        a, b = max(r0, wr0), min(r1, wr1)
+        if self.mapping is None or b <= a:  # no row of the window: all NODATA
+            image[...], variance[...], mask[...] = 0.0, np.inf, _NODATA
+            return
+        # NODATA outside the window only (each pixel is written once: the fill cost as
+        # much as the resampling)
+        for part in (slice(0, a - r0), slice(b - r0, r1 - r0)):
+            image[part], variance[part], mask[part] = 0.0, np.inf, _NODATA
+        for cols in (slice(0, wc0), slice(wc1, None)):
+            rows = slice(a - r0, b - r0)
+            image[rows, cols], variance[rows, cols], mask[rows, cols] = 0.0, np.inf, _NODATA
+        for s0 in range(a, b, _STRIP_ROWS):  # strips: temporaries stay in cache
+            s1 = min(s0 + _STRIP_ROWS, b)
+            dest = [d[s0 - r0 : s1 - r0, wc0:wc1] for d in (image, variance, mask)]
+            self._strip(s0 - wr0, s1 - wr0, dest)
+
+    def _strip(self, a: int, b: int, dest: list[NDArray[Any]]) -> None:
+        """Window rows ``a`` to ``b`` into ``dest`` (the window's columns)."""
+        assert self.mapping is not None
+        oy, ox = self.origin
+        dny, dnx = self.detector_shape
+        if _coadd_jit.AVAILABLE:  # the compiled kernel: one pass, straight into dest
+            if self._buffers is None:  # reused: no fresh pages per strip
+                shape = (_STRIP_ROWS + 2, self.window[3] - self.window[2] + 2)
+                self._buffers = (np.empty(shape), np.empty(shape))
+            x_in, y_in = self.mapping.evaluate(a, b + 2, out=self._buffers)
+            if not _coadd_jit.bilinear_strip(*self.planes, x_in, y_in, oy, ox, dny, dnx,
+                                             _NODATA, *dest):  # fmt: skip
+                raise ParameterError(_BOX_TOO_SMALL)
+            return
+        if self._packed is None:
+            self._packed = _Packed.of(*self.planes)
+        x_in, y_in = self.mapping.evaluate(a, b + 2)
+        px = _resample_packed(self._packed, x_in, y_in, origin=self.origin,
+                              detector_shape=self.detector_shape)  # fmt: skip
+        dest[0][...], dest[1][...], dest[2][...] = px.image, px.variance, px.mask
 
 
 class PixelMap:
@@ -474,6 +522,16 @@ def _wcs_from_text(header: str) -> WCS:
 
 
 @dataclass(frozen=True)
+class ResampleSource:
+    """What a :class:`ResampledTile`'s task resamples: its input planes (lazy: the
+    detector's image, variance and mask, whole or cut to a box) and the options of the
+    resampling (``_Resampler(*computed_planes, **options)`` prepares it)."""
+
+    planes: tuple[da.Array, da.Array, da.Array]
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class ResampledTile:
     """One detector of one exposure resampled onto one tile of a grid (lazy).
 
@@ -481,7 +539,9 @@ class ResampledTile:
     (fields ``image``, ``variance``, ``mask``), one block; ``units`` those of ``image``
     per output pixel; ``frame_weight`` a lazy ``(1, 1)`` array, the inverse of the
     exposure's mean variance over its good input pixels (the same for every tile, so a
-    stack does not depend on the tiling).
+    stack does not depend on the tiling); ``source`` how ``pixels`` is made, which lets
+    :func:`~lazysky.pipeline.stack` resample and combine a tile strip by strip in one task
+    without holding the resampled tiles (None for pieces made otherwise).
     """
 
     exposure: str
@@ -490,6 +550,7 @@ class ResampledTile:
     pixels: da.Array
     units: str
     frame_weight: da.Array
+    source: ResampleSource | None = None
 
     def to_dataset(self) -> xr.Dataset:
         """The three planes as a lazy ``xarray.Dataset`` ``(y, x)``."""
@@ -597,9 +658,11 @@ def resample_exposure(
     units = str(calibrated.image.attrs.get("units", ""))
     det_shape = (int(calibrated.sizes["y"]), int(calibrated.sizes["x"]))
     arrays = [da.asarray(calibrated[k].data) for k in ("image", "variance", "mask")]
-    var, msk = arrays[1], arrays[2]
-    good = ((msk & bad_bits) == 0) & da.isfinite(var)
-    frame_weight = (good.sum() / da.where(good, var, 0).sum()).reshape(1, 1)
+    frame_weight = _frame_weight(arrays[1], arrays[2], bad_bits=bad_bits, exposure=exposure)
+    # one chunk per detector (each plane): tasks take the detector and cut their box
+    whole = all(c == (1,) * len(c) for c in (a.chunks[0] for a in arrays)) and all(
+        len(c) == 1 for a in arrays for c in a.chunks[1:]
+    )
     out = []
     for i, det in enumerate(map(str, calibrated.detector.values)):
         header = _header_text(calibrated, det, wcs)
@@ -611,21 +674,54 @@ def resample_exposure(
             if box is None:
                 continue
             window = None if reach is None else _tile_window(grid, tile, reach)
-            args = [a[i, box[0], box[1]].rechunk(-1) for a in arrays]
-            origin = (box[0].start, box[1].start)
-            token = tokenize(*args, header, grid, tile, origin, map_step, window)
+            if whole:  # the task cuts the box: a view (dask's slicing would copy it)
+                args, cut = [a[i] for a in arrays], box
+            else:
+                args, cut = [a[i, box[0], box[1]].rechunk(-1) for a in arrays], None
+            options = {"header": header, "grid": grid, "tile": tile,
+                       "origin": (box[0].start, box[1].start), "detector_shape": det_shape,
+                       "map_step": map_step, "window": window, "box": cut}  # fmt: skip
+            token = tokenize(*args, options)
             pixels = da.map_blocks(
-                _resample_block, *args,
-                header=header, grid=grid, tile=tile, origin=origin, detector_shape=det_shape,
-                map_step=map_step, window=window, chunks=tuple((n,) for n in grid.tile_shape(tile)),
+                _resample_block, *args, **options,
+                chunks=tuple((n,) for n in grid.tile_shape(tile)),
                 dtype=RESAMPLED_DTYPE, meta=np.empty((0, 0), dtype=RESAMPLED_DTYPE),
                 name=f"resample-{exposure}-{det}-{tile}-{token}",
             )  # fmt: skip
-            out.append(ResampledTile(exposure, det, tile, pixels, units, frame_weight))
+            source = ResampleSource((args[0], args[1], args[2]), options)
+            out.append(ResampledTile(exposure, det, tile, pixels, units, frame_weight, source))
     if not out:
         msg = f"exposure {exposure!r} does not overlap the grid (or the tiles asked for)"
         warnings.warn(msg, NoOverlapWarning, stacklevel=2)
     return out
+
+
+def _good_sums(var: NDArray[Any], msk: NDArray[Any], *, bad_bits: int) -> NDArray[np.float64]:
+    """``[[[count, Σ variance]]]`` of a block's good pixels (float64; in row strips, so the
+    temporaries stay small)."""
+    n, total = 0, 0.0
+    for r0 in range(0, var.shape[1], 256):
+        v, m = var[:, r0 : r0 + 256], msk[:, r0 : r0 + 256]
+        good = ((m & bad_bits) == 0) & np.isfinite(v)
+        n += int(np.count_nonzero(good))
+        total += float(np.where(good, v, np.float32(0)).sum(dtype=np.float64))
+    return np.array([[[n, total]]], dtype=np.float64)
+
+
+def _frame_weight(var: da.Array, msk: da.Array, *, bad_bits: int, exposure: str) -> da.Array:
+    """The exposure's frame weight, lazily: good pixels / Σ their variance, ``(1, 1)``.
+
+    One pass per block (``frame-weight-…``), summed in float64: the same for every tile
+    and every chunking of the exposure.
+    """
+    msk = msk.rechunk(var.chunks)
+    token = tokenize(var, msk, bad_bits)
+    sums = da.map_blocks(
+        _good_sums, var, msk, bad_bits=bad_bits, chunks=(1, 1, 2), dtype=np.float64,
+        meta=np.empty((0, 0, 0), dtype=np.float64), name=f"frame-weight-{exposure}-{token}",
+    )  # fmt: skip
+    total = sums.sum(axis=(0, 1)).reshape(-1, 2).sum(axis=0)
+    return (total[0] / total[1]).reshape(1, 1)
 
 
 def _detector_window(

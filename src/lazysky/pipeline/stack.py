@@ -36,10 +36,13 @@ of the kept layers' bits).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -49,9 +52,10 @@ from numpy.typing import NDArray
 
 from lazysky.errors import OutputError, ParameterError
 from lazysky.pipeline import _coadd_jit
+from lazysky.pipeline._fitsplanes import write_rows
 from lazysky.pipeline._mask import MASK_DTYPE, MaskBit
 from lazysky.pipeline.grid import SkyGrid
-from lazysky.pipeline.resample import ResampledTile
+from lazysky.pipeline.resample import ResampledTile, _Resampler
 
 __all__ = ["COADD_DTYPE", "METHODS", "WEIGHTINGS", "stack", "stack_pixels", "write_coadd_fits"]
 
@@ -316,6 +320,13 @@ def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
         raise ParameterError(msg)
 
 
+def _layer_buffer(n: int, rows: int, nx: int, dtype: Any) -> NDArray[Any]:
+    """``(n, rows, nx)`` layers for the compiled kernels, cut from rows one element longer:
+    every strip (a last, shorter one too) and every layer is then the same kind of array
+    for numba (non-contiguous), so each kernel is compiled once, not once per layout."""
+    return np.empty((n, rows, nx + 1), dtype=dtype)[:, :, :nx]
+
+
 def _stack_block(*args: NDArray[Any], groups: list[int], **options: Any) -> NDArray[Any]:
     n = len(args) // 2
     pieces, weights = args[:n], [float(np.asarray(w).ravel()[0]) for w in args[n:]]
@@ -325,7 +336,7 @@ def _stack_block(*args: NDArray[Any], groups: list[int], **options: Any) -> NDAr
     jit = _jit_applies(options["method"], options["weighting"], weights)
     if jit:  # layer buffers reused by every strip: no fresh pages per strip
         nx = pieces[0].shape[1]
-        bufs = [np.empty((n, min(_STRIP_ROWS, len(out)), nx), dtype=pieces[0].dtype[plane])
+        bufs = [_layer_buffer(n, min(_STRIP_ROWS, len(out)), nx, pieces[0].dtype[plane])
                 for plane in ("image", "variance", "mask")]  # fmt: skip
     for r0 in range(0, len(out), _STRIP_ROWS):  # strips bound the task's memory
         if jit:
@@ -345,6 +356,67 @@ def _stack_block(*args: NDArray[Any], groups: list[int], **options: Any) -> NDAr
             img, var, msk, groups=groups, frame_weights=weights, **options,
         )  # fmt: skip
     return out
+
+
+def _resample_stack_block(
+    *arrays: NDArray[Any], sources: list[dict[str, Any]], groups: list[int], **options: Any
+) -> NDArray[Any]:
+    """One tile resampled and stacked strip by strip (a ``stack-<tile>`` task).
+
+    ``arrays``: each piece's three input planes, then each piece's frame weight;
+    ``sources`` each piece's resampling options
+    (:class:`~lazysky.pipeline.resample.ResampleSource`). Every
+    strip of rows is resampled from each piece into the layer buffers and combined by the
+    compiled clipped mean: the layers are exactly those :func:`_stack_block` copies out
+    of the resampled tiles, which are never held whole.
+    """
+    n = len(sources)
+    weights = [float(np.asarray(w).ravel()[0]) for w in arrays[3 * n :]]
+    ny, nx = sources[0]["grid"].tile_shape(sources[0]["tile"])
+    out: NDArray[Any] = np.empty((ny, nx), dtype=COADD_DTYPE)
+    resamplers = [_Resampler(*arrays[3 * k : 3 * k + 3], **opts) for k, opts in enumerate(sources)]
+    bufs = [_layer_buffer(n, min(_STRIP_ROWS, ny), nx, t)
+            for t in (np.float32, np.float32, MASK_DTYPE)]  # fmt: skip
+    for r0 in range(0, ny, _STRIP_ROWS):
+        rows = min(_STRIP_ROWS, ny - r0)
+        layers = [b[:, :rows] for b in bufs]
+        for k, rs in enumerate(resamplers):
+            rs.fill(r0, r0 + rows, layers[0][k], layers[1][k], layers[2][k])
+        _stack_jit(layers[0], layers[1], layers[2], out[r0 : r0 + rows], groups=groups,
+                   frame_weights=weights,
+                   **{k: v for k, v in options.items() if k != "method"})  # fmt: skip
+    return out
+
+
+def _fused_tile(
+    got: list[ResampledTile], groups: list[int], options: dict[str, Any], tile: str,
+    shape: tuple[int, int],
+) -> da.Array | None:
+    """The ``stack-<tile>`` task resampling its pieces' inputs itself, when it can.
+
+    It can when every piece has a :class:`~lazysky.pipeline.resample.ResampleSource`
+    with single-chunk planes and the compiled clipped mean applies; else None (the tile
+    is stacked from the resampled pieces).
+    """
+    from dask.highlevelgraph import HighLevelGraph
+
+    sources = [p.source for p in got]
+    if not (_jit_applies(options["method"], options["weighting"], [1.0])) or any(
+        s is None or any(a.numblocks != (1, 1) for a in s.planes) for s in sources
+    ):
+        return None
+    known = [s for s in sources if s is not None]
+    planes = [a for s in known for a in s.planes]
+    weights = [p.frame_weight for p in got]
+    token = tokenize(*planes, *weights, [s.options for s in known], groups, options)
+    name = f"stack-{tile}-{token}"
+    # the task holds the options only (the planes are its inputs, not pickled with it)
+    fn = partial(_resample_stack_block, sources=[s.options for s in known], groups=groups,
+                 **options)  # fmt: skip
+    dsk: dict[Any, Any] = {(name, 0, 0): (fn, *[(a.name, 0, 0) for a in planes + weights])}
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=planes + weights)  # type: ignore[arg-type]
+    return da.Array(graph, name, chunks=tuple((n,) for n in shape), dtype=COADD_DTYPE,
+                    meta=np.empty((0, 0), dtype=COADD_DTYPE))  # fmt: skip
 
 
 def _empty_tile(shape: tuple[int, int]) -> NDArray[Any]:
@@ -445,8 +517,12 @@ def stack(
                     )
                 )
                 continue
-            arrays = [p.pixels for p in got] + [p.frame_weight for p in got]
             groups = [exposures.index(p.exposure) for p in got]
+            fused = _fused_tile(got, groups, options, tile, shape)
+            if fused is not None:  # resampled and stacked in one task, strip by strip
+                row.append(fused)
+                continue
+            arrays = [p.pixels for p in got] + [p.frame_weight for p in got]
             token = tokenize(*arrays, groups, options)
             row.append(da.map_blocks(
                 _stack_block, *arrays, groups=groups, **options,
@@ -506,11 +582,31 @@ def _fits_headers(
     return out
 
 
-def _fits_order(block: NDArray[Any]) -> NDArray[Any]:
-    """A block as FITS stores it: big-endian; unsigned 16-bit offset by BZERO = 32768."""
-    if block.dtype == np.uint16:  # stored as int16 v - 32768: the same bits as v ^ 0x8000
-        return (block ^ np.uint16(0x8000)).astype(">u2")
-    return block.astype(block.dtype.newbyteorder(">"))
+def _write_band(path: str, offset: int, *blocks: NDArray[Any]) -> NDArray[np.int8]:
+    """One row of blocks of a plane (left to right), written in FITS byte order at byte
+    ``offset`` of the file (a write task: whole rows, a strip at a time)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        write_rows(fd, offset, list(blocks))
+    finally:
+        os.close(fd)
+    return np.zeros((1, 1), dtype=np.int8)
+
+
+def _band_writes(x: da.Array, path: str, offset: int) -> da.Array:
+    """Lazy ``fits-write-…`` tasks, one per row of blocks of ``x`` (:func:`_write_band`)."""
+    from dask.highlevelgraph import HighLevelGraph
+
+    name = f"fits-write-{tokenize(x, path, offset)}"
+    row_bytes = int(x.shape[1]) * x.dtype.itemsize
+    y0s = np.cumsum((0, *x.chunks[0][:-1]))
+    dsk: dict[Any, Any] = {
+        (name, i, 0): (_write_band, path, offset + int(y0) * row_bytes,
+                       *[(x.name, i, j) for j in range(len(x.chunks[1]))])
+        for i, y0 in enumerate(y0s)
+    }  # fmt: skip
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=[x])  # type: ignore[list-item]
+    return da.Array(graph, name, chunks=((1,) * len(y0s), (1,)), dtype=np.int8)
 
 
 def write_coadd_fits(
@@ -523,10 +619,11 @@ def write_coadd_fits(
     """Write a coadd as FITS: image (with the grid WCS), VARIANCE, WEIGHT, MASK, COUNT.
 
     This computes the coadd (it is an output), streamed: the file is laid out first from
-    the headers (their sizes fix every plane's offset), then every tile is converted to
-    FITS's byte order and written into its place by its own task (``fits-order-…``, a
-    memory map of the file), so writing overlaps the computation, runs on every thread
-    and never holds the whole coadd. The file is the one astropy would write (tested).
+    the headers (their sizes fix every plane's offset), then every row of tiles of each
+    plane is converted to FITS's byte order, a strip of whole rows at a time, and written
+    at its place by its own task (``fits-write-…``, ``os.pwrite``), so writing overlaps
+    the computation, runs on every thread and never holds the whole coadd. The file is
+    the one astropy would write (tested).
     Every HDU carries the grid's WCS; the primary image is in the inputs' units per grid
     pixel per frame (``BUNIT``); ``header`` adds cards (e.g. HISTORY) to the primary.
 
@@ -558,21 +655,8 @@ def write_coadd_fits(
                 f.seek(off - len(text))
                 f.write(text)
             f.truncate(end)  # the data and their padding: zeros until written
-        targets = [
-            np.memmap(path, mode="r+", offset=off, shape=(ny, nx),
-                      dtype=np.dtype(coadd[name].dtype).newbyteorder(">"))
-            for name, off in zip(_PLANES, offsets, strict=True)
-        ]  # fmt: skip
-        sources = []
-        for name, t in zip(_PLANES, targets, strict=True):
-            x = da.asarray(coadd[name].data)
-            key = f"fits-order-{name}-{tokenize(x, str(path))}"
-            sources.append(da.map_blocks(_fits_order, x, dtype=t.dtype, name=key))
-        da.store(sources, targets, lock=False)
-        # unmapped without flush() (msync: it waited for the disk): the pages reach the
-        # file like any write()'s, through the page cache (astropy's writeto does not
-        # fsync either); readers see them at once
-        del targets, t
+        dask.compute(*[_band_writes(da.asarray(coadd[name].data), str(path), off)
+                       for name, off in zip(_PLANES, offsets, strict=True)])  # fmt: skip
     except OSError as exc:
         path.unlink(missing_ok=True)
         msg = f"cannot write the coadd to {path}: {exc}"
