@@ -362,6 +362,10 @@ def run(
     errors: dict[str, str] = {}
     steps = cfg.steps
     status = "failed"
+    if settings.cluster.watch:  # the dashboard page, /metrics, progress bars: from the
+        from lazysky.dashboard import watch  # start, so the page follows every stage
+
+        watch(client)
     try:
         with _stage("ingest", timings):
             if cfg.ingest:
@@ -414,10 +418,9 @@ def run(
         tiles = grid.tile_ids() if tiles is None else _with_neighbours(grid, det_tiles)
         name = cfg.field.name
         plan_run(run_id, field=name, tiles=det_tiles, catalog=catalog)  # catalogued ones
-        if settings.cluster.watch:  # the dashboard page, /metrics, progress bars
-            from lazysky.dashboard import announce_run, watch
+        if settings.cluster.watch:  # the run's tiles and exposures for the page
+            from lazysky.dashboard import announce_run
 
-            watch(client)
             announce_run(client, run_id, field=name, grid=grid, exposures=list(cals))
 
         def coadd_of(ids: Sequence[str]) -> xr.Dataset:
