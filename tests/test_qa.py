@@ -430,7 +430,8 @@ def test_merge_plans_and_plan_products_refuse_what_does_not_fit(
     assert merged.tasks == [*a.tasks, *b.tasks]
     with pytest.raises(ParameterError, match="at least one QaPlan"):
         merge_plans([])
-    with pytest.raises(ParameterError, match=r"every plan must be of run r1 .* got runs \['r2'\]"):
+    with pytest.raises(ParameterError, match=r"every plan must be of run r1 .* got "
+                       r"\(run, reference\) \[\('r2', 'deep1'\)\]"):
         merge_plans([a, plan("r2", [("deep1", "t2")])])
     with pytest.raises(ParameterError, match="a \\(product, tile\\) pair is in two plans"):
         merge_plans([a, a])

@@ -476,11 +476,9 @@ def qa_tasks(
     if ref_name in epochs:
         msg = f"the epoch products {sorted(epochs)} include the reference's name {ref_name!r}"
         raise ParameterError(msg)
-    # every block goes in as a Delayed sharing the keys of its graph (_per_tile): a dask
-    # array passed to a Delayed would be optimised on its own, recomputing the lazy
-    # products QA is given beside their writes; the reference's stars (a Delayed) go in
-    # their own argument: dask (2025.x) reorders a container that mixes Delayed objects
-    # with dask arrays
+    # every block goes in by the key of its graph's own task (_per_tile): a dask array
+    # passed to a Delayed would be optimised on its own, recomputing the lazy products
+    # QA is given beside their writes
     getters: dict[tuple[int, str], Any] = {}
     deps: dict[str, Any] = {}  # one Delayed per graph the tasks read (by its name)
 
@@ -667,11 +665,11 @@ def merge_plans(plans: Sequence[QaPlan]) -> QaPlan:
     if not plans:
         raise ParameterError("merge_plans: expected at least one QaPlan, got none")
     first = plans[0]
-    other = [p.run_id for p in plans if (p.run_id, p.reference) != (first.run_id,
-                                                                     first.reference)]
+    other = [(p.run_id, p.reference) for p in plans
+             if (p.run_id, p.reference) != (first.run_id, first.reference)]
     if other:
         msg = (f"merge_plans: every plan must be of run {first.run_id} and reference "
-               f"{first.reference!r}; got runs {other}")
+               f"{first.reference!r}; got (run, reference) {other}")
         raise ParameterError(msg)
     keys = [k for p in plans for k in p.keys]
     if len(set(keys)) != len(keys):
