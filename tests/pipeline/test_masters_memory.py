@@ -16,6 +16,7 @@ import pytest
 import xarray as xr
 import zarr
 from conftest import assert_same
+from dask._task_spec import convert_legacy_graph
 from dask.callbacks import Callback
 
 from lazysky.errors import ParameterError
@@ -178,3 +179,26 @@ def test_per_frame_variance_broadcasts_like_the_full_one() -> None:
     assert lazy_v is not None
     assert_same(lazy_m.compute(), m2)
     assert_same(lazy_v.compute(), v2)
+
+
+def test_flat_combine_tasks_read_their_own_tiles() -> None:
+    # fuse_reads: a task only one combine block needs (a frame's tile read, trimmed,
+    # overscan-subtracted, in electrons) runs inside that block's task, so no read can be
+    # started ahead of its combine; tasks shared with anything else stay separate
+    bias = xr.DataArray(np.zeros((1, *SHAPE), np.float32), dims=("detector", "y", "x"))
+    frames = _frames(4, kind="flat", seed=4, level=20000.0)
+    flat = master_flat(frames, bias=bias, max_block_bytes=2**17)
+    graph = convert_legacy_graph(dict(flat["flat"].data.__dask_graph__()))
+    combine = {k for k in graph if isinstance(k, tuple) and k[0].startswith("master-flat")}
+    assert len(combine) > 1  # tiled: several combine blocks
+    dependents: dict[Any, set[Any]] = {k: set() for k in graph}
+    for k, node in graph.items():
+        for d in node.dependencies:
+            dependents[d].add(k)
+    private = [k for k, ds in dependents.items() if len(ds) == 1 and ds <= combine]
+    assert private == []
+    # each combine task runs its frames' reads (a subgraph of several tasks per frame)
+    assert all(graph[k].has_subgraph() for k in combine)
+    assert min(len(graph[k].args[0]) for k in combine) > 4 * len(frames)
+    out = flat.compute(scheduler="sync")
+    assert float(np.mean(out["flat"].values)) == pytest.approx(1.0, abs=1e-3)

@@ -12,7 +12,9 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
+from dask._task_spec import GraphNode, convert_legacy_graph
 from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
 from numpy.typing import NDArray
 
 from lazysky.errors import ParameterError
@@ -23,6 +25,7 @@ __all__ = [
     "clipped_mean_variance",
     "combine_chunks",
     "combine_frames",
+    "fuse_reads",
     "split_reads",
 ]
 
@@ -271,4 +274,92 @@ def combine_frames(
         _pair_block, blocks, var, *extra, drop_axis=0, dtype=_PACKED, chunks=blocks.chunks[1:],
         meta=np.empty((0, 0, 0), dtype=_PACKED), name=f"{name}-{token}", **options,
     )  # fmt: skip
+    packed = fuse_reads(packed)
     return packed["mean"], packed["variance"]
+
+
+def fuse_reads(x: da.Array) -> da.Array:
+    """``x`` with each block's private inputs computed inside the block's own task.
+
+    A task that only one block of ``x`` needs (directly or through other such tasks:
+    a frame's tile read from its store, trimmed, overscan-subtracted, cast, stacked)
+    becomes part of that block's task (:meth:`GraphNode.fuse`: one task running a small
+    subgraph, which frees each intermediate once used). No separate read task then
+    exists for a scheduler to start ahead of its combine block: a tile of every frame is
+    read only by the task that combines it, so the reads in flight are those of the
+    blocks being combined, whatever the number of frames. Tasks shared with anything
+    else (the master bias's blocks, the flat's levels) stay separate. Keys are kept.
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da
+    >>> x = (da.ones((4, 8), chunks=(2, 8)) + 1).sum(axis=1)
+    >>> y = fuse_reads(x)
+    >>> len(dict(y.__dask_graph__())), bool((y.compute() == 16).all())
+    (2, True)
+    """
+    dsk = convert_legacy_graph(dict(x.__dask_graph__()))
+    outputs = set(_flat_keys(x.__dask_keys__()))
+    dependents: dict[Any, set[Any]] = {k: set() for k in dsk}
+    for k, node in dsk.items():
+        for d in node.dependencies:
+            dependents.setdefault(d, set()).add(k)
+    owner: dict[Any, Any] = {k: k for k in outputs}
+    # keys in reverse topological order: a key's dependents are decided before it
+    for k in reversed(_topological(dsk)):
+        if k in outputs:
+            continue
+        owners = {owner.get(d) for d in dependents.get(k, ())}
+        if len(owners) == 1 and None not in owners:
+            owner[k] = owners.pop()
+    members: dict[Any, list[GraphNode]] = {k: [] for k in outputs}
+    for k, o in owner.items():
+        if k not in outputs:
+            members[o].append(dsk[k])
+    for k in outputs:
+        if members[k]:
+            dsk[k] = GraphNode.fuse(*members[k], dsk[k], key=k)
+    # the same layers (names kept for dashboards and tests), less the fused-in tasks
+    # (a layer with no fused-in task is kept as it is: blockwise layers stay fusable)
+    layers: dict[str, Any] = {}
+    layer_of: dict[Any, str] = {}
+    for name, layer in x.dask.layers.items():
+        keys = [k for k in layer.get_output_keys() if k in dsk]
+        kept = [k for k in keys if k in outputs or k not in owner]
+        if len(kept) == len(keys) and not outputs.intersection(keys):
+            layers[name] = layer
+        elif kept:
+            layers[name] = {k: dsk[k] for k in kept}
+        layer_of.update(dict.fromkeys(kept, name))
+    deps: dict[str, set[str]] = {name: set() for name in layers}
+    for k, name in layer_of.items():
+        deps[name].update(layer_of[d] for d in dsk[k].dependencies if layer_of[d] != name)
+    graph = HighLevelGraph(layers, deps)
+    return da.Array(graph, x.name, x.chunks, meta=x._meta)
+
+
+def _flat_keys(keys: Any) -> list[Any]:
+    if isinstance(keys, list):
+        return [k for sub in keys for k in _flat_keys(sub)]
+    return [keys]
+
+
+def _topological(dsk: dict[Any, GraphNode]) -> list[Any]:
+    """The keys of ``dsk``, each after its dependencies (iterative depth-first)."""
+    done: set[Any] = set()
+    out: list[Any] = []
+    for root in dsk:
+        if root in done:
+            continue
+        stack: list[tuple[Any, bool]] = [(root, False)]
+        while stack:
+            k, expanded = stack.pop()
+            if expanded:
+                out.append(k)
+                continue
+            if k in done:
+                continue
+            done.add(k)
+            stack.append((k, True))
+            stack.extend((d, False) for d in dsk[k].dependencies if d in dsk and d not in done)
+    return out
