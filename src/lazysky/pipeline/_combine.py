@@ -8,11 +8,11 @@ task's peak memory stays under ``max_block_bytes`` whatever the number of frames
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import dask.array as da
 import numpy as np
-from dask._task_spec import GraphNode, convert_legacy_graph
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 from numpy.typing import NDArray
@@ -28,6 +28,13 @@ __all__ = [
     "fuse_reads",
     "split_reads",
 ]
+
+try:  # dask's task spec (public since 2024.12, in a private module): fuse_reads needs it
+    from dask._task_spec import GraphNode, convert_legacy_graph
+except ImportError:  # pragma: no cover - another dask: combine without fusing its reads
+    GraphNode = convert_legacy_graph = None  # type: ignore[assignment,misc]
+
+logger = logging.getLogger(__name__)
 
 # Peak bytes the kernel holds per input value (float32 frames): the input, a sorted
 # copy, deviations, their sorted copy, index and boolean temporaries. Measured with
@@ -298,6 +305,10 @@ def fuse_reads(x: da.Array) -> da.Array:
     >>> len(dict(y.__dask_graph__())), bool((y.compute() == 16).all())
     (2, True)
     """
+    if GraphNode is None or convert_legacy_graph is None:  # pragma: no cover
+        logger.warning("this dask has no dask._task_spec: combining without fusing reads "
+                       "(peak memory then grows with the number of frames)")
+        return x
     dsk = convert_legacy_graph(dict(x.__dask_graph__()))
     outputs = set(_flat_keys(x.__dask_keys__()))
     dependents: dict[Any, set[Any]] = {k: set() for k in dsk}
