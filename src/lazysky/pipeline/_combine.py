@@ -330,22 +330,11 @@ def fuse_reads(x: da.Array) -> da.Array:
     for k in outputs:
         if members[k]:
             dsk[k] = GraphNode.fuse(*members[k], dsk[k], key=k)
-    # the same layers (names kept for dashboards and tests), less the fused-in tasks
-    # (a layer with no fused-in task is kept as it is: blockwise layers stay fusable)
-    layers: dict[str, Any] = {}
-    layer_of: dict[Any, str] = {}
-    for name, layer in x.dask.layers.items():
-        keys = [k for k in layer.get_output_keys() if k in dsk]
-        kept = [k for k in keys if k in outputs or k not in owner]
-        if len(kept) == len(keys) and not outputs.intersection(keys):
-            layers[name] = layer
-        elif kept:
-            layers[name] = {k: dsk[k] for k in kept}
-        layer_of.update(dict.fromkeys(kept, name))
-    deps: dict[str, set[str]] = {name: set() for name in layers}
-    for k, name in layer_of.items():
-        deps[name].update(layer_of[d] for d in dsk[k].dependencies if layer_of[d] != name)
-    graph = HighLevelGraph(layers, deps)
+    # one materialized layer under the array's name (task keys, hence their names on the
+    # dashboard, are kept): graph_manipulation.bind/clone need every layer's declared
+    # keys to be in the graph, which a kept Blockwise layer whose tasks were fused away
+    # (or culled) breaks
+    graph = HighLevelGraph({x.name: dsk}, {x.name: set()})
     return da.Array(graph, x.name, x.chunks, meta=x._meta)
 
 
