@@ -25,6 +25,7 @@ from lazysky.pipeline._combine import (
     WORK_BYTES_PER_VALUE,
     clipped_mean_variance,
     combine_frames,
+    fuse_reads,
     split_reads,
 )
 
@@ -138,6 +139,27 @@ def test_scaled_combine_equals_combining_prescaled_frames() -> None:
     with pytest.raises(ParameterError, match="scale must be"):
         combine_frames(da.from_array(stack), da.from_array(var),
                        scale=da.from_array(level[:3]), **kw)  # fmt: skip
+
+
+def test_fused_reads_keep_their_slices_when_computed_with_other_collections() -> None:
+    # a raw frame's read feeds two slices (DATASEC and BIASSEC), both fused into the
+    # block; computed together with another collection that also needs the block (the
+    # masters are written in one graph), dask's slice optimisation once merged the
+    # slices in place: the data got the overscan's pixels, and kept them for every later
+    # computation of the same graph
+    raw = np.random.default_rng(5).normal(1000.0, 5.0, (2, 6, 10)).astype(np.float32)
+    raw[:, :, :8] += 300.0  # the data section well above the overscan
+    arr = zarr.create_array(store={}, shape=raw.shape, chunks=(1, 6, 10), dtype="float32")
+    arr[:] = raw
+    x = da.from_zarr(arr)
+    adu = fuse_reads(x[:, :, :8] - x[:, :, 8:].mean(axis=2, keepdims=True))
+    expect = raw[:, :, :8] - raw[:, :, 8:].mean(axis=2, keepdims=True)
+    with dask.config.set(scheduler="sync"):
+        alone, twice = dask.compute(adu, adu * 2)
+        again = adu.compute()
+    np.testing.assert_allclose(alone, expect, rtol=1e-6)
+    np.testing.assert_allclose(twice, 2 * expect, rtol=1e-6)
+    np.testing.assert_allclose(again, expect, rtol=1e-6)
 
 
 def test_split_reads_reads_small_pieces_of_a_zarr_source() -> None:

@@ -30,9 +30,9 @@ __all__ = [
 ]
 
 try:  # dask's task spec (public since 2024.12, in a private module): fuse_reads needs it
-    from dask._task_spec import GraphNode, convert_legacy_graph
+    from dask._task_spec import GraphNode, Task, _execute_subgraph, convert_legacy_graph
 except ImportError:  # pragma: no cover - another dask: combine without fusing its reads
-    GraphNode = convert_legacy_graph = None  # type: ignore[assignment,misc]
+    GraphNode = Task = _execute_subgraph = convert_legacy_graph = None  # type: ignore[assignment,misc]
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def fuse_reads(x: da.Array) -> da.Array:
     >>> len(dict(y.__dask_graph__())), bool((y.compute() == 16).all())
     (2, True)
     """
-    if GraphNode is None or convert_legacy_graph is None:  # pragma: no cover
+    if GraphNode is None or Task is None or convert_legacy_graph is None:  # pragma: no cover
         logger.warning("this dask has no dask._task_spec: combining without fusing reads "
                        "(peak memory then grows with the number of frames)")
         return x
@@ -329,13 +329,27 @@ def fuse_reads(x: da.Array) -> da.Array:
             members[o].append(dsk[k])
     for k in outputs:
         if members[k]:
-            dsk[k] = GraphNode.fuse(*members[k], dsk[k], key=k)
+            fused = GraphNode.fuse(*members[k], dsk[k], key=k)
+            dsk[k] = Task(k, _run_fused_block, *fused.args)
     # one materialized layer under the array's name (task keys, hence their names on the
     # dashboard, are kept): graph_manipulation.bind/clone need every layer's declared
     # keys to be in the graph, which a kept Blockwise layer whose tasks were fused away
     # (or culled) breaks
     graph = HighLevelGraph({x.name: dsk}, {x.name: set()})
     return da.Array(graph, x.name, x.chunks, meta=x._meta)
+
+
+def _run_fused_block(inner: dict[Any, Any], outkey: Any, inkeys: Any, *deps: Any) -> Any:
+    """Run a block fused by :func:`fuse_reads`: dask's ``_execute_subgraph`` by another name.
+
+    Under its own name, dask's array optimisation (``_optimize_slices``) would rewrite
+    the subgraph *in place*, merging chains of slices on the assumption (true of the
+    chains dask fuses itself) that each inner task feeds one other. Here a frame's read
+    feeds both its DATASEC and its BIASSEC slices: merged, one of the two got the
+    other's pixels (a master bias without its overscan removed), and the rewrite stayed
+    in the graph for every later computation.
+    """
+    return _execute_subgraph(inner, outkey, inkeys, *deps)
 
 
 def _flat_keys(keys: Any) -> list[Any]:
