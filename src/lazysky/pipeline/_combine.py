@@ -330,6 +330,7 @@ def fuse_reads(x: da.Array) -> da.Array:
     for k in outputs:
         if members[k]:
             fused = GraphNode.fuse(*members[k], dsk[k], key=k)
+            assert isinstance(fused, Task)  # several members: a Task running a subgraph
             dsk[k] = Task(k, _run_fused_block, *fused.args)
     # one materialized layer under the array's name (task keys, hence their names on the
     # dashboard, are kept): graph_manipulation.bind/clone need every layer's declared
