@@ -336,7 +336,9 @@ def fuse_reads(x: da.Array) -> da.Array:
     # dashboard, are kept): graph_manipulation.bind/clone need every layer's declared
     # keys to be in the graph, which a kept Blockwise layer whose tasks were fused away
     # (or culled) breaks
-    graph = HighLevelGraph({x.name: dsk}, {x.name: set()})
+    # (without the fused-in tasks: they now run inside their block's task)
+    kept = {k: node for k, node in dsk.items() if k in outputs or k not in owner}
+    graph = HighLevelGraph({x.name: kept}, {x.name: set()})
     return da.Array(graph, x.name, x.chunks, meta=x._meta)
 
 
