@@ -16,14 +16,17 @@ import pytest
 import xarray as xr
 import zarr
 from conftest import assert_same
+from dask._task_spec import convert_legacy_graph
 from dask.callbacks import Callback
 
 from lazysky.errors import ParameterError
 from lazysky.pipeline import clipped_mean, combine_chunks, master_bias, master_flat
 from lazysky.pipeline._combine import (
     WORK_BYTES_PER_VALUE,
+    _run_fused_block,
     clipped_mean_variance,
     combine_frames,
+    fuse_reads,
     split_reads,
 )
 
@@ -139,6 +142,27 @@ def test_scaled_combine_equals_combining_prescaled_frames() -> None:
                        scale=da.from_array(level[:3]), **kw)  # fmt: skip
 
 
+def test_fused_reads_keep_their_slices_when_computed_with_other_collections() -> None:
+    # a raw frame's read feeds two slices (DATASEC and BIASSEC), both fused into the
+    # block; computed together with another collection that also needs the block (the
+    # masters are written in one graph), dask's slice optimisation once merged the
+    # slices in place: the data got the overscan's pixels, and kept them for every later
+    # computation of the same graph
+    raw = np.random.default_rng(5).normal(1000.0, 5.0, (2, 6, 10)).astype(np.float32)
+    raw[:, :, :8] += 300.0  # the data section well above the overscan
+    arr = zarr.create_array(store={}, shape=raw.shape, chunks=(1, 6, 10), dtype="float32")
+    arr[:] = raw
+    x = da.from_zarr(arr)
+    adu = fuse_reads(x[:, :, :8] - x[:, :, 8:].mean(axis=2, keepdims=True))
+    expect = raw[:, :, :8] - raw[:, :, 8:].mean(axis=2, keepdims=True)
+    with dask.config.set(scheduler="sync"):
+        alone, twice = dask.compute(adu, adu * 2)
+        again = adu.compute()
+    np.testing.assert_allclose(alone, expect, rtol=1e-6)
+    np.testing.assert_allclose(twice, 2 * expect, rtol=1e-6)
+    np.testing.assert_allclose(again, expect, rtol=1e-6)
+
+
 def test_split_reads_reads_small_pieces_of_a_zarr_source() -> None:
     arr = zarr.create_array(store={}, shape=(2, 64, 48), chunks=(1, 64, 48), dtype="int32")
     arr[:] = np.arange(arr.size, dtype=np.int32).reshape(arr.shape)
@@ -178,3 +202,26 @@ def test_per_frame_variance_broadcasts_like_the_full_one() -> None:
     assert lazy_v is not None
     assert_same(lazy_m.compute(), m2)
     assert_same(lazy_v.compute(), v2)
+
+
+def test_flat_combine_tasks_read_their_own_tiles() -> None:
+    # fuse_reads: a task only one combine block needs (a frame's tile read, trimmed,
+    # overscan-subtracted, in electrons) runs inside that block's task, so no read can be
+    # started ahead of its combine; tasks shared with anything else stay separate
+    bias = xr.DataArray(np.zeros((1, *SHAPE), np.float32), dims=("detector", "y", "x"))
+    frames = _frames(4, kind="flat", seed=4, level=20000.0)
+    flat = master_flat(frames, bias=bias, max_block_bytes=2**17)
+    graph = convert_legacy_graph(dict(flat["flat"].data.__dask_graph__()))
+    combine = {k for k in graph if isinstance(k, tuple) and k[0].startswith("master-flat")}
+    assert len(combine) > 1  # tiled: several combine blocks
+    dependents: dict[Any, set[Any]] = {k: set() for k in graph}
+    for k, node in graph.items():
+        for d in node.dependencies:
+            dependents[d].add(k)
+    private = [k for k, ds in dependents.items() if len(ds) == 1 and ds <= combine]
+    assert private == []
+    # each combine task runs its frames' reads (a subgraph of several tasks per frame)
+    assert all(graph[k].func is _run_fused_block for k in combine)
+    assert min(len(graph[k].args[0]) for k in combine) > 4 * len(frames)
+    out = flat.compute(scheduler="sync")
+    assert float(np.mean(out["flat"].values)) == pytest.approx(1.0, abs=1e-3)

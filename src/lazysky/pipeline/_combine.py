@@ -8,11 +8,13 @@ task's peak memory stays under ``max_block_bytes`` whatever the number of frames
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import dask.array as da
 import numpy as np
 from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
 from numpy.typing import NDArray
 
 from lazysky.errors import ParameterError
@@ -23,8 +25,16 @@ __all__ = [
     "clipped_mean_variance",
     "combine_chunks",
     "combine_frames",
+    "fuse_reads",
     "split_reads",
 ]
+
+try:  # dask's task spec (public since 2024.12, in a private module): fuse_reads needs it
+    from dask._task_spec import GraphNode, Task, _execute_subgraph, convert_legacy_graph
+except ImportError:  # pragma: no cover - another dask: combine without fusing its reads
+    GraphNode = Task = _execute_subgraph = convert_legacy_graph = None  # type: ignore[assignment,misc]
+
+logger = logging.getLogger(__name__)
 
 # Peak bytes the kernel holds per input value (float32 frames): the input, a sorted
 # copy, deviations, their sorted copy, index and boolean temporaries. Measured with
@@ -271,4 +281,102 @@ def combine_frames(
         _pair_block, blocks, var, *extra, drop_axis=0, dtype=_PACKED, chunks=blocks.chunks[1:],
         meta=np.empty((0, 0, 0), dtype=_PACKED), name=f"{name}-{token}", **options,
     )  # fmt: skip
+    packed = fuse_reads(packed)
     return packed["mean"], packed["variance"]
+
+
+def fuse_reads(x: da.Array) -> da.Array:
+    """``x`` with each block's private inputs computed inside the block's own task.
+
+    A task that only one block of ``x`` needs (directly or through other such tasks:
+    a frame's tile read from its store, trimmed, overscan-subtracted, cast, stacked)
+    becomes part of that block's task (:meth:`GraphNode.fuse`: one task running a small
+    subgraph, which frees each intermediate once used). No separate read task then
+    exists for a scheduler to start ahead of its combine block: a tile of every frame is
+    read only by the task that combines it, so the reads in flight are those of the
+    blocks being combined, whatever the number of frames. Tasks shared with anything
+    else (the master bias's blocks, the flat's levels) stay separate. Keys are kept.
+
+    Examples
+    --------
+    >>> import numpy as np, dask.array as da
+    >>> x = (da.ones((4, 8), chunks=(2, 8)) + 1).sum(axis=1)
+    >>> y = fuse_reads(x)
+    >>> len(dict(y.__dask_graph__())), bool((y.compute() == 16).all())
+    (2, True)
+    """
+    if GraphNode is None or Task is None or convert_legacy_graph is None:  # pragma: no cover
+        logger.warning("this dask has no dask._task_spec: combining without fusing reads "
+                       "(peak memory then grows with the number of frames)")
+        return x
+    dsk = convert_legacy_graph(dict(x.__dask_graph__()))
+    outputs = set(_flat_keys(x.__dask_keys__()))
+    dependents: dict[Any, set[Any]] = {k: set() for k in dsk}
+    for k, node in dsk.items():
+        for d in node.dependencies:
+            dependents.setdefault(d, set()).add(k)
+    owner: dict[Any, Any] = {k: k for k in outputs}
+    # keys in reverse topological order: a key's dependents are decided before it
+    for k in reversed(_topological(dsk)):
+        if k in outputs:
+            continue
+        owners = {owner.get(d) for d in dependents.get(k, ())}
+        if len(owners) == 1 and None not in owners:
+            owner[k] = owners.pop()
+    members: dict[Any, list[GraphNode]] = {k: [] for k in outputs}
+    for k, o in owner.items():
+        if k not in outputs:
+            members[o].append(dsk[k])
+    for k in outputs:
+        if members[k]:
+            fused = GraphNode.fuse(*members[k], dsk[k], key=k)
+            assert isinstance(fused, Task)  # several members: a Task running a subgraph
+            dsk[k] = Task(k, _run_fused_block, *fused.args)
+    # one materialized layer under the array's name (task keys, hence their names on the
+    # dashboard, are kept): graph_manipulation.bind/clone need every layer's declared
+    # keys to be in the graph, which a kept Blockwise layer whose tasks were fused away
+    # (or culled) breaks
+    # (without the fused-in tasks: they now run inside their block's task)
+    kept = {k: node for k, node in dsk.items() if k in outputs or k not in owner}
+    graph = HighLevelGraph({x.name: kept}, {x.name: set()})
+    return da.Array(graph, x.name, x.chunks, meta=x._meta)
+
+
+def _run_fused_block(inner: dict[Any, Any], outkey: Any, inkeys: Any, *deps: Any) -> Any:
+    """Run a block fused by :func:`fuse_reads`: dask's ``_execute_subgraph`` by another name.
+
+    Under its own name, dask's array optimisation (``_optimize_slices``) would rewrite
+    the subgraph *in place*, merging chains of slices on the assumption (true of the
+    chains dask fuses itself) that each inner task feeds one other. Here a frame's read
+    feeds both its DATASEC and its BIASSEC slices: merged, one of the two got the
+    other's pixels (a master bias without its overscan removed), and the rewrite stayed
+    in the graph for every later computation.
+    """
+    return _execute_subgraph(inner, outkey, inkeys, *deps)
+
+
+def _flat_keys(keys: Any) -> list[Any]:
+    if isinstance(keys, list):
+        return [k for sub in keys for k in _flat_keys(sub)]
+    return [keys]
+
+
+def _topological(dsk: dict[Any, GraphNode]) -> list[Any]:
+    """The keys of ``dsk``, each after its dependencies (iterative depth-first)."""
+    done: set[Any] = set()
+    out: list[Any] = []
+    for root in dsk:
+        if root in done:
+            continue
+        stack: list[tuple[Any, bool]] = [(root, False)]
+        while stack:
+            k, expanded = stack.pop()
+            if expanded:
+                out.append(k)
+                continue
+            if k in done:
+                continue
+            done.add(k)
+            stack.append((k, True))
+            stack.extend((d, False) for d in dsk[k].dependencies if d in dsk and d not in done)
+    return out

@@ -266,8 +266,10 @@ def master_flat(
             e = e - da.asarray(dark.data).rechunk(adu.chunks) * scalar_value(s, "exptime")
         return e, collected
 
-    # pass 1: each frame's mosaic level (reductions: a few numbers per frame)
-    levels = [_mosaic_level(electrons(s)[0], shared=masters) for s in scis]
+    # pass 1: each frame's mosaic level (reductions: a few numbers per frame), on the
+    # frames' own chunks: a reduction holds nothing, and the combine's small tiles
+    # would make its graph (32 frames: ~50 000 tasks, ~200 MiB) the largest memory cost
+    levels = [_mosaic_level(electrons(s)[0], shared=masters) for s in parsed]
     level = da.stack(levels).reshape(len(levels), 1, 1, 1)
     level = da.broadcast_to(level, (len(levels), len(scis[0].detector), 1, 1))
     # pass 2: the frames read again (other keys: nothing of pass 1 is kept for it), in the
