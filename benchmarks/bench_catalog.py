@@ -7,6 +7,7 @@ Run (it starts its own embedded server in --dir, by default /var/tmp/lazysky-ben
     python benchmarks/bench_catalog.py --rows 10000000 --queries 200 --dir DIR
     python benchmarks/bench_catalog.py --rows 2000000 --ab-opclass 40   # GiST class A/B
     python benchmarks/bench_catalog.py --rows 2000000 --ab-index 40   # (run, tile) index A/B
+    python benchmarks/bench_catalog.py --rows 10000000 --ab-index-growth   # same, as it grows
     python benchmarks/bench_catalog.py --rows 4000000 --ab-settings '' 'shared_buffers=1GB'
 
 q3c (Debian package ``postgresql-15-q3c``) is installed with apt-get when run as root
@@ -731,6 +732,64 @@ def ab_index(catalog: Catalog, tiles: int, run: str | None) -> list[str]:
     return lines
 
 
+def ab_index_growth(catalog: Catalog, rows: int, *, writers: int,
+                    catalog_dir: Path) -> list[str]:
+    """Both (run_id, tile_id) indexes as the table grows, interleaved step by step.
+
+    The empty catalog (v12: BRIN) is copied into ``lazysky_btree`` with v6's btree
+    instead; then ``rows`` rows are loaded into each, a tenth at a time with ``writers``
+    processes, the two databases alternating step by step (and which goes first), on one
+    server: the server's CPU during a step is that side's. The writer code is the same
+    (on the btree side its BRIN summarising finds no BRIN: one catalog query per write).
+    Returns the report lines: rows/s and CPU µs/row (writers + server; loading backends
+    alone) per step and side.
+    """
+    copy_dsn = _copy_database(catalog, "lazysky_btree")
+    with psycopg.connect(copy_dsn, autocommit=True) as conn:
+        conn.execute("DROP INDEX IF EXISTS ix_coadd_sources_run_tile_brin")
+        conn.execute("CREATE INDEX ix_coadd_sources_run_tile ON coadd_sources "
+                     "(run_id, tile_id)")
+    sides = {"BRIN (v12)": libpq_dsn(catalog.dsn), "btree (v6–v11)": copy_dsn}
+    runs = {}
+    for label, dsn in sides.items():
+        run = Run(new_run_id("test"), description="benchmark A/B as the table grows")
+        register_run(run, catalog=open_catalog(dsn=dsn))
+        runs[label] = run.run_id
+    n_tiles = rows // TILE_ROWS
+    step_tiles = max(n_tiles // 10, writers)
+    got: dict[str, list[tuple[float, float, float]]] = {label: [] for label in sides}
+    load0 = os.getloadavg()[0]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(writers) as pool:
+        for dsn in sides.values():
+            pool.map(_warm_worker, [dsn] * writers)
+        done, i = 0, 0
+        while done < n_tiles:
+            todo = min(step_tiles, n_tiles - done)
+            for label in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
+                rate, us, stats = _load_step(pool, sides[label], runs[label], done, todo,
+                                             writers, catalog_dir)
+                got[label].append((rate, us, stats.get("backends_us", float("nan"))))
+                print(f"  {label}: {(done + todo) * TILE_ROWS:>10,d} rows: {rate:,.0f} rows/s, "
+                      f"{us:.2f} CPU-µs/row (writers + server), backends "
+                      f"{got[label][-1][2]:.2f}, load average {os.getloadavg()[0]:.1f}",
+                      flush=True)
+            done += todo
+            i += 1
+    lines = [f"A/B of the (run_id, tile_id) index as the table grows to {rows:,d} rows per "
+             f"side, {writers} writers, steps interleaved; load average {load0:.1f} at the "
+             f"start, {os.getloadavg()[0]:.1f} at the end:"]
+    for label, steps in got.items():
+        rates, cpu, backend = (np.array(c) for c in zip(*steps, strict=True))
+        lines.append(
+            f"  {label}: rows/s per step {', '.join(f'{r:,.0f}' for r in rates)} (mean "
+            f"{rates.mean():,.0f}); CPU µs/row (writers + server) "
+            f"{', '.join(f'{c:.2f}' for c in cpu)} (median {np.median(cpu):.2f}); loading "
+            f"backends {', '.join(f'{b:.2f}' for b in backend)} (median "
+            f"{np.median(backend):.2f})")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -750,6 +809,9 @@ def main() -> None:
                     help="after the load, A/B the (run_id, tile_id) BRIN (v12) against "
                          "a BRIN of 32 pages per range and the v6 btree, TILES tiles "
                          "each way, then stop")
+    ap.add_argument("--ab-index-growth", action="store_true",
+                    help="instead of the benchmark: load --rows into the v12 catalog and "
+                         "into a copy with the v6 btree, interleaved step by step")
     ap.add_argument("--ab-settings", nargs="+", default=None, metavar="SETTINGS",
                     help="instead of the benchmark: load --rows into one embedded server "
                          "per SETTINGS (LAZYSKY_PG_SETTINGS text; '' = lazysky's "
@@ -783,6 +845,10 @@ def main() -> None:
     report = [f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.platform()}, "
               f"load average {os.getloadavg()[0]:.2f} at start"]
     load_rates: list[float] | None = None
+    if args.ab_index_growth:
+        print("\n".join([*report, *ab_index_growth(catalog, args.rows, writers=args.writers,
+                                                    catalog_dir=bench_dir)]))
+        return
     if not have or have[0] < args.rows:
         run = Run(new_run_id("test"), description="benchmark")
         register_run(run, catalog=catalog)

@@ -339,8 +339,13 @@ def _record_tile(cur: psycopg.Cursor[Any], tbl: sa.Table, params: dict[str, Any]
 #: Full heap ranges, counted back from the partition's end, whose BRIN summaries a write
 #: of coadd rows brings up to date after its commit (0: none; see _summarize_ranges).
 SUMMARIZE_RANGES = 16
-#: Wait at most this long for the lock summarising needs; else leave it to a later write.
-_SUMMARIZE_LOCK_TIMEOUT = "50ms"
+#: Wait at most this long for the lock summarising needs (held by VACUUM); else leave
+#: it to a later write.
+_SUMMARIZE_LOCK_TIMEOUT = "20ms"
+#: Advisory lock (with the partition's name) taken without waiting by the one writer
+#: that summarises a partition at a time; the others skip (their ranges are its too).
+_SUMMARIZE_LOCK = 0x6272696E  # 'brin'
+
 _SUMMARIZE_SQL = """
 SELECT coalesce(sum(brin_summarize_range(i.indexrelid::regclass, b.block)), 0)
 FROM pg_index i
@@ -366,14 +371,20 @@ def _summarize_ranges(conn: psycopg.Connection[Any], partition: str) -> int:
     its queue (256 requests) overflows ("request for BRIN range summarization … was not
     recorded" for most ranges). So the writer, after its commit, summarises the last
     :data:`SUMMARIZE_RANGES` full ranges (those already summarised cost a look-up); the
-    partial last range stays unsummarised, so inserts into it stay cheap. The lock this
-    needs (share update exclusive: against VACUUM and other summarisers, not inserts) is
-    waited for at most ``_SUMMARIZE_LOCK_TIMEOUT``; a range skipped is summarised by a
+    partial last range stays unsummarised, so inserts into it stay cheap. One writer at
+    a time summarises a partition (an advisory lock taken without waiting: the others
+    skip, since it summarises their ranges too); the lock summarising needs (share update
+    exclusive: against VACUUM and other summarisers, not inserts) is waited for at most
+    ``_SUMMARIZE_LOCK_TIMEOUT``; a range skipped is summarised by a
     later write or by VACUUM, as are all when the writer's role does not own the index
     (PostgreSQL lets only the owner summarise). Returns the ranges summarised.
     """
     try:
         with conn.transaction(), conn.cursor() as cur:
+            mine = cur.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
+                               (_SUMMARIZE_LOCK, partition)).fetchone()
+            if not mine or not mine[0]:  # another writer is summarising this partition
+                return 0
             cur.execute(f"SET LOCAL lock_timeout = '{_SUMMARIZE_LOCK_TIMEOUT}'")
             got = cur.execute(_SUMMARIZE_SQL, {"partition": partition,
                                                "ranges": SUMMARIZE_RANGES}).fetchone()
