@@ -371,3 +371,28 @@ def test_a_v11_catalog_upgrades_to_the_brin_and_the_ledger(scratch: str) -> None
         catalog.engine().dispose()
     finally:
         engine.dispose()
+
+
+def test_summarising_steps_aside_for_a_busy_partition(
+        catalog: Catalog, make_run: Callable[..., str],
+        sources: Callable[..., dict[str, np.ndarray]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """While another session holds a lock summarising would queue behind (VACUUM,
+    ANALYZE), the writer's summarising does nothing at once instead of waiting; once it
+    is released, the ranges left are summarised."""
+    from lazysky.catalog import write as write_module
+    from lazysky.catalog.schema import partition_name
+
+    run = make_run()
+    rid = parse_run_id(run)
+    part = partition_name("coadd_sources", rid.type, rid.date.replace(day=1))
+    monkeypatch.setattr(write_module, "SUMMARIZE_RANGES", 0)  # leave the ranges to us
+    for t in range(2):
+        write_sources("coadd", run, f"busy-{t}", sources(6000, seed=40 + t), catalog=catalog)
+    monkeypatch.undo()
+    dsn = libpq_dsn(catalog.dsn)
+    with psycopg.connect(dsn) as holder, psycopg.connect(dsn) as writer:
+        holder.execute(f"LOCK TABLE {part} IN SHARE UPDATE EXCLUSIVE MODE")
+        assert write_module._summarize_ranges(writer, part) == 0
+        holder.rollback()  # released
+        assert write_module._summarize_ranges(writer, part) >= 1
+        assert write_module._summarize_ranges(writer, part) == 0  # nothing left

@@ -346,6 +346,11 @@ _SUMMARIZE_LOCK_TIMEOUT = "20ms"
 #: that summarises a partition at a time; the others skip (their ranges are its too).
 _SUMMARIZE_LOCK = 0x6272696E  # 'brin'
 
+#: Whether someone holds a lock on the partition that summarising would wait for
+#: (share update exclusive or stronger: VACUUM, ANALYZE, DDL); inserts' locks do not count.
+_BUSY_SQL = ("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'relation' AND "
+             "relation = to_regclass(%s) AND granted AND mode NOT IN "
+             "('AccessShareLock', 'RowShareLock', 'RowExclusiveLock'))")
 _SUMMARIZE_SQL = """
 SELECT coalesce(sum(brin_summarize_range(i.indexrelid::regclass, b.block)), 0)
 FROM pg_index i
@@ -373,9 +378,10 @@ def _summarize_ranges(conn: psycopg.Connection[Any], partition: str) -> int:
     :data:`SUMMARIZE_RANGES` full ranges (those already summarised cost a look-up); the
     partial last range stays unsummarised, so inserts into it stay cheap. One writer at
     a time summarises a partition (an advisory lock taken without waiting: the others
-    skip, since it summarises their ranges too); the lock summarising needs (share update
-    exclusive: against VACUUM and other summarisers, not inserts) is waited for at most
-    ``_SUMMARIZE_LOCK_TIMEOUT``; a range skipped is summarised by a
+    skip, since it summarises their ranges too); when another session holds a lock that
+    summarising (share update exclusive) would wait for — autovacuum's ANALYZE or VACUUM,
+    DDL — the writer skips too, and waits at most ``_SUMMARIZE_LOCK_TIMEOUT`` should one
+    come in between; a range skipped is summarised by a
     later write or by VACUUM, as are all when the writer's role does not own the index
     (PostgreSQL lets only the owner summarise). Returns the ranges summarised.
     """
@@ -384,6 +390,9 @@ def _summarize_ranges(conn: psycopg.Connection[Any], partition: str) -> int:
             mine = cur.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
                                (_SUMMARIZE_LOCK, partition)).fetchone()
             if not mine or not mine[0]:  # another writer is summarising this partition
+                return 0
+            busy = cur.execute(_BUSY_SQL, (partition,)).fetchone()
+            if busy and busy[0]:  # e.g. autovacuum's ANALYZE: do not queue behind it
                 return 0
             cur.execute(f"SET LOCAL lock_timeout = '{_SUMMARIZE_LOCK_TIMEOUT}'")
             got = cur.execute(_SUMMARIZE_SQL, {"partition": partition,
@@ -394,6 +403,10 @@ def _summarize_ranges(conn: psycopg.Connection[Any], partition: str) -> int:
     except psycopg.errors.InsufficientPrivilege:  # only the index's owner may summarise
         logger.debug("BRIN summary of %s left to VACUUM: this role does not own it",
                      partition)
+        return 0
+    except psycopg.Error as exc:  # the rows are committed: an upkeep failure is no write's
+        logger.warning("BRIN summary of %s skipped (%s); VACUUM will do it", partition,
+                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         return 0
     return int(got[0]) if got else 0
 
