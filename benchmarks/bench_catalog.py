@@ -6,6 +6,8 @@ Run (it starts its own embedded server in --dir, by default /var/tmp/lazysky-ben
     python benchmarks/bench_catalog.py --rows 1000000
     python benchmarks/bench_catalog.py --rows 10000000 --queries 200 --dir DIR
     python benchmarks/bench_catalog.py --rows 2000000 --ab-opclass 40   # GiST class A/B
+    python benchmarks/bench_catalog.py --rows 2000000 --ab-index 40   # (run, tile) index A/B
+    python benchmarks/bench_catalog.py --rows 10000000 --ab-index-growth   # same, as it grows
     python benchmarks/bench_catalog.py --rows 4000000 --ab-settings '' 'shared_buffers=1GB'
 
 q3c (Debian package ``postgresql-15-q3c``) is installed with apt-get when run as root
@@ -34,6 +36,7 @@ import numpy as np
 import psycopg
 
 from lazysky.catalog import Catalog, cone_search, crossmatch, open_catalog, write_sources
+from lazysky.catalog import write as write_module
 from lazysky.catalog.database import libpq_dsn
 from lazysky.catalog.records import register_run
 from lazysky.catalog.schema import coadd_sources
@@ -533,14 +536,16 @@ def ab_key(catalog: Catalog, tiles: int) -> list[str]:
         conn.execute("ALTER TABLE coadd_sources ADD CONSTRAINT coadd_sources_pkey "
                      "PRIMARY KEY (run_id, tile_id, number"
                      f"{', run_type, run_month' if partitioned else ''})")
-        conn.execute("DROP INDEX ix_coadd_sources_run_tile")
+        conn.execute("DROP INDEX IF EXISTS ix_coadd_sources_run_tile")
+        conn.execute("DROP INDEX IF EXISTS ix_coadd_sources_run_tile_brin")  # v12
         conn.execute("VACUUM ANALYZE coadd_sources")
     sides = {"(run_id, tile_id) index": catalog, "primary key": open_catalog(dsn=copy_dsn)}
     lines = [f"A/B of the replace path's index, {tiles} tiles of {TILE_ROWS:,d} rows each "
              f"way, interleaved, load average {os.getloadavg()[0]:.1f}:",
              *_interleaved_writes(sides, tiles)]
     with psycopg.connect(dsn) as a, psycopg.connect(copy_dsn) as b:
-        for conn, name in ((a, "ix_coadd_sources_run_tile"), (b, "coadd_sources_pkey")):
+        index = "ix_coadd_sources_run_tile_brin"  # v12; before it, ix_coadd_sources_run_tile
+        for conn, name in ((a, index), (b, "coadd_sources_pkey")):
             size = conn.execute(  # summed over the partitions' indexes
                 "SELECT pg_size_pretty(sum(pg_relation_size(relid))) "
                 "FROM pg_partition_tree(%s::regclass)", (name,)).fetchone()
@@ -576,8 +581,16 @@ def _interleaved_writes(sides: dict[str, Catalog], tiles: int) -> list[str]:
         order = list(sides) if i % 2 == 0 else list(sides)[::-1]
         for label in order:
             ns0, t0 = _backend_cpu_ns(pids[label]), time.perf_counter()
-            write_sources("coadd", runs[label], f"ab-{first + i:06d}", data,
-                          catalog=sides[label])
+            # the "no summarising" side of --ab-index: the writer's BRIN upkeep switched
+            # off (write.SUMMARIZE_RANGES = 0) for its writes only
+            window = write_module.SUMMARIZE_RANGES
+            if "no summarising" in label:
+                write_module.SUMMARIZE_RANGES = 0
+            try:
+                write_sources("coadd", runs[label], f"ab-{first + i:06d}", data,
+                              catalog=sides[label])
+            finally:
+                write_module.SUMMARIZE_RANGES = window
             wall[label].append(time.perf_counter() - t0)
             cpu[label].append((_backend_cpu_ns(pids[label]) - ns0) / 1e3 / TILE_ROWS)
     return [f"  {label}: backend CPU median {np.median(cpu[label]):.2f} µs/row (mean "
@@ -622,6 +635,161 @@ def ab_opclass(catalog: Catalog, tiles: int) -> list[str]:
             f"  load average at the end {os.getloadavg()[0]:.1f}"]
 
 
+def _tile_read_ms(dsn: str, run: str, tiles: list[str]) -> tuple[float, float]:
+    """Median ms to count one (run, tile)'s rows, and to count one run's rows (3 times)."""
+    with psycopg.connect(dsn) as conn:
+        one = []
+        for tile in tiles:
+            t0 = time.perf_counter()
+            conn.execute("SELECT count(*) FROM coadd_sources WHERE run_id = %s "
+                         "AND tile_id = %s", (run, tile)).fetchone()
+            one.append(time.perf_counter() - t0)
+        whole = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            conn.execute("SELECT count(*) FROM coadd_sources WHERE run_id = %s",
+                         (run,)).fetchone()
+            whole.append(time.perf_counter() - t0)
+    return float(np.median(one)) * 1e3, float(np.median(whole)) * 1e3
+
+
+def ab_index(catalog: Catalog, tiles: int, run: str | None) -> list[str]:
+    """Interleaved A/B of how coadd rows of a (run, tile) are found (schema v12).
+
+    Sides, all freshly built on the same loaded rows: the catalog itself with v12's BRIN
+    on ``(run_id, tile_id)`` (:func:`~lazysky.catalog.schema.run_tile_brin_sql`), the
+    writer summarising its newest ranges after each write; a copy ``lazysky_nosum`` with
+    the same BRIN but no summarising by the writer (``write.SUMMARIZE_RANGES = 0`` for
+    its writes); a copy ``lazysky_minmax`` whose BRIN summarises ``tile_id`` by min/max
+    instead of a Bloom filter; a copy ``lazysky_btree`` with v6's btree instead. The
+    writer (with its ``source_tiles`` ledger) is otherwise the same code on every side, so
+    a first write deletes nothing anywhere and the sides differ by the index's upkeep
+    alone. Then
+    :func:`_interleaved_writes`; then, per side, reads (count) of loaded tiles, of the
+    loaded run and of tiles the A/B just wrote (the newest ranges), and a re-write
+    (retry) of 3 of the A/B's tiles, whose DELETE on a BRIN reads every range not
+    summarised yet.
+    """
+    from lazysky.catalog.schema import RUN_TILE_BRIN_PAGES, run_tile_brin_sql
+
+    with catalog.engine().connect() as sa_conn:
+        v12 = run_tile_brin_sql(sa_conn)
+    minmax = (f"CREATE INDEX ix_coadd_sources_run_tile_brin ON coadd_sources USING brin "
+              f"(run_id, tile_id) WITH (pages_per_range = {RUN_TILE_BRIN_PAGES})")
+    btree = "CREATE INDEX ix_coadd_sources_run_tile ON coadd_sources (run_id, tile_id)"
+    sides_sql = {
+        "BRIN (v12)": (libpq_dsn(catalog.dsn), v12),
+        "BRIN (v12), no summarising by the writer": (
+            _copy_database(catalog, "lazysky_nosum"), v12),
+        "BRIN, tile_id by min/max": (_copy_database(catalog, "lazysky_minmax"), minmax),
+        "btree (v6–v11)": (_copy_database(catalog, "lazysky_btree"), btree),
+    }
+    for dsn, create in sides_sql.values():
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DROP INDEX IF EXISTS ix_coadd_sources_run_tile_brin")
+            conn.execute("DROP INDEX IF EXISTS ix_coadd_sources_run_tile")
+            conn.execute(create)
+            conn.execute("VACUUM ANALYZE coadd_sources")
+    lines = [f"  index of side {label!r}: {create}"
+             for label, (_, create) in sides_sql.items()]
+    sides = {label: (catalog if i == 0 else open_catalog(dsn=dsn))
+             for i, (label, (dsn, _)) in enumerate(sides_sql.items())}
+    lines = [f"A/B of the (run_id, tile_id) index, {tiles} tiles of {TILE_ROWS:,d} rows each "
+             f"way, interleaved, load average {os.getloadavg()[0]:.1f}:", *lines,
+             *_interleaved_writes(sides, tiles)]
+    for label, (dsn, _) in sides_sql.items():
+        with psycopg.connect(dsn) as conn:
+            size = conn.execute(
+                "SELECT pg_size_pretty(sum(pg_relation_size(relid))) FROM pg_partition_tree("
+                "coalesce(to_regclass('ix_coadd_sources_run_tile_brin'), "
+                "to_regclass('ix_coadd_sources_run_tile')))").fetchone()
+            ab_run = conn.execute("SELECT run_id FROM source_tiles WHERE tile_id LIKE 'ab-%' "
+                                  "ORDER BY written_at DESC LIMIT 1").fetchone()
+            ab_tiles = [r[0] for r in conn.execute(
+                "SELECT tile_id FROM source_tiles WHERE tile_id LIKE 'ab-%%' AND run_id = %s "
+                "ORDER BY tile_id LIMIT 3", (ab_run[0] if ab_run else "",)).fetchall()]
+        text = f"  {label}: index size {size[0] if size else '?'}"
+        if run:
+            loaded = [f"bench-{t:06d}" for t in range(0, 200, 10)]
+            one, whole = _tile_read_ms(dsn, run, loaded)
+            text += (f"; count(*) of one loaded tile {one:.1f} ms, of the loaded run "
+                     f"{whole:.0f} ms (medians)")
+        if ab_run and ab_tiles:
+            newest, _ = _tile_read_ms(dsn, ab_run[0], ab_tiles)
+            text += f"; count(*) of one A/B tile {newest:.1f} ms"
+            cat = sides[label]
+            rng = np.random.default_rng(5)
+            retry = []
+            for tile in ab_tiles:
+                t0 = time.perf_counter()
+                got = write_sources("coadd", ab_run[0], tile,
+                                    _tile(rng, TILE_ROWS, 900_000), catalog=cat)
+                retry.append(time.perf_counter() - t0)
+                assert got.deleted == TILE_ROWS, got
+            text += f"; re-write (retry) of a tile {np.median(retry) * 1e3:.0f} ms (median)"
+        lines.append(text)
+    lines.append(f"  load average at the end {os.getloadavg()[0]:.1f}")
+    return lines
+
+
+def ab_index_growth(catalog: Catalog, rows: int, *, writers: int,
+                    catalog_dir: Path) -> list[str]:
+    """Both (run_id, tile_id) indexes as the table grows, interleaved step by step.
+
+    The empty catalog (v12: BRIN) is copied into ``lazysky_btree`` with v6's btree
+    instead; then ``rows`` rows are loaded into each, a tenth at a time with ``writers``
+    processes, the two databases alternating step by step (and which goes first), on one
+    server: the server's CPU during a step is that side's. The writer code is the same
+    (on the btree side its BRIN summarising finds no BRIN: one catalog query per write).
+    Returns the report lines: rows/s and CPU µs/row (writers + server; loading backends
+    alone) per step and side.
+    """
+    copy_dsn = _copy_database(catalog, "lazysky_btree")
+    with psycopg.connect(copy_dsn, autocommit=True) as conn:
+        conn.execute("DROP INDEX IF EXISTS ix_coadd_sources_run_tile_brin")
+        conn.execute("CREATE INDEX ix_coadd_sources_run_tile ON coadd_sources "
+                     "(run_id, tile_id)")
+    sides = {"BRIN (v12)": libpq_dsn(catalog.dsn), "btree (v6–v11)": copy_dsn}
+    runs = {}
+    for label, dsn in sides.items():
+        run = Run(new_run_id("test"), description="benchmark A/B as the table grows")
+        register_run(run, catalog=open_catalog(dsn=dsn))
+        runs[label] = run.run_id
+    n_tiles = rows // TILE_ROWS
+    step_tiles = max(n_tiles // 10, writers)
+    got: dict[str, list[tuple[float, float, float]]] = {label: [] for label in sides}
+    load0 = os.getloadavg()[0]
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(writers) as pool:
+        for dsn in sides.values():
+            pool.map(_warm_worker, [dsn] * writers)
+        done, i = 0, 0
+        while done < n_tiles:
+            todo = min(step_tiles, n_tiles - done)
+            for label in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
+                rate, us, stats = _load_step(pool, sides[label], runs[label], done, todo,
+                                             writers, catalog_dir)
+                got[label].append((rate, us, stats.get("backends_us", float("nan"))))
+                print(f"  {label}: {(done + todo) * TILE_ROWS:>10,d} rows: {rate:,.0f} rows/s, "
+                      f"{us:.2f} CPU-µs/row (writers + server), backends "
+                      f"{got[label][-1][2]:.2f}, load average {os.getloadavg()[0]:.1f}",
+                      flush=True)
+            done += todo
+            i += 1
+    lines = [f"A/B of the (run_id, tile_id) index as the table grows to {rows:,d} rows per "
+             f"side, {writers} writers, steps interleaved; load average {load0:.1f} at the "
+             f"start, {os.getloadavg()[0]:.1f} at the end:"]
+    for label, steps in got.items():
+        rates, cpu, backend = (np.array(c) for c in zip(*steps, strict=True))
+        lines.append(
+            f"  {label}: rows/s per step {', '.join(f'{r:,.0f}' for r in rates)} (mean "
+            f"{rates.mean():,.0f}); CPU µs/row (writers + server) "
+            f"{', '.join(f'{c:.2f}' for c in cpu)} (median {np.median(cpu):.2f}); loading "
+            f"backends {', '.join(f'{b:.2f}' for b in backend)} (median "
+            f"{np.median(backend):.2f})")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -637,6 +805,13 @@ def main() -> None:
     ap.add_argument("--ab-opclass", type=int, default=0, metavar="TILES",
                     help="after the load, A/B the GiST class of pos (v11) against "
                          "pgSphere's default with TILES tiles each way, then stop")
+    ap.add_argument("--ab-index", type=int, default=0, metavar="TILES",
+                    help="after the load, A/B the (run_id, tile_id) BRIN (v12) against "
+                         "a BRIN of 32 pages per range and the v6 btree, TILES tiles "
+                         "each way, then stop")
+    ap.add_argument("--ab-index-growth", action="store_true",
+                    help="instead of the benchmark: load --rows into the v12 catalog and "
+                         "into a copy with the v6 btree, interleaved step by step")
     ap.add_argument("--ab-settings", nargs="+", default=None, metavar="SETTINGS",
                     help="instead of the benchmark: load --rows into one embedded server "
                          "per SETTINGS (LAZYSKY_PG_SETTINGS text; '' = lazysky's "
@@ -670,6 +845,10 @@ def main() -> None:
     report = [f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.platform()}, "
               f"load average {os.getloadavg()[0]:.2f} at start"]
     load_rates: list[float] | None = None
+    if args.ab_index_growth:
+        print("\n".join([*report, *ab_index_growth(catalog, args.rows, writers=args.writers,
+                                                    catalog_dir=bench_dir)]))
+        return
     if not have or have[0] < args.rows:
         run = Run(new_run_id("test"), description="benchmark")
         register_run(run, catalog=catalog)
@@ -693,6 +872,13 @@ def main() -> None:
         return
     if args.ab_key:
         print("\n".join([*report, *ab_key(catalog, args.ab_key)]))
+        return
+    if args.ab_index:
+        with psycopg.connect(dsn) as conn:
+            got = conn.execute("SELECT run_id FROM source_tiles WHERE tile_id = "
+                               "'bench-000000' LIMIT 1").fetchone()
+        print("\n".join([*report, *ab_index(catalog, args.ab_index,
+                                               got[0] if got else None)]))
         return
     if args.ab_opclass:
         print("\n".join([*report, *ab_opclass(catalog, args.ab_opclass)]))

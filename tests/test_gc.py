@@ -211,13 +211,14 @@ def _snapshot(w: World) -> dict[str, Any]:
         run_expiry,
         run_tiles,
         runs,
+        source_tiles,
     )
 
     label = {v: k for k, v in w.runs.items()}
     fs = w.store.fs()
     out: dict[str, Any] = {}
     with w.catalog.engine().connect() as conn:
-        for table in (coadd_sources, diff_sources, run_tiles):
+        for table in (coadd_sources, diff_sources, run_tiles, source_tiles):
             out[table.name] = dict(sorted(
                 (label[r], n) for r, n in conn.execute(
                     sa.select(table.c.run_id, sa.func.count()).group_by(table.c.run_id))))
@@ -243,7 +244,7 @@ def _check_collected(before: dict[str, Any], after: dict[str, Any]) -> None:
     labels = set(before["runs"])
     assert after["runs"] == before["runs"]  # tombstones: lineage stays
     assert after["expiry"] == dict.fromkeys(sorted(GONE), "expired")
-    for table in ("coadd_sources", "diff_sources", "run_tiles"):
+    for table in ("coadd_sources", "diff_sources", "run_tiles", "source_tiles"):
         assert set(after[table]) == labels - GONE, table
         assert all(after[table][k] == before[table][k] for k in after[table]), table
     assert set(after["products"]) == labels - GONE
@@ -294,7 +295,8 @@ def test_gc_removes_exactly_the_expired_runs(databases: Any, store: Any) -> None
     for r in dry.runs:  # sizes from the store's listing, rows from the catalog
         label = next(k for k, v in w.runs.items() if v == r.run_id)
         assert r.bytes == sizes[label] > 0
-        assert r.rows == {"coadd_sources": 5, "diff_sources": 5, "run_tiles": 2}
+        assert r.rows == {"coadd_sources": 5, "diff_sources": 5, "run_tiles": 2,
+                          "source_tiles": 2}  # the write ledger (schema v12)
     assert {(g.layer, g.path, g.bytes) for g in dry.groups} == {
         ("calibrated", "calib/bias/CCD01", bias), ("raw", "raw/e1", raw_e1)}
     assert dry.bytes == sum(sizes.values()) + raw_e1 + bias
@@ -312,7 +314,7 @@ def test_gc_removes_exactly_the_expired_runs(databases: Any, store: Any) -> None
     assert not done.errors
     assert [r.state for r in done.runs] == ["expired", "expired"]
     assert done.as_dict()["bytes"] == dry.bytes
-    assert done.rows == dry.rows == 24
+    assert done.rows == dry.rows == 28  # 2 runs x (5 + 5 + 2 + 2 ledger rows)
     after = _snapshot(w)
     _check_collected(before, after)
 
@@ -384,7 +386,7 @@ def test_gc_killed_half_way_then_rerun_ends_like_an_uninterrupted_one(
     [(label, state)] = expiry()
     assert label in GONE
     assert state == "expiring"
-    for table in ("coadd_sources", "diff_sources", "run_tiles"):
+    for table in ("coadd_sources", "diff_sources", "run_tiles", "source_tiles"):
         assert label not in half[table]
         assert set(half[table]) == set(before[table]) - {label}
     assert label in half["products"]

@@ -276,6 +276,11 @@ def test_sigkill_mid_copy_leaves_previous_rows(catalog: Catalog, make_run: Calla
     rows = _rows(catalog, coadd_sources, run, "killed")
     np.testing.assert_array_equal([r.ra for r in rows], before["ra"])
     assert all(r.flags != 7 for r in rows)
+    with psycopg.connect(libpq_dsn(catalog.dsn)) as conn:  # the ledger: the write before
+        assert conn.execute("SELECT rows FROM source_tiles WHERE run_id = %s AND tile_id = "
+                            "'killed'", (run,)).fetchall() == [(25,)]
+    retry = write_sources("coadd", run, "killed", sources(8, seed=12), catalog=catalog)
+    assert (retry.deleted, retry.inserted) == (25, 8)
 
 
 def test_a_plain_role_relies_on_the_foreign_key_triggers(

@@ -12,9 +12,14 @@ import sqlalchemy as sa
 
 from lazysky.catalog import Catalog, write_sources
 from lazysky.catalog.database import libpq_dsn
+from lazysky.catalog.schema import RUN_TILE_BLOOM_DISTINCT
 from lazysky.runs import parse_run_id
 
 pytestmark = pytest.mark.postgres
+
+#: v12's BRIN as PostgreSQL ≥ 14 (the test server) spells it
+_BRIN = ("USING brin (run_id, tile_id text_bloom_ops (n_distinct_per_range="
+         f"'{RUN_TILE_BLOOM_DISTINCT}'))")
 
 
 def _indexes(conn: psycopg.Connection, table: str) -> dict[str, tuple[bool, str]]:
@@ -25,56 +30,136 @@ def _indexes(conn: psycopg.Connection, table: str) -> dict[str, tuple[bool, str]
     return {name: (unique, definition) for name, unique, definition in rows}
 
 
-def test_coadd_rows_are_found_by_a_non_unique_run_tile_index(catalog: Catalog) -> None:
+def test_coadd_rows_are_found_by_a_brin_run_tile_index(catalog: Catalog) -> None:
+    """v12: coadd_sources and every partition holding rows have a BRIN on (run_id,
+    tile_id) with the chosen pages per range and autosummarize, no btree on those columns
+    and no unique index; difference sources keep their primary key."""
+    from lazysky.catalog.schema import RUN_TILE_BRIN_PAGES
+
     with psycopg.connect(libpq_dsn(catalog.dsn)) as conn:
         coadd = _indexes(conn, "coadd_sources")
         diff = _indexes(conn, "diff_sources")
-        dedup = conn.execute(
-            "SELECT coalesce(reloptions::text, '') FROM pg_class "
-            "WHERE relname = 'ix_coadd_sources_run_tile'").fetchone()
-        # every partition holding rows has it too, and no unique index
+        options = conn.execute(
+            "SELECT reloptions FROM pg_class WHERE relname = 'ix_coadd_sources_run_tile_brin'"
+        ).fetchone()
         parts = conn.execute(
             "SELECT c.relname, bool_or(i.indisunique), "
-            "bool_or(pg_get_indexdef(i.indexrelid) LIKE '%btree (run_id, tile_id)') "
+            "bool_or(pg_get_indexdef(i.indexrelid) LIKE '%%USING brin (run_id, tile_id %%'), "
+            "bool_or(pg_get_indexdef(i.indexrelid) LIKE '%%btree (run_id, tile_id)%%') "
             "FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid "
             "JOIN pg_index i ON i.indrelid = c.oid WHERE c.relname LIKE 'coadd_sources__%%' "
             "AND c.relkind = 'r' GROUP BY c.relname").fetchall()
-    assert coadd["ix_coadd_sources_run_tile"][0] is False
-    assert coadd["ix_coadd_sources_run_tile"][1].endswith("USING btree (run_id, tile_id)")
-    assert not any(unique for unique, _ in coadd.values())  # no primary key any more
-    assert dedup is not None
-    assert "deduplicate_items=off" not in dedup[0]
+    assert "ix_coadd_sources_run_tile" not in coadd  # v6's btree is gone
+    brin = coadd["ix_coadd_sources_run_tile_brin"]
+    assert brin[0] is False
+    assert _BRIN in brin[1]  # run_id by min/max, tile_id by a Bloom filter
+    assert options is not None
+    # autosummarize off: the writer summarises (autovacuum's request queue overflows)
+    assert options[0] == [f"pages_per_range={RUN_TILE_BRIN_PAGES}"]
+    assert not any(unique for unique, _ in coadd.values())
     assert parts
-    assert all(not unique and has_index for _, unique, has_index in parts), parts
-    # difference sources keep (run_id, tile_id, number) (+ partition keys) as their key
+    assert all(not unique and has_brin and not has_btree
+               for _, unique, has_brin, has_btree in parts), parts
     assert diff["diff_sources_pkey"][0] is True
 
 
-def test_the_replace_finds_the_tile_by_the_index(catalog: Catalog,
-                                                make_run: Callable[..., str],
-                                                sources: Callable[..., dict[str, np.ndarray]]
-                                                ) -> None:
-    """With statistics that know the table, the writer's DELETE of one (run, tile) is an
-    index scan, not a scan of the whole partition (at 10 M rows: seconds a tile)."""
+def _plan(conn: psycopg.Connection, statement: str, args: tuple[object, ...]) -> str:
+    return "\n".join(r[0] for r in conn.execute("EXPLAIN " + statement, args).fetchall())
+
+
+def test_the_write_looks_up_the_ledger_and_a_retry_scans_the_brin(
+        catalog: Catalog, make_run: Callable[..., str],
+        sources: Callable[..., dict[str, np.ndarray]]) -> None:
+    """A first write of a (run, tile) asks only the ledger (an index scan of its primary
+    key) and deletes nothing; a retry's DELETE is a bitmap scan of the BRIN, never a
+    sequential scan of the partition."""
+    from lazysky.catalog.write import _FORGET_SQL
+
     run = make_run()
     for t in range(4):
-        write_sources("coadd", run, f"plan-{t}", sources(1500, seed=t), catalog=catalog)
+        got = write_sources("coadd", run, f"plan-{t}", sources(1500, seed=t), catalog=catalog)
+        assert got.deleted == 0
+    again = write_sources("coadd", run, "plan-2", sources(700, seed=9), catalog=catalog)
+    assert (again.deleted, again.inserted) == (1500, 700)
     rid = parse_run_id(run)
     with psycopg.connect(libpq_dsn(catalog.dsn), autocommit=True) as conn:
         conn.execute("ANALYZE coadd_sources")
-        plan = "\n".join(r[0] for r in conn.execute(
-            "EXPLAIN DELETE FROM coadd_sources WHERE run_type = %s AND run_month = %s "
-            "AND run_id = %s AND tile_id = %s",
-            (rid.type, rid.date.replace(day=1), run, "plan-2")).fetchall())
-        used = set(re.findall(r"Index Scan on (\w+)|Index Scan using (\w+)", plan))
-        names = {n for pair in used for n in pair if n}
-        run_tile = {r[0] for r in conn.execute(
-            "SELECT c.relname FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid "
-            "WHERE pg_get_indexdef(c.oid) LIKE '%%coadd_sources%%btree (run_id, tile_id)'"
-        ).fetchall()}
-    assert names, plan
-    assert names <= run_tile, plan
-    assert "Seq Scan" not in plan, plan
+        conn.execute("ANALYZE source_tiles")
+        ledger = conn.execute(
+            "SELECT tile_id, rows FROM source_tiles WHERE run_id = %s AND source_table = "
+            "'coadd_sources' ORDER BY tile_id", (run,)).fetchall()
+        conn.execute("SET enable_seqscan = off")  # a tiny ledger: a seq scan is cheaper
+        lookup = _plan(conn, _FORGET_SQL.replace("%(run)s", "%s").replace(
+            "%(table)s", "%s").replace("%(tile)s", "%s"), (run, "coadd_sources", "plan-9"))
+        conn.execute("RESET enable_seqscan")
+        delete = _plan(conn, "DELETE FROM coadd_sources WHERE run_type = %s AND run_month = "
+                       "%s AND run_id = %s AND tile_id = %s",
+                       (rid.type, rid.date.replace(day=1), run, "plan-2"))
+    assert ledger == [("plan-0", 1500), ("plan-1", 1500), ("plan-2", 700), ("plan-3", 1500)]
+    assert re.search(r"Index (Only )?Scan using source_tiles_pkey on source_tiles", lookup), \
+        lookup
+    assert " on coadd_sources" not in lookup, lookup  # the source table is not read
+    assert re.search(r"Bitmap Index Scan on coadd_sources__\w+_run_id_tile_id_idx", delete), \
+        delete
+    assert "Seq Scan" not in delete, delete
+
+
+def test_the_writer_summarises_the_ranges_it_filled(
+        catalog: Catalog, make_run: Callable[..., str],
+        sources: Callable[..., dict[str, np.ndarray]]) -> None:
+    """After writes filling several BRIN ranges, every full range of the partition is
+    summarised (a tile search then reads its ranges, not the whole new tail): what is
+    left for ``brin_summarize_new_values`` is at most the partial last range."""
+    from lazysky.catalog.schema import RUN_TILE_BRIN_PAGES, partition_name
+
+    run = make_run()
+    rid = parse_run_id(run)
+    part = partition_name("coadd_sources", rid.type, rid.date.replace(day=1))
+    for t in range(3):
+        write_sources("coadd", run, f"sum-{t}", sources(6000, seed=20 + t), catalog=catalog)
+    with psycopg.connect(libpq_dsn(catalog.dsn), autocommit=True) as conn:
+        pages = conn.execute("SELECT pg_relation_size(%s) / current_setting('block_size')::int",
+                             (part,)).fetchone()
+        index = conn.execute(
+            "SELECT i.indexrelid::regclass::text FROM pg_index i JOIN pg_class c ON "
+            "c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam WHERE a.amname = 'brin' "
+            "AND i.indrelid = %s::regclass", (part,)).fetchone()
+        assert pages is not None
+        assert index is not None
+        left = conn.execute("SELECT brin_summarize_new_values(%s::regclass)",
+                            (index[0],)).fetchone()
+    assert pages[0] >= 3 * RUN_TILE_BRIN_PAGES  # the writes filled several ranges
+    assert left is not None
+    assert left[0] <= 1, f"{left[0]} ranges of {pages[0] // RUN_TILE_BRIN_PAGES} unsummarised"
+
+
+def test_a_failed_write_records_nothing_in_the_ledger(
+        catalog: Catalog, make_run: Callable[..., str],
+        sources: Callable[..., dict[str, np.ndarray]]) -> None:
+    """The ledger row commits with the rows or not at all: a write refused after the
+    ledger statement (a CHECK on the rows) leaves neither, so the next first write of that
+    (run, tile) still skips the DELETE correctly, and a failed retry keeps the old rows."""
+    from lazysky.catalog import CatalogWriteError
+
+    run = make_run()
+    bad = sources(5, seed=1)
+    bad["number"] = np.arange(5)  # 0 violates coadd_sources_number_positive
+    with pytest.raises(CatalogWriteError, match="Nothing was changed"):
+        write_sources("coadd", run, "fails", bad, catalog=catalog)
+    with psycopg.connect(libpq_dsn(catalog.dsn)) as conn:
+        assert conn.execute("SELECT count(*) FROM source_tiles WHERE run_id = %s",
+                            (run,)).fetchone() == (0,)
+    first = write_sources("coadd", run, "fails", sources(6, seed=2), catalog=catalog)
+    assert (first.deleted, first.inserted) == (0, 6)
+    with pytest.raises(CatalogWriteError, match="Nothing was changed"):
+        write_sources("coadd", run, "fails", bad, catalog=catalog)
+    with psycopg.connect(libpq_dsn(catalog.dsn)) as conn:
+        assert conn.execute("SELECT rows FROM source_tiles WHERE run_id = %s",
+                            (run,)).fetchall() == [(6,)]
+        assert conn.execute("SELECT count(*) FROM coadd_sources WHERE run_id = %s",
+                            (run,)).fetchone() == (6,)
+    retry = write_sources("coadd", run, "fails", sources(4, seed=3), catalog=catalog)
+    assert (retry.deleted, retry.inserted) == (6, 4)
 
 
 def test_a_v5_catalog_upgrades_keeping_its_rows(scratch: str) -> None:
@@ -117,7 +202,7 @@ def test_a_v5_catalog_upgrades_keeping_its_rows(scratch: str) -> None:
             after = _indexes(conn, "coadd_sources")
             n = conn.execute("SELECT count(*) FROM coadd_sources").fetchone()
         assert "coadd_sources_pkey" not in after
-        assert "ix_coadd_sources_run_tile" in after
+        assert "ix_coadd_sources_run_tile_brin" in after  # v12 (v6 made a btree)
         assert n == (300,)
         with psycopg.connect(libpq_dsn(scratch)) as conn:  # v11: the GiST rebuilt, rows kept
             classes = _pos_index_classes(conn)
@@ -231,3 +316,83 @@ def test_a_written_tile_is_found_whole_through_the_new_class(
     expected = set((np.flatnonzero(sep < radius) + 1).tolist())  # numbers are 1…n
     assert len(expected) > 50
     assert found == expected
+
+
+def test_a_v11_catalog_upgrades_to_the_brin_and_the_ledger(scratch: str) -> None:
+    """From v11 (the btree, rows of both source tables written before the ledger existed):
+    the upgrade swaps the btree for the BRIN, fills the ledger from the rows (so a
+    retry of an old (run, tile) still replaces it), and keeps every row."""
+    from lazysky.catalog import register_run
+    from lazysky.catalog.database import get_engine
+    from lazysky.catalog.schema import MIGRATIONS, SCHEMA_VERSION, apply_up_to, upgrade
+    from lazysky.runs import Run, new_run_id
+
+    before = next(m.version for m in MIGRATIONS
+                  if m.apply.__name__.endswith("_brin_run_tile")) - 1
+    engine = get_engine(scratch)
+    run = Run(new_run_id("exp"))
+    rid = parse_run_id(run.run_id)
+    keys = {"r": run.run_id, "t": rid.type, "m": rid.date.replace(day=1)}
+    try:
+        with engine.begin() as conn:
+            apply_up_to(conn, before)
+            conn.execute(sa.text("INSERT INTO runs (run_id, software_version) "
+                                 "VALUES (:r, '0')"), keys)
+            conn.execute(sa.text(
+                "INSERT INTO coadd_sources (run_id, tile_id, number, x, y, ra, dec, "
+                "run_type, run_month) SELECT :r, 'c' || (i % 4), i, 0, 0, i * 0.01, 0, :t, "
+                ":m FROM generate_series(1, 400) i"), keys)
+            conn.execute(sa.text(
+                "INSERT INTO diff_sources (run_id, tile_id, number, x, y, ra, dec, sign, "
+                "run_type, run_month) SELECT :r, 'd0', i, 0, 0, i * 0.01, 0, 1, :t, :m "
+                "FROM generate_series(1, 30) i"), keys)
+        with psycopg.connect(libpq_dsn(scratch)) as conn:
+            assert "ix_coadd_sources_run_tile" in _indexes(conn, "coadd_sources")
+        assert upgrade(engine) == SCHEMA_VERSION
+        with psycopg.connect(libpq_dsn(scratch)) as conn:
+            after = _indexes(conn, "coadd_sources")
+            ledger = conn.execute("SELECT source_table, tile_id, rows FROM source_tiles "
+                                  "ORDER BY 1, 2").fetchall()
+            counts = conn.execute("SELECT (SELECT count(*) FROM coadd_sources), "
+                                  "(SELECT count(*) FROM diff_sources)").fetchone()
+        assert "ix_coadd_sources_run_tile" not in after
+        assert _BRIN in after["ix_coadd_sources_run_tile_brin"][1]
+        assert ledger == [*(("coadd_sources", f"c{k}", 100) for k in range(4)),
+                          ("diff_sources", "d0", 30)]
+        assert counts == (400, 30)
+        catalog = Catalog(scratch)
+        register_run(run, catalog=catalog)
+        rows = {"x": np.zeros(3), "y": np.zeros(3), "ra": np.arange(3.0), "dec": np.zeros(3)}
+        old = write_sources("coadd", run.run_id, "c2", rows, catalog=catalog)
+        new = write_sources("coadd", run.run_id, "c9", rows, catalog=catalog)
+        diff = write_sources("diff", run.run_id, "d0", {**rows, "sign": np.ones(3)},
+                             catalog=catalog)
+        assert (old.deleted, new.deleted, diff.deleted) == (100, 0, 30)
+        catalog.engine().dispose()
+    finally:
+        engine.dispose()
+
+
+def test_summarising_steps_aside_for_a_busy_partition(
+        catalog: Catalog, make_run: Callable[..., str],
+        sources: Callable[..., dict[str, np.ndarray]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """While another session holds a lock summarising would queue behind (VACUUM,
+    ANALYZE), the writer's summarising does nothing at once instead of waiting; once it
+    is released, the ranges left are summarised."""
+    from lazysky.catalog import write as write_module
+    from lazysky.catalog.schema import partition_name
+
+    run = make_run()
+    rid = parse_run_id(run)
+    part = partition_name("coadd_sources", rid.type, rid.date.replace(day=1))
+    monkeypatch.setattr(write_module, "SUMMARIZE_RANGES", 0)  # leave the ranges to us
+    for t in range(2):
+        write_sources("coadd", run, f"busy-{t}", sources(6000, seed=40 + t), catalog=catalog)
+    monkeypatch.undo()
+    dsn = libpq_dsn(catalog.dsn)
+    with psycopg.connect(dsn) as holder, psycopg.connect(dsn) as writer:
+        holder.execute(f"LOCK TABLE {part} IN SHARE UPDATE EXCLUSIVE MODE")
+        assert write_module._summarize_ranges(writer, part) == 0
+        holder.rollback()  # released
+        assert write_module._summarize_ranges(writer, part) >= 1
+        assert write_module._summarize_ranges(writer, part) == 0  # nothing left

@@ -5,9 +5,11 @@ cone searches use) and as ``ra``/``dec`` in degrees (what people read). ``pos`` 
 computed by the database from ``ra``/``dec`` (a generated column), so the two never
 disagree. Rows of sources belong to a (run, tile), which is what
 :func:`lazysky.catalog.write_sources` replaces atomically: ``diff_sources`` is keyed by
-``(run_id, tile_id, number)``; ``coadd_sources`` finds a (run, tile)'s rows by a
-deduplicated index on ``(run_id, tile_id)`` instead (v6, cheaper to load), ``number``
-being unique within the (run, tile) by the writer.
+``(run_id, tile_id, number)``; ``coadd_sources`` finds a (run, tile)'s rows by a BRIN
+index on ``(run_id, tile_id)`` instead (v12; a deduplicated btree from v6 to v11, both
+cheaper to load than the key), ``number`` being unique within the (run, tile) by the
+writer. ``source_tiles`` (v12) records every (table, run, tile) the writer has written,
+with its rows, so a write with nothing to replace skips its DELETE.
 
 The ``*_prod`` views show production rows only: for every (field, tile) the rows of the
 one run ``production_tiles`` names (v4). A production run publishes its tiles when it
@@ -71,6 +73,7 @@ __all__ = [
     "run_tiles",
     "runs",
     "schema_version",
+    "source_tiles",
     "tile_qa",
     "upgrade",
     "workflow_activations",
@@ -583,9 +586,9 @@ def _v5_partitioned_sources(conn: sa.Connection) -> None:
         conn.execute(sa.text(f"ANALYZE {name}"))
 
 
-#: v6: the rows of a coadd (run, tile), found by a deduplicated btree instead of the
-#: primary key (the index the replace's DELETE uses; see _v6_coadd_run_tile_index)
-sa.Index("ix_coadd_sources_run_tile", coadd_sources.c.run_id, coadd_sources.c.tile_id)
+# v6 made a deduplicated btree ``ix_coadd_sources_run_tile`` on (run_id, tile_id) (see
+# _v6_coadd_run_tile_index); v12 replaced it by a BRIN index and the source_tiles ledger
+# (see _v12_brin_run_tile). Neither is declared on the Table: the migrations make them.
 
 
 def _v6_coadd_run_tile_index(conn: sa.Connection) -> None:
@@ -865,6 +868,80 @@ def _v11_spoint_opclass(conn: sa.Connection) -> None:
         conn.execute(sa.text(f"CREATE INDEX {name} ON {table.name} USING gist (pos {opclass})"))
 
 
+#: Heap pages summarised by one entry of the BRIN index on coadd_sources (run_id, tile_id)
+#: (v12): 128 pages = 1 MB, about half a tile of 10 000 rows (~2 MB of heap).
+RUN_TILE_BRIN_PAGES = 128
+
+source_tiles = sa.Table(
+    "source_tiles",
+    metadata,
+    sa.Column("run_id", sa.Text, sa.ForeignKey("runs.run_id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("source_table", sa.Text, primary_key=True,
+              comment="coadd_sources or diff_sources"),
+    sa.Column("tile_id", sa.Text, primary_key=True),
+    sa.Column("rows", sa.Integer, nullable=False, comment="rows the last write inserted"),
+    sa.Column("written_at", sa.DateTime(timezone=True), nullable=False,
+              server_default=sa.func.now()),
+    sa.CheckConstraint("source_table IN ('coadd_sources', 'diff_sources')",
+                       name="source_tiles_table"),
+    comment="every (run, tile) write_sources has written, per source table, committed with "
+            "its rows: a write whose (run, tile) is not here has nothing to replace",
+)
+
+
+#: Distinct tile ids one BRIN range is sized for (its Bloom filter's capacity): a range
+#: of 128 pages (~4 900 rows) holds parts of 1–4 tiles when writers run in parallel.
+RUN_TILE_BLOOM_DISTINCT = 16
+
+
+def run_tile_brin_sql(conn: sa.Connection, *, name: str = "ix_coadd_sources_run_tile_brin",
+                      pages: int = RUN_TILE_BRIN_PAGES) -> str:
+    """``CREATE INDEX`` of v12's BRIN on coadd_sources (run_id, tile_id).
+
+    ``run_id`` is summarised by min/max (runs come in time order); ``tile_id`` by a Bloom
+    filter (``text_bloom_ops``, PostgreSQL ≥ 14), because parallel writers interleave the
+    pages of tiles far apart in name order, which min/max would smear over the whole
+    range between them (interleaved A/B in docs/catalog.md: a loaded tile read in 14 ms
+    against 37 ms with min/max at 2 M rows, the same cost to write). On a server without
+    Bloom BRIN, min/max for both.
+    """
+    bloom = conn.execute(sa.text(
+        "SELECT 1 FROM pg_opclass WHERE opcname = 'text_bloom_ops'")).first() is not None
+    tile = (f"tile_id text_bloom_ops(n_distinct_per_range = {RUN_TILE_BLOOM_DISTINCT})"
+            if bloom else "tile_id")
+    return (f"CREATE INDEX IF NOT EXISTS {name} ON coadd_sources USING brin (run_id, {tile}) "
+            f"WITH (pages_per_range = {pages})")
+
+
+def _v12_brin_run_tile(conn: sa.Connection) -> None:
+    """coadd_sources: a BRIN index on (run_id, tile_id) instead of the v6 btree, and the
+    ``source_tiles`` ledger.
+
+    The btree cost 12.5–18 % of a loading backend's CPU (one entry per row). A tile's rows
+    are appended contiguously by one COPY, and runs come in time order, so a BRIN index
+    (one summary per :data:`RUN_TILE_BRIN_PAGES` heap pages: min/max of ``run_id``, a
+    Bloom filter of ``tile_id``; see :func:`run_tile_brin_sql`) finds a run's or a
+    tile's rows with a few heap ranges too; ranges not summarised yet are always scanned,
+    so the writer summarises the ranges it filled after each commit (``autosummarize``
+    is off: at bulk-load rates autovacuum's queue of requests overflows). So that the
+    writer's DELETE, which would read that unsummarised tail (and, on a (run, tile) never
+    written, find nothing), runs only when there is something to replace, every write
+    records its (table, run, tile) in ``source_tiles`` in the same transaction as its
+    rows (:func:`lazysky.catalog.write_sources`): a (run, tile) not in the ledger has no
+    rows, and its DELETE is skipped. The ledger is filled here from the rows already in
+    both source tables. ``diff_sources`` keeps its primary key.
+    """
+    source_tiles.create(conn)
+    for table in (coadd_sources, diff_sources):
+        conn.execute(sa.text(
+            f"INSERT INTO source_tiles (run_id, source_table, tile_id, rows) "
+            f"SELECT run_id, '{table.name}', tile_id, count(*) FROM {table.name} "
+            f"GROUP BY run_id, tile_id"))
+    conn.execute(sa.text(run_tile_brin_sql(conn)))
+    conn.execute(sa.text("DROP INDEX IF EXISTS ix_coadd_sources_run_tile"))
+
+
 #: The schema's history; append new steps, never edit applied ones.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, exposures, coadd and difference sources, production views",
@@ -887,6 +964,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               _v10_objects),
     Migration(11, "source positions: GiST operator class without pgSphere's no-op decompress",
               _v11_spoint_opclass),
+    Migration(12, "coadd_sources: BRIN on (run_id, tile_id) instead of the btree; "
+                  "source_tiles ledger of written (run, tile)s", _v12_brin_run_tile),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 LOCK_KEY = 0x6C617A79  # 'lazy': the advisory lock serialising upgrades

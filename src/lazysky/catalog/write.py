@@ -2,8 +2,10 @@
 
 :func:`write_sources` streams the rows with PostgreSQL's binary COPY (built with numpy,
 no per-row Python) into a temporary staging table, then, in the same transaction, takes
-an advisory lock on the (table, run, tile), deletes that (run, tile)'s rows and inserts
-the staged ones. So:
+an advisory lock on the (table, run, tile), records the write in the ``source_tiles``
+ledger, deletes that (run, tile)'s rows if the ledger says it was written before (a retry
+or re-run; a first write has nothing to delete and skips the lookup) and inserts the
+staged ones. So:
 
 - a retried Dask task or a re-run replaces, never duplicates or loses, rows (idempotent);
 - many processes may write at once (one connection per process; writers of the same
@@ -47,7 +49,7 @@ from psycopg import sql
 
 from lazysky.catalog._errors import CatalogWriteError
 from lazysky.catalog.database import Catalog, open_catalog
-from lazysky.catalog.schema import SOURCE_TABLES
+from lazysky.catalog.schema import SOURCE_TABLES, partition_name
 from lazysky.errors import ParameterError
 from lazysky.runs import parse_run_id, validate_run_id
 
@@ -264,6 +266,9 @@ def write_sources(table: str, run_id: str, tile_id: str, sources: Any, *,
         conn: psycopg.Connection[Any] = raw.driver_connection  # type: ignore[assignment]
         deleted, inserted = _replace(conn, tbl, run_id, tile_id, rows, names, kinds,
                                      exposure_ids, durable=durable)
+        if tbl.name == "coadd_sources" and SUMMARIZE_RANGES > 0:
+            rid = parse_run_id(run_id)
+            _summarize_ranges(conn, partition_name(tbl.name, rid.type, rid.date.replace(day=1)))
     finally:
         raw.close()
     seconds = time.perf_counter() - t0
@@ -305,6 +310,107 @@ def _check_references_once(cur: psycopg.Cursor[Any], tbl: sa.Table, run_id: str,
     return True
 
 
+#: The ledger: forget the (table, run, tile)'s previous write, if any (its rowcount says
+#: whether there was one), then record this one. Two statements instead of an upsert,
+#: so a writer needs on the ledger the privileges it needs on the source table anyway
+#: (SELECT, INSERT, DELETE), not UPDATE.
+_FORGET_SQL = ("DELETE FROM source_tiles WHERE run_id = %(run)s AND source_table = %(table)s "
+               "AND tile_id = %(tile)s")
+_RECORD_SQL = ("INSERT INTO source_tiles (run_id, source_table, tile_id, rows) "
+               "VALUES (%(run)s, %(table)s, %(tile)s, %(rows)s)")
+
+
+def _record_tile(cur: psycopg.Cursor[Any], tbl: sa.Table, params: dict[str, Any],
+                 n: int) -> bool:
+    """Record the write in ``source_tiles``; return whether it had been written before.
+
+    Called under the (table, run, tile) advisory lock, in the write's transaction: the
+    ledger row commits (or vanishes) with the rows. Rows of a (run, tile) exist only if
+    its ledger row does (migration 12 filled the ledger from the rows already there), so
+    a first write skips the DELETE — which on ``coadd_sources`` would read every heap
+    range the BRIN index has not summarised yet.
+    """
+    args = {**params, "table": tbl.name, "rows": n}
+    before = cur.execute(_FORGET_SQL, args).rowcount > 0
+    cur.execute(_RECORD_SQL, args)
+    return before
+
+
+#: Full heap ranges, counted back from the partition's end, whose BRIN summaries a write
+#: of coadd rows brings up to date after its commit (0: none; see _summarize_ranges).
+SUMMARIZE_RANGES = 16
+#: Wait at most this long for the lock summarising needs (held by VACUUM); else leave
+#: it to a later write.
+_SUMMARIZE_LOCK_TIMEOUT = "20ms"
+#: Advisory lock (with the partition's name) taken without waiting by the one writer
+#: that summarises a partition at a time; the others skip (their ranges are its too).
+_SUMMARIZE_LOCK = 0x6272696E  # 'brin'
+
+#: Whether someone holds a lock on the partition that summarising would wait for
+#: (share update exclusive or stronger: VACUUM, ANALYZE, DDL); inserts' locks do not count.
+_BUSY_SQL = ("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'relation' AND "
+             "relation = to_regclass(%s) AND granted AND mode NOT IN "
+             "('AccessShareLock', 'RowShareLock', 'RowExclusiveLock'))")
+_SUMMARIZE_SQL = """
+SELECT coalesce(sum(brin_summarize_range(i.indexrelid::regclass, b.block)), 0)
+FROM pg_index i
+JOIN pg_class ic ON ic.oid = i.indexrelid
+JOIN pg_am am ON am.oid = ic.relam AND am.amname = 'brin'
+CROSS JOIN LATERAL (
+    SELECT coalesce((SELECT split_part(o, '=', 2)::int FROM unnest(ic.reloptions) o
+                     WHERE o LIKE 'pages_per_range=%%'), 128) AS pages) p
+CROSS JOIN LATERAL (
+    SELECT pg_relation_size(i.indrelid) / current_setting('block_size')::int / p.pages
+           AS full) n
+CROSS JOIN LATERAL generate_series(greatest(n.full - %(ranges)s, 0) * p.pages,
+                                   (n.full - 1) * p.pages, p.pages) AS b(block)
+WHERE i.indrelid = to_regclass(%(partition)s)
+"""
+
+
+def _summarize_ranges(conn: psycopg.Connection[Any], partition: str) -> int:
+    """Summarise the newest full heap ranges of ``partition`` in its BRIN index.
+
+    A BRIN index knows nothing of ranges not summarised yet, and a search reads them
+    all. PostgreSQL's ``autosummarize`` asks autovacuum to do it, but at bulk-load rates
+    its queue (256 requests) overflows ("request for BRIN range summarization … was not
+    recorded" for most ranges). So the writer, after its commit, summarises the last
+    :data:`SUMMARIZE_RANGES` full ranges (those already summarised cost a look-up); the
+    partial last range stays unsummarised, so inserts into it stay cheap. One writer at
+    a time summarises a partition (an advisory lock taken without waiting: the others
+    skip, since it summarises their ranges too); when another session holds a lock that
+    summarising (share update exclusive) would wait for — autovacuum's ANALYZE or VACUUM,
+    DDL — the writer skips too, and waits at most ``_SUMMARIZE_LOCK_TIMEOUT`` should one
+    come in between; a range skipped is summarised by a
+    later write or by VACUUM, as are all when the writer's role does not own the index
+    (PostgreSQL lets only the owner summarise). Returns the ranges summarised.
+    """
+    try:
+        with conn.transaction(), conn.cursor() as cur:
+            mine = cur.execute("SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))",
+                               (_SUMMARIZE_LOCK, partition)).fetchone()
+            if not mine or not mine[0]:  # another writer is summarising this partition
+                return 0
+            busy = cur.execute(_BUSY_SQL, (partition,)).fetchone()
+            if busy and busy[0]:  # e.g. autovacuum's ANALYZE: do not queue behind it
+                return 0
+            cur.execute(f"SET LOCAL lock_timeout = '{_SUMMARIZE_LOCK_TIMEOUT}'")
+            got = cur.execute(_SUMMARIZE_SQL, {"partition": partition,
+                                               "ranges": SUMMARIZE_RANGES}).fetchone()
+    except psycopg.errors.LockNotAvailable:
+        logger.debug("BRIN summary of %s left to a later write (lock busy)", partition)
+        return 0
+    except psycopg.errors.InsufficientPrivilege:  # only the index's owner may summarise
+        logger.debug("BRIN summary of %s left to VACUUM: this role does not own it",
+                     partition)
+        return 0
+    except psycopg.Error as exc:  # the rows are committed: an upkeep failure is no write's
+        logger.warning("BRIN summary of %s skipped (%s); VACUUM will do it", partition,
+                       str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return 0
+    return int(got[0]) if got else 0
+
+
 def _replace(conn: psycopg.Connection[Any], tbl: sa.Table, run_id: str, tile_id: str,
              rows: np.ndarray, names: list[str], kinds: dict[str, str],
              exposure_ids: list[str], *, durable: bool = True) -> tuple[int, int]:
@@ -329,10 +435,13 @@ def _replace(conn: psycopg.Connection[Any], tbl: sa.Table, run_id: str, tile_id:
                         (tbl.name, f"{run_id}/{tile_id}"))
             if _check_references_once(cur, tbl, run_id, exposure_ids):
                 cur.execute("SET LOCAL session_replication_role = replica")
-            cur.execute(sql.SQL("DELETE FROM {} WHERE run_type = %(run_type)s AND run_month = "
-                                "%(run_month)s AND run_id = %(run)s AND tile_id = %(tile)s")
-                        .format(sql.Identifier(tbl.name)), params)
-            deleted = cur.rowcount
+            deleted = 0
+            if _record_tile(cur, tbl, params, len(rows)):
+                cur.execute(sql.SQL("DELETE FROM {} WHERE run_type = %(run_type)s AND "
+                                    "run_month = %(run_month)s AND run_id = %(run)s AND "
+                                    "tile_id = %(tile)s")
+                            .format(sql.Identifier(tbl.name)), params)
+                deleted = cur.rowcount
             cur.execute(_insert_sql(tbl, names, kinds), params)
             inserted = cur.rowcount
     except psycopg.errors.ForeignKeyViolation as exc:
