@@ -57,7 +57,8 @@ PROBE = textwrap.dedent(
     sys.argv = ["lazysky", "-q", "coadd", *sys.argv[1:]]
     rc = main()  # as the console script calls it
     steps["coadd"] = loaded()
-    frozen = gc.get_freeze_count()
+    # frozen, and the collector on again with its thresholds
+    frozen = gc.get_freeze_count() if gc.isenabled() and gc.get_threshold()[0] else -1
     # a submodule named like its function, imported first (the coadd did not import it)
     assert "lazysky.pipeline.detect" not in sys.modules
     import lazysky.pipeline.detect
