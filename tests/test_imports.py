@@ -110,6 +110,7 @@ def test_help_imports_no_heavy_library(probe: dict) -> None:
     """``lazysky --help`` and ``lazysky coadd --help`` stay instant."""
     assert _of(probe["steps"]["help"], HEAVY) == []
     assert _of(probe["steps"]["help"], ("lazysky.pipeline", "lazysky.catalog")) == []
+    assert "importlib.metadata" not in probe["steps"]["help"]  # __version__: on first use
 
 
 def test_import_pipeline_imports_no_heavy_library(probe: dict) -> None:
