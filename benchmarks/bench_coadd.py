@@ -23,7 +23,7 @@ Usage::
 
     python benchmarks/bench_coadd.py [--detectors 1] [--exposures 3] [--workdir DIR]
                                      [--resampling BILINEAR] [--json FILE] [--stages]
-                                     [--repeat 3]
+                                     [--repeat 3] [--cli] [--cli-baseline SRC]
 
 lazysky runs once untimed first (numba compiles its kernels into its disk cache when that
 is cold: a one-time cost, printed as the "first run"). Then each tool runs ``--repeat``
@@ -32,6 +32,14 @@ gives the **median** wall and CPU seconds of each, their ratios, the peak memory
 load average before and after (wall times mean little on a loaded machine: read the CPU
 ratio there). lazysky is timed from after its imports (dask, ``lazysky.pipeline``: ~2 s,
 printed, a one-time cost per process); SWarp as a whole process.
+
+``--cli`` adds the user's measure: the whole one-shot process ``python -m lazysky coadd
+CAL… --out X.fits`` (interpreter start, imports, numba's first call, the coadd, the
+exit) against the ``SWarp`` process, interleaved (lazysky, SWarp, lazysky, …), both
+timed the same way (``/usr/bin/time -v``: wall, CPU, peak RSS), medians of ``--repeat``.
+``--cli-baseline SRC`` also runs another checkout's lazysky (``PYTHONPATH=SRC``, e.g.
+``/work/main/src``) in the same rotation: before/after ratios from one run. Each
+lazysky arm runs once untimed first (its numba cache: each checkout has its own).
 """
 
 from __future__ import annotations
@@ -177,18 +185,57 @@ def run_swarp(images: list[Path], lazysky_coadd: Path, out: Path, resampling: st
            "-WEIGHT_TYPE", "MAP_WEIGHT", "-WEIGHT_SUFFIX", ".weight.fits",
            "-FSCALASTRO_TYPE", "NONE", "-NTHREADS", "2", "-RESAMPLE_DIR", str(resample_dir),
            "-VERBOSE_TYPE", "QUIET", "-WRITE_XML", "N", "-HEADER_SUFFIX", ".head"]  # fmt: skip
+    return _timed(cmd, cwd=out.parent)
+
+
+def _timed(cmd: list[str], env: dict[str, str] | None = None,
+           cwd: Path | None = None) -> dict[str, Any]:
+    """Run ``cmd`` under ``/usr/bin/time -v``: wall, CPU (user + system), peak RSS."""
     t0 = time.perf_counter()
     proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
-                          check=False, cwd=out.parent)  # fmt: skip
+                          check=False, cwd=cwd, env=env)  # fmt: skip
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"SWarp failed: {proc.stderr[-2000:]}")
+        raise SystemExit(f"{cmd[0]} failed: {proc.stderr[-2000:]}")
     stats = {line.split(":")[0].strip(): line.split(":")[-1].strip()
              for line in proc.stderr.splitlines() if ":" in line}  # fmt: skip
-    return {"wall_s": wall, "peak_mib": float(stats.get("Maximum resident set size (kbytes)",
-                                                        "nan")) / 1024,
+    rss_kib = float(stats.get("Maximum resident set size (kbytes)", "nan"))
+    return {"wall_s": wall, "peak_mib": rss_kib / 1024,
             "cpu_s": float(stats.get("User time (seconds)", "nan"))
             + float(stats.get("System time (seconds)", "nan"))}  # fmt: skip
+
+
+def run_cli(cals: list[Path], out: Path, src: Path) -> dict[str, Any]:
+    """The whole ``python -m lazysky coadd`` process, with lazysky imported from ``src``."""
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    cmd = [sys.executable, "-m", "lazysky", "-q", "coadd", *map(str, cals), "--out", str(out),
+           "--method", "clipped-mean", "--overwrite"]  # fmt: skip
+    return _timed(cmd, env=env)
+
+
+def cli_arms(cals: list[Path], images: list[Path], root: Path, repeat: int, resampling: str,
+             baseline: Path | None) -> dict[str, Any]:
+    """Whole processes, interleaved: [baseline lazysky,] this lazysky, SWarp; medians."""
+    import lazysky
+
+    arms = {"lazysky-cli": Path(lazysky.__file__).resolve().parents[1]}
+    if baseline is not None:
+        arms = {"baseline-cli": baseline.resolve(), **arms}
+    outs = {name: root / f"{name}-coadd.fits" for name in arms}
+    first = {name: run_cli(cals, outs[name], src) for name, src in arms.items()}  # untimed
+    load0 = os.getloadavg()
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*arms, "swarp-cli"]}
+    for _ in range(max(repeat, 1)):
+        for name, src in arms.items():
+            runs[name].append(run_cli(cals, outs[name], src))
+        runs["swarp-cli"].append(run_swarp(images, outs["lazysky-cli"],
+                                           root / "swarp-cli-coadd.fits", resampling))  # fmt: skip
+    load1 = os.getloadavg()
+    same = {name: outs[name].read_bytes() == outs["lazysky-cli"].read_bytes() for name in outs}
+    return {"medians": {name: _medians(r) for name, r in runs.items()}, "runs": runs,
+            "first_run": first, "sources": {k: str(v) for k, v in arms.items()},
+            "identical_to_lazysky_cli": same,
+            "load_average": {"before": load0, "after": load1}}  # fmt: skip
 
 
 def measure(coadd: Path, root: Path, count: Any = None) -> dict[str, Any]:
@@ -281,6 +328,12 @@ def main() -> None:
                              "write) in a second child")  # fmt: skip
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of each tool, alternating; medians are reported")  # fmt: skip
+    parser.add_argument("--cli", action="store_true",
+                        help="also time whole one-shot 'python -m lazysky coadd' processes "
+                             "against SWarp's, interleaved")  # fmt: skip
+    parser.add_argument("--cli-baseline", type=Path, metavar="SRC",
+                        help="with --cli: also run the lazysky of this source directory "
+                             "(PYTHONPATH), e.g. /work/main/src, for before/after")  # fmt: skip
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -321,6 +374,9 @@ def main() -> None:
             stages = json.loads(proc.stdout.strip().splitlines()[-1])
         res: dict[str, Any] = {"lazysky": lz, "swarp": sw, "runs": runs, "lazysky_first_run": first,
                                "load_average": {"before": load0, "after": load1}}  # fmt: skip
+        if args.cli or args.cli_baseline:
+            res["cli"] = cli_arms(cals, images, root, args.repeat, args.resampling,
+                                  args.cli_baseline)  # fmt: skip
         from astropy.io import fits
 
         count = fits.getdata(out_l, "COUNT")
@@ -357,10 +413,36 @@ def main() -> None:
         res["lazysky_stages"] = stages
         print("lazysky stages (run again, each persisted): " + ", ".join(
             f"{k} {v['wall_s']:.1f} s wall / {v['cpu_s']:.1f} s cpu" for k, v in stages.items()))
+    if "cli" in res:
+        _print_cli(res["cli"])
     if args.json:
         for tool in ("lazysky", "swarp"):
             res[tool].pop("phot")
         Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+def _print_cli(cli: dict[str, Any]) -> None:
+    med, sw = cli["medians"], cli["medians"]["swarp-cli"]
+    print("whole processes (python -m lazysky coadd … / SWarp …), interleaved, medians of "
+          f"{len(cli['runs']['swarp-cli'])}:")
+    for name, m in med.items():
+        walls = " ".join(f"{r['wall_s']:.2f}" for r in cli["runs"][name])
+        first = cli["first_run"].get(name)
+        print(f"  {name:<13} wall {m['wall_s']:5.2f} s  cpu {m['cpu_s']:5.2f} s  peak "
+              f"{m['peak_mib']:5.0f} MiB  runs {walls}"
+              + (f"  (untimed first run {first['wall_s']:.2f} s)" if first else "")
+              + (f"  from {cli['sources'][name]}" if name in cli["sources"] else ""))
+    for name in cli["sources"]:
+        m = med[name]
+        print(f"  throughput {name} / SWarp: wall {sw['wall_s'] / m['wall_s']:.2f}, "
+              f"CPU {sw['cpu_s'] / m['cpu_s']:.2f}; output identical to lazysky-cli's: "
+              f"{cli['identical_to_lazysky_cli'][name]}")
+    if "baseline-cli" in med:
+        b, n = med["baseline-cli"], med["lazysky-cli"]
+        print(f"  lazysky-cli / baseline-cli: wall {n['wall_s'] / b['wall_s']:.2f}, "
+              f"CPU {n['cpu_s'] / b['cpu_s']:.2f}, peak {n['peak_mib'] / b['peak_mib']:.2f}")
+    la = cli["load_average"]
+    print(f"  load average (1/5/15 min) before {_load(la['before'])}, after {_load(la['after'])}")
 
 
 def _medians(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -6,8 +6,6 @@ on use, so ``import lazysky`` and ``lazysky --help`` stay instant.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 from lazysky.errors import (
     ConfigError,
     FitsFormatError,
@@ -16,11 +14,6 @@ from lazysky.errors import (
     OutputError,
     ParameterError,
 )
-
-try:
-    __version__ = version("lazysky")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0+unknown"
 
 #: Names at the top of ``lazysky`` imported on first use (they pull dask, the catalog, …).
 _LAZY: dict[str, str] = {
@@ -44,8 +37,24 @@ _LAZY: dict[str, str] = {
 }
 
 
+__version__: str  # the installed version, read on first use (see __getattr__)
+
+
+def _version() -> str:
+    """The installed distribution's version (importlib.metadata: ~50 ms, so on first use)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lazysky")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "0+unknown"
+
+
 def __getattr__(name: str) -> object:
     """The names of :data:`_LAZY`, imported on first use (``import lazysky`` stays instant)."""
+    if name == "__version__":
+        globals()["__version__"] = value = _version()
+        return value
     if name in _LAZY:
         from importlib import import_module
 

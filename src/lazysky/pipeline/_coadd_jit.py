@@ -15,7 +15,9 @@ milliseconds after the first.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -33,18 +35,42 @@ except ImportError:  # pragma: no cover - exercised only where numba is missing
 __all__ = ["AVAILABLE", "bilinear_strip", "clipped_mean_strip", "map_strip"]
 
 
-def _jit(fn: Any) -> Any:
+def _jit(fn: Any, **options: Any) -> Any:
+    """``numba.njit`` with the kernels' options, cached on disk when numba can.
+
+    numba caches next to this file (``__pycache__``) or, where that is read-only (an
+    installed package), in the user's cache directory (``~/.cache/numba``,
+    ``NUMBA_CACHE_DIR``). Where neither is writable (a read-only container with no home)
+    ``cache=True`` raises at decoration time, i.e. when this module is imported: then
+    the kernels are compiled without a cache, in each process, and a warning says how
+    to give them one.
+    """
     if numba is None:  # pragma: no cover
         return fn
-    return numba.njit(nogil=True, cache=True, error_model="numpy")(fn)
+    try:
+        return numba.njit(nogil=True, cache=True, error_model="numpy", **options)(fn)
+    except RuntimeError as exc:  # numba's "cannot cache function …: no locator available"
+        if "no locator available" not in str(exc):
+            raise
+        _warn_uncached()
+        return numba.njit(nogil=True, cache=False, error_model="numpy", **options)(fn)
+
+
+@functools.cache
+def _warn_uncached() -> None:
+    """Say once per process that the kernels are not cached, and how to cache them."""
+    logger.warning(
+        "numba cannot cache lazysky's compiled kernels: neither %s nor the user cache "
+        "directory (~/.cache/numba) is writable, so each process compiles them again "
+        "(seconds). Set NUMBA_CACHE_DIR to a writable directory to cache them.",
+        os.path.join(os.path.dirname(__file__), "__pycache__"),
+    )
 
 
 def _jit_inline(fn: Any) -> Any:
     """A helper compiled into its callers (numba IR inlining: the same arithmetic,
     without a call per pixel)."""
-    if numba is None:  # pragma: no cover
-        return fn
-    return numba.njit(nogil=True, cache=True, error_model="numpy", inline="always")(fn)
+    return _jit(fn, inline="always")
 
 
 @_jit
