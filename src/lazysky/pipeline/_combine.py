@@ -305,7 +305,7 @@ def fuse_reads(x: da.Array) -> da.Array:
     >>> len(dict(y.__dask_graph__())), bool((y.compute() == 16).all())
     (2, True)
     """
-    if GraphNode is None or Task is None or convert_legacy_graph is None:  # pragma: no cover
+    if convert_legacy_graph is None:  # pragma: no cover - (the four names go together)
         logger.warning("this dask has no dask._task_spec: combining without fusing reads "
                        "(peak memory then grows with the number of frames)")
         return x
@@ -332,11 +332,11 @@ def fuse_reads(x: da.Array) -> da.Array:
             fused = GraphNode.fuse(*members[k], dsk[k], key=k)
             assert isinstance(fused, Task)  # several members: a Task running a subgraph
             dsk[k] = Task(k, _run_fused_block, *fused.args)
-    # one materialized layer under the array's name (task keys, hence their names on the
-    # dashboard, are kept): graph_manipulation.bind/clone need every layer's declared
-    # keys to be in the graph, which a kept Blockwise layer whose tasks were fused away
-    # (or culled) breaks
-    # (without the fused-in tasks: they now run inside their block's task)
+    # one materialized layer under the array's name, without the fused-in tasks (they
+    # run inside their block's task); task keys, hence their names on the dashboard, are
+    # kept. Not the original layers: graph_manipulation.bind/clone need every key a
+    # layer declares to be in the graph, which a Blockwise layer whose tasks were fused
+    # away breaks
     kept = {k: node for k, node in dsk.items() if k in outputs or k not in owner}
     graph = HighLevelGraph({x.name: kept}, {x.name: set()})
     return da.Array(graph, x.name, x.chunks, meta=x._meta)
@@ -350,7 +350,8 @@ def _run_fused_block(inner: dict[Any, Any], outkey: Any, inkeys: Any, *deps: Any
     chains dask fuses itself) that each inner task feeds one other. Here a frame's read
     feeds both its DATASEC and its BIASSEC slices: merged, one of the two got the
     other's pixels (a master bias without its overscan removed), and the rewrite stayed
-    in the graph for every later computation.
+    in the graph for every later computation. A workaround for dask's assumption, pinned
+    by ``test_fused_reads_keep_their_slices_when_computed_with_other_collections``.
     """
     return _execute_subgraph(inner, outkey, inkeys, *deps)
 
