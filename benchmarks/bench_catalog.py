@@ -7,6 +7,7 @@ Run (it starts its own embedded server in --dir, by default /var/tmp/lazysky-ben
     python benchmarks/bench_catalog.py --rows 10000000 --queries 200 --dir DIR
     python benchmarks/bench_catalog.py --rows 2000000 --ab-opclass 40   # GiST class A/B
     python benchmarks/bench_catalog.py --rows 2000000 --ab-index 40   # (run, tile) index A/B
+    python benchmarks/bench_catalog.py --rows 10000000 --keep --ab-copy 40   # write path A/B
     python benchmarks/bench_catalog.py --rows 10000000 --ab-index-growth   # same, as it grows
     python benchmarks/bench_catalog.py --rows 4000000 --ab-settings '' 'shared_buffers=1GB'
 
@@ -583,19 +584,37 @@ def _interleaved_writes(sides: dict[str, Catalog], tiles: int) -> list[str]:
             ns0, t0 = _backend_cpu_ns(pids[label]), time.perf_counter()
             # the "no summarising" side of --ab-index: the writer's BRIN upkeep switched
             # off (write.SUMMARIZE_RANGES = 0) for its writes only
-            window = write_module.SUMMARIZE_RANGES
+            window, direct = write_module.SUMMARIZE_RANGES, write_module.DIRECT_COPY
             if "no summarising" in label:
                 write_module.SUMMARIZE_RANGES = 0
+            if "staging table" in label:  # --ab-copy: the writer's fallback path
+                write_module.DIRECT_COPY = False
             try:
                 write_sources("coadd", runs[label], f"ab-{first + i:06d}", data,
                               catalog=sides[label])
             finally:
-                write_module.SUMMARIZE_RANGES = window
+                write_module.SUMMARIZE_RANGES, write_module.DIRECT_COPY = window, direct
             wall[label].append(time.perf_counter() - t0)
             cpu[label].append((_backend_cpu_ns(pids[label]) - ns0) / 1e3 / TILE_ROWS)
     return [f"  {label}: backend CPU median {np.median(cpu[label]):.2f} µs/row (mean "
             f"{np.mean(cpu[label]):.2f}), wall median {np.median(wall[label]) * 1e3:.0f} ms "
             f"per tile" for label in sides]
+
+
+def ab_copy(catalog: Catalog, tiles: int) -> list[str]:
+    """Interleaved A/B of the write path on the loaded table (schema v13).
+
+    The same ``tiles`` new tiles are written alternately straight into coadd_sources
+    (binary COPY, the default) and through the staging table (``write.DIRECT_COPY =
+    False``, the fallback when ``spoint`` has no binary input), each side with its own
+    connection and run, into the same partition; the backends' CPU is read around every
+    write. Returns the report lines.
+    """
+    other = open_catalog(dsn=catalog.dsn)  # a second pool: a backend of its own
+    sides = {"direct COPY": catalog, "staging table": other}
+    return [f"A/B of the write path, {tiles} tiles of {TILE_ROWS:,d} rows each way, "
+            f"interleaved, load average {os.getloadavg()[0]:.1f}:",
+            *_interleaved_writes(sides, tiles)]
 
 
 def _copy_database(catalog: Catalog, name: str) -> str:
@@ -805,6 +824,9 @@ def main() -> None:
     ap.add_argument("--ab-opclass", type=int, default=0, metavar="TILES",
                     help="after the load, A/B the GiST class of pos (v11) against "
                          "pgSphere's default with TILES tiles each way, then stop")
+    ap.add_argument("--ab-copy", type=int, default=0, metavar="TILES",
+                    help="after loading, A/B of the write path: binary COPY straight into "
+                         "the table vs through the staging table, on the loaded table")
     ap.add_argument("--ab-index", type=int, default=0, metavar="TILES",
                     help="after the load, A/B the (run_id, tile_id) BRIN (v12) against "
                          "a BRIN of 32 pages per range and the v6 btree, TILES tiles "
@@ -879,6 +901,9 @@ def main() -> None:
                                "'bench-000000' LIMIT 1").fetchone()
         print("\n".join([*report, *ab_index(catalog, args.ab_index,
                                                got[0] if got else None)]))
+        return
+    if args.ab_copy:
+        print("\n".join([*report, *ab_copy(catalog, args.ab_copy)]))
         return
     if args.ab_opclass:
         print("\n".join([*report, *ab_opclass(catalog, args.ab_opclass)]))

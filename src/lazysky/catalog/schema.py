@@ -42,6 +42,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 
+from lazysky.catalog._binary import ensure_spoint_receive
 from lazysky.catalog._gist import ensure_spoint_opclass
 from lazysky.catalog._types import SPointType, SPolyType
 from lazysky.runs import RUN_ID_PATTERN, RUN_STATUSES, RUN_TYPES
@@ -942,6 +943,17 @@ def _v12_brin_run_tile(conn: sa.Connection) -> None:
     conn.execute(sa.text("DROP INDEX IF EXISTS ix_coadd_sources_run_tile"))
 
 
+def _v13_spoint_binary_input(conn: sa.Connection) -> None:
+    """Declare a binary input function for ``spoint`` (one that refuses every value).
+
+    Binary ``COPY`` needs one for every column of its target, the generated ``pos``
+    included; with it, :func:`lazysky.catalog.write_sources` COPYs rows straight into
+    the source tables instead of through a staging table (see
+    :mod:`lazysky.catalog._binary`). Without a superuser nothing changes.
+    """
+    ensure_spoint_receive(conn)
+
+
 #: The schema's history; append new steps, never edit applied ones.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, exposures, coadd and difference sources, production views",
@@ -966,6 +978,8 @@ MIGRATIONS: tuple[Migration, ...] = (
               _v11_spoint_opclass),
     Migration(12, "coadd_sources: BRIN on (run_id, tile_id) instead of the btree; "
                   "source_tiles ledger of written (run, tile)s", _v12_brin_run_tile),
+    Migration(13, "spoint: a (refusing) binary input function, for binary COPY straight "
+                  "into the source tables", _v13_spoint_binary_input),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 LOCK_KEY = 0x6C617A79  # 'lazy': the advisory lock serialising upgrades

@@ -1,11 +1,15 @@
-"""Bulk writes: COPY into a staging table, then replace one (run, tile) atomically.
+"""Bulk writes: one binary COPY per (run, tile), replacing its rows atomically.
 
-:func:`write_sources` streams the rows with PostgreSQL's binary COPY (built with numpy,
-no per-row Python) into a temporary staging table, then, in the same transaction, takes
-an advisory lock on the (table, run, tile), records the write in the ``source_tiles``
-ledger, deletes that (run, tile)'s rows if the ledger says it was written before (a retry
-or re-run; a first write has nothing to delete and skips the lookup) and inserts the
-staged ones. So:
+:func:`write_sources` builds PostgreSQL's binary COPY rows with numpy (no per-row Python)
+and, in one transaction, takes an advisory lock on the (table, run, tile), records the
+write in the ``source_tiles`` ledger, deletes that (run, tile)'s rows if the ledger says
+it was written before (a retry or re-run; a first write has nothing to delete and skips
+the lookup) and COPYs the rows straight into the source table (PostgreSQL then inserts
+them a page at a time). That needs a binary input function for ``spoint`` (schema v13
+declares one, see :mod:`lazysky.catalog._binary`); without it — a catalog upgraded by a
+role that is no superuser, or restored from a dump — the rows go through a temporary
+staging table and ``INSERT … SELECT``, with the same result at ~6–10 % more server CPU.
+So:
 
 - a retried Dask task or a re-run replaces, never duplicates or loses, rows (idempotent);
 - many processes may write at once (one connection per process; writers of the same
@@ -35,6 +39,7 @@ WriteResult(table='coadd_sources', run_id='…', tile_id='t0001', deleted=0, ins
 
 from __future__ import annotations
 
+import datetime
 import logging
 import struct
 import time
@@ -47,6 +52,7 @@ import psycopg
 import sqlalchemy as sa
 from psycopg import sql
 
+from lazysky.catalog._binary import HAS_RECEIVE_SQL
 from lazysky.catalog._errors import CatalogWriteError
 from lazysky.catalog.database import Catalog, open_catalog
 from lazysky.catalog.schema import SOURCE_TABLES, partition_name
@@ -62,6 +68,12 @@ _REQUIRED = ("x", "y", "ra", "dec")
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 _COPY_TRAILER = struct.pack(">h", -1)
 _CHUNK_BYTES = 4 << 20
+_PG_EPOCH = datetime.date(2000, 1, 1)  # binary dates count days from here
+
+#: COPY rows straight into the source table when ``spoint`` has a binary input function
+#: (schema v13, see :mod:`lazysky.catalog._binary`); False: always through the staging
+#: table (the fallback, kept selectable for A/Bs and its tests).
+DIRECT_COPY = True
 
 
 @dataclass(frozen=True)
@@ -148,7 +160,12 @@ def _prepare(table: sa.Table, sources: Any) -> tuple[np.ndarray, list[str], list
         raise ParameterError(msg)
     arrays["ra"] = np.mod(np.asarray(arrays["ra"], dtype=np.float64), 360.0)
     arrays["ra"][arrays["ra"] >= 360.0] = 0.0  # mod of a tiny negative can round to 360
-    names = [c for c in kinds if c in arrays]
+    for c in [c for c in arrays if kinds.get(c) == "f8" and table.c[c].nullable]:
+        values = np.asarray(arrays[c])
+        if values.size and values.dtype.kind == "f" and np.all(np.isnan(values)):
+            del arrays[c]  # NULL throughout: left out of the COPY (no NULL per row to send)
+    # exposure_idx last: the direct COPY sends it as text after the other fields
+    names = sorted((c for c in kinds if c in arrays), key=lambda c: c == "exposure_idx")
     fields: list[tuple[str, str]] = [("_n", ">i2")]
     for c in names:
         fields += [(f"_l_{c}", ">i4"), (c, ">" + kinds[c])]
@@ -411,10 +428,97 @@ def _summarize_ranges(conn: psycopg.Connection[Any], partition: str) -> int:
     return int(got[0]) if got else 0
 
 
+def _copy_binary(cur: psycopg.Cursor[Any], target: str, columns: list[str],
+                 payload: memoryview) -> None:
+    """COPY binary ``payload`` (rows without header and trailer) into ``target``."""
+    copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        sql.Identifier(target), sql.SQL(", ").join(sql.Identifier(c) for c in columns))
+    with cur.copy(copy_sql) as copy:
+        copy.write(_COPY_HEADER)
+        for start in range(0, len(payload), _CHUNK_BYTES):
+            copy.write(payload[start:start + _CHUNK_BYTES])
+        copy.write(_COPY_TRAILER)
+
+
+def _direct_rows(tbl: sa.Table, rows: np.ndarray, names: list[str], kinds: dict[str, str],
+                 params: dict[str, Any], exposure_ids: list[str]) -> tuple[np.ndarray, list[str]]:
+    """The binary COPY rows for the source table itself (bytes), and their columns.
+
+    The staged rows (``rows``, as :func:`_prepare` made them) plus what
+    :func:`_insert_sql` adds on the way across: the run and tile and the partition keys
+    (constant fields in front), ``exposure_id`` as text (from ``exposure_idx``, which
+    :func:`_prepare` puts last) and NULL for NaN in a nullable float column. The staged
+    fields are copied across as one block of bytes per row. A NULL field, or an exposure
+    id shorter than the longest, is shorter than its slot in the fixed-size record, so
+    such rows are cut to length with one boolean mask over the records' bytes.
+    """
+    n = len(rows)
+    consts = [(c, str(params[k]).encode()) for c, k in (
+        ("run_id", "run"), ("tile_id", "tile"), ("run_type", "run_type"))]
+    texts = [e.encode() for e in exposure_ids]
+    width = max(map(len, texts), default=1)
+    spec: list[tuple[str, str]] = [("_n", ">i2")]
+    for c, value in consts:
+        spec += [(f"_l_{c}", ">i4"), (c, f"S{len(value)}")]
+    spec += [("_l_run_month", ">i4"), ("run_month", ">i4")]
+    head = np.dtype(spec).itemsize
+    body = [c for c in names if c != "exposure_idx"]  # rows' fields after "_n", in order
+    staged = rows.dtype.fields
+    assert staged is not None  # a structured array
+    start = staged["_n"][1] + 2
+    end = staged["_l_exposure_idx"][1] if "exposure_idx" in names else rows.dtype.itemsize
+    fields = {name: (np.dtype(fmt), off) for name, fmt, off in zip(
+        [f for f, _ in spec], [t for _, t in spec],
+        np.cumsum([0, *(np.dtype(t).itemsize for _, t in spec[:-1])]), strict=True)}
+    for c in body:
+        for f in (f"_l_{c}", c):
+            fmt, off = staged[f][:2]
+            fields[f] = (fmt, head + off - start)
+    size = head + end - start
+    if "exposure_idx" in names:
+        fields["_l_exposure_id"] = (np.dtype(">i4"), size)
+        fields["exposure_id"] = (np.dtype(f"S{width}"), size + 4)
+        size += 4 + width
+    out = np.empty(n, dtype=np.dtype({"names": list(fields),
+                                      "formats": [t for t, _ in fields.values()],
+                                      "offsets": [int(o) for _, o in fields.values()],
+                                      "itemsize": size}))
+    record = out.view(np.uint8).reshape(n, size)
+    record[:, head:head + end - start] = rows.view(np.uint8).reshape(n, -1)[:, start:end]
+    columns = [*(c for c, _ in consts), "run_month", *body,
+               *(["exposure_id"] if "exposure_idx" in names else [])]
+    out["_n"] = len(columns)
+    for c, value in consts:
+        out[f"_l_{c}"] = len(value)
+        out[c] = value
+    out["_l_run_month"] = 4
+    out["run_month"] = (params["run_month"] - _PG_EPOCH).days
+    keep: np.ndarray | None = None  # per row, the record's bytes to send
+
+    def cut_bytes(column: str, span: int, sent: np.ndarray) -> None:
+        nonlocal keep
+        if keep is None:
+            keep = np.ones((n, size), dtype=bool)
+        at = fields[column][1]
+        keep[:, at:at + span] &= np.arange(span)[None, :] < sent[:, None]
+
+    for c in body:
+        if kinds[c] == "f8" and tbl.c[c].nullable and np.any(nan := np.isnan(rows[c])):
+            out[f"_l_{c}"][nan] = -1  # NULL: length -1, no bytes
+            cut_bytes(c, 8, np.where(nan, 0, 8))
+    if "exposure_idx" in names:
+        index = rows["exposure_idx"].astype(np.intp) - 1
+        out["exposure_id"] = np.array(texts, dtype=f"S{width}")[index]
+        lengths = np.array([len(t) for t in texts], dtype=np.int32)[index]
+        out["_l_exposure_id"] = lengths
+        if np.any(lengths < width):
+            cut_bytes("exposure_id", width, lengths)
+    return (record.reshape(-1) if keep is None else record[keep]), columns
+
+
 def _replace(conn: psycopg.Connection[Any], tbl: sa.Table, run_id: str, tile_id: str,
              rows: np.ndarray, names: list[str], kinds: dict[str, str],
              exposure_ids: list[str], *, durable: bool = True) -> tuple[int, int]:
-    payload = memoryview(rows.tobytes())
     rid = parse_run_id(run_id)  # the partition keys: the run's type and month
     params = {"run": run_id, "tile": tile_id, "exposures": exposure_ids,
               "run_type": rid.type, "run_month": rid.date.replace(day=1)}
@@ -422,15 +526,12 @@ def _replace(conn: psycopg.Connection[Any], tbl: sa.Table, run_id: str, tile_id:
         with conn.transaction(), conn.cursor() as cur:
             if not durable:
                 cur.execute("SET LOCAL synchronous_commit = off")
-            cur.execute(_stage_sql(tbl, names, kinds))
-            copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-                sql.Identifier(f"_stage_{tbl.name}"),
-                sql.SQL(", ").join(sql.Identifier(c) for c in names))
-            with cur.copy(copy_sql) as copy:
-                copy.write(_COPY_HEADER)
-                for start in range(0, len(payload), _CHUNK_BYTES):
-                    copy.write(payload[start:start + _CHUNK_BYTES])
-                copy.write(_COPY_TRAILER)
+            found = cur.execute(HAS_RECEIVE_SQL).fetchone() if DIRECT_COPY else None
+            direct = bool(found and found[0])
+            if not direct:  # spoint has no binary input: COPY into a staging table
+                cur.execute(_stage_sql(tbl, names, kinds))
+                _copy_binary(cur, f"_stage_{tbl.name}", names,
+                             rows.view(np.uint8).reshape(-1).data)
             cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))",
                         (tbl.name, f"{run_id}/{tile_id}"))
             if _check_references_once(cur, tbl, run_id, exposure_ids):
@@ -442,7 +543,11 @@ def _replace(conn: psycopg.Connection[Any], tbl: sa.Table, run_id: str, tile_id:
                                     "tile_id = %(tile)s")
                             .format(sql.Identifier(tbl.name)), params)
                 deleted = cur.rowcount
-            cur.execute(_insert_sql(tbl, names, kinds), params)
+            if direct:
+                payload, columns = _direct_rows(tbl, rows, names, kinds, params, exposure_ids)
+                _copy_binary(cur, tbl.name, columns, payload.data)  # uint8: sliced by byte
+            else:
+                cur.execute(_insert_sql(tbl, names, kinds), params)
             inserted = cur.rowcount
     except psycopg.errors.ForeignKeyViolation as exc:
         msg = (
