@@ -188,7 +188,18 @@ def server_stats(dsn: str) -> dict[str, float]:
             key = next((k for k in _VMSTAT if name.startswith(k)), None)
             if key:
                 vm[key] += float(value)
-    return {**out, **vm}
+    return {**out, **vm, **_machine_cpu()}
+
+
+def _machine_cpu() -> dict[str, float]:
+    """CPU seconds the whole machine spent busy (every process and kernel thread) and
+    idle, from /proc/stat: what the benchmark's own processes do not account for is
+    the kernel's (e.g. writeback of dirty pages) or another program's."""
+    with contextlib.suppress(OSError, ValueError):
+        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + fields[4]  # idle + iowait
+        return {"machine_busy": (sum(fields[:8]) - idle) / _TICK, "machine_idle": idle / _TICK}
+    return {"machine_busy": float("nan"), "machine_idle": float("nan")}
 
 
 def _load_step(pool: Any, dsn: str, run: str, done: int, todo: int, writers: int,
@@ -207,7 +218,7 @@ def _load_step(pool: Any, dsn: str, run: str, done: int, todo: int, writers: int
     kind1 = server_cpu_by_kind(catalog_dir) if catalog_dir else {}
     st1 = server_stats(dsn)
     rows = todo * TILE_ROWS
-    deltas = {k: st1[k] - st0[k] for k in (*_STATS, *_VMSTAT)}
+    deltas = {k: st1[k] - st0[k] for k in (*_STATS, *_VMSTAT, "machine_busy", "machine_idle")}
     deltas["writers_us"] = sum(spent) / rows * 1e6
     deltas.update({f"{k}_us": (kind1[k] - kind0[k]) / rows * 1e6 for k in kind1})
     return rows / dt, (sum(spent) + srv) / rows * 1e6, deltas
@@ -224,7 +235,9 @@ def _stats_text(stats: dict[str, float], rows: int) -> str:
             f"{stats['pgscan_kswapd'] / rows * 1e3:.0f}; CPU µs/row: writers "
             f"{stats['writers_us']:.2f}, "
             + ", ".join(f"{k[:-3]} {v:.2f}" for k, v in stats.items()
-                        if k.endswith("_us") and k != "writers_us"))
+                        if k.endswith("_us") and k != "writers_us")
+            + f"; whole machine: busy {stats['machine_busy'] / rows * 1e6:.2f} µs/row, idle "
+              f"{stats['machine_idle'] / rows * 1e6:.2f}")
 
 
 def load(catalog: Catalog, run: str, rows: int, *, writers: int,
