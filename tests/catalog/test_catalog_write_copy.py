@@ -115,6 +115,25 @@ def test_direct_and_staged_writes_store_the_same_difference_rows(
                    ("e1", 100, 85)]
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_an_empty_tile_and_a_non_ascii_tile_id(
+        catalog: Catalog, make_run: Callable[..., str], sources: Sources,
+        monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
+    """A tile where nothing was detected replaces its rows with none; a tile id is text
+    in the connection's encoding."""
+    monkeypatch.setattr(write_module, "DIRECT_COPY", direct)
+    run = make_run()
+    write_sources("coadd", run, "empty", sources(5, seed=1), catalog=catalog)
+    empty = {k: v[:0] for k, v in sources(5, seed=1).items()}
+    got = write_sources("coadd", run, "empty", empty, catalog=catalog)
+    assert (got.deleted, got.inserted) == (5, 0)
+    write_sources("coadd", run, "tuile-déjà-vu-北", sources(4, seed=2), catalog=catalog)
+    with psycopg.connect(libpq_dsn(catalog.dsn)) as conn:
+        assert conn.execute("SELECT tile_id, count(*) FROM coadd_sources WHERE run_id = %s "
+                            "GROUP BY 1 ORDER BY 1", (run,)).fetchall() == [
+            ("tuile-déjà-vu-北", 4)]
+
+
 def test_a_row_the_table_refuses_changes_nothing(catalog: Catalog,
                                                  make_run: Callable[..., str],
                                                  sources: Sources,

@@ -441,7 +441,8 @@ def _copy_binary(cur: psycopg.Cursor[Any], target: str, columns: list[str],
 
 
 def _direct_rows(tbl: sa.Table, rows: np.ndarray, names: list[str], kinds: dict[str, str],
-                 params: dict[str, Any], exposure_ids: list[str]) -> tuple[np.ndarray, list[str]]:
+                 params: dict[str, Any], exposure_ids: list[str], *,
+                 encoding: str = "utf-8") -> tuple[np.ndarray, list[str]]:
     """The binary COPY rows for the source table itself (bytes), and their columns.
 
     The staged rows (``rows``, as :func:`_prepare` made them) plus what
@@ -450,12 +451,13 @@ def _direct_rows(tbl: sa.Table, rows: np.ndarray, names: list[str], kinds: dict[
     :func:`_prepare` puts last) and NULL for NaN in a nullable float column. The staged
     fields are copied across as one block of bytes per row. A NULL field, or an exposure
     id shorter than the longest, is shorter than its slot in the fixed-size record, so
-    such rows are cut to length with one boolean mask over the records' bytes.
+    such rows are cut to length with one boolean mask over the records' bytes. Texts
+    are sent in ``encoding``, the connection's.
     """
     n = len(rows)
-    consts = [(c, str(params[k]).encode()) for c, k in (
+    consts = [(c, str(params[k]).encode(encoding)) for c, k in (
         ("run_id", "run"), ("tile_id", "tile"), ("run_type", "run_type"))]
-    texts = [e.encode() for e in exposure_ids]
+    texts = [e.encode(encoding) for e in exposure_ids]
     width = max(map(len, texts), default=1)
     spec: list[tuple[str, str]] = [("_n", ">i2")]
     for c, value in consts:
@@ -484,7 +486,8 @@ def _direct_rows(tbl: sa.Table, rows: np.ndarray, names: list[str], kinds: dict[
                                       "offsets": [int(o) for _, o in fields.values()],
                                       "itemsize": size}))
     record = out.view(np.uint8).reshape(n, size)
-    record[:, head:head + end - start] = rows.view(np.uint8).reshape(n, -1)[:, start:end]
+    staged_bytes = rows.view(np.uint8).reshape(n, rows.dtype.itemsize)
+    record[:, head:head + end - start] = staged_bytes[:, start:end]
     columns = [*(c for c, _ in consts), "run_month", *body,
                *(["exposure_id"] if "exposure_idx" in names else [])]
     out["_n"] = len(columns)
@@ -544,7 +547,8 @@ def _replace(conn: psycopg.Connection[Any], tbl: sa.Table, run_id: str, tile_id:
                             .format(sql.Identifier(tbl.name)), params)
                 deleted = cur.rowcount
             if direct:
-                payload, columns = _direct_rows(tbl, rows, names, kinds, params, exposure_ids)
+                payload, columns = _direct_rows(tbl, rows, names, kinds, params, exposure_ids,
+                                                encoding=conn.info.encoding)
                 _copy_binary(cur, tbl.name, columns, payload.data)  # uint8: sliced by byte
             else:
                 cur.execute(_insert_sql(tbl, names, kinds), params)
