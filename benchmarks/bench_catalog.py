@@ -9,6 +9,7 @@ Run (it starts its own embedded server in --dir, by default /var/tmp/lazysky-ben
     python benchmarks/bench_catalog.py --rows 2000000 --ab-index 40   # (run, tile) index A/B
     python benchmarks/bench_catalog.py --rows 10000000 --keep --ab-copy 40   # write path A/B
     python benchmarks/bench_catalog.py --rows 10000000 --ab-index-growth   # same, as it grows
+    python benchmarks/bench_catalog.py --rows 10000000 --ab-dec-bands 5   # Dec-band partitions
     python benchmarks/bench_catalog.py --rows 4000000 --ab-settings '' 'shared_buffers=1GB'
 
 q3c (Debian package ``postgresql-15-q3c``) is installed with apt-get when run as root
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import itertools
 import multiprocessing as mp
 import os
 import platform
@@ -90,6 +93,8 @@ def _tile(rng: np.random.Generator, n: int, t: int) -> dict[str, np.ndarray]:
 def _load_worker(args: tuple[str, str, int, int, int]) -> float:
     """Write ``n_tiles`` tiles; returns this process's CPU seconds spent on them."""
     dsn, run, first, n_tiles, seed = args
+    if "BENCH_SUMMARIZE_RANGES" in os.environ:  # --ab-dec-bands: the same on both sides
+        write_module.SUMMARIZE_RANGES = int(os.environ["BENCH_SUMMARIZE_RANGES"])
     catalog = open_catalog(dsn=dsn)
     rng = np.random.default_rng(seed)
     cpu0 = time.process_time()
@@ -764,27 +769,18 @@ def ab_index(catalog: Catalog, tiles: int, run: str | None) -> list[str]:
     return lines
 
 
-def ab_index_growth(catalog: Catalog, rows: int, *, writers: int,
-                    catalog_dir: Path) -> list[str]:
-    """Both (run_id, tile_id) indexes as the table grows, interleaved step by step.
+def _ab_growth(sides: dict[str, str], rows: int, *, writers: int, catalog_dir: Path,
+               what: str) -> list[str]:
+    """Load ``rows`` rows into every side (label → DSN), interleaved step by step.
 
-    The empty catalog (v12: BRIN) is copied into ``lazysky_btree`` with v6's btree
-    instead; then ``rows`` rows are loaded into each, a tenth at a time with ``writers``
-    processes, the two databases alternating step by step (and which goes first), on one
-    server: the server's CPU during a step is that side's. The writer code is the same
-    (on the btree side its BRIN summarising finds no BRIN: one catalog query per write).
+    A tenth at a time with ``writers`` processes, the databases alternating step by step
+    (and which goes first), on one server: the server's CPU during a step is that side's.
     Returns the report lines: rows/s and CPU µs/row (writers + server; loading backends
     alone) per step and side.
     """
-    copy_dsn = _copy_database(catalog, "lazysky_btree")
-    with psycopg.connect(copy_dsn, autocommit=True) as conn:
-        conn.execute("DROP INDEX IF EXISTS ix_coadd_sources_run_tile_brin")
-        conn.execute("CREATE INDEX ix_coadd_sources_run_tile ON coadd_sources "
-                     "(run_id, tile_id)")
-    sides = {"BRIN (v12)": libpq_dsn(catalog.dsn), "btree (v6–v11)": copy_dsn}
     runs = {}
     for label, dsn in sides.items():
-        run = Run(new_run_id("test"), description="benchmark A/B as the table grows")
+        run = Run(new_run_id("test"), description=f"benchmark A/B: {what}")
         register_run(run, catalog=open_catalog(dsn=dsn))
         runs[label] = run.run_id
     n_tiles = rows // TILE_ROWS
@@ -808,9 +804,9 @@ def ab_index_growth(catalog: Catalog, rows: int, *, writers: int,
                       flush=True)
             done += todo
             i += 1
-    lines = [f"A/B of the (run_id, tile_id) index as the table grows to {rows:,d} rows per "
-             f"side, {writers} writers, steps interleaved; load average {load0:.1f} at the "
-             f"start, {os.getloadavg()[0]:.1f} at the end:"]
+    lines = [f"A/B of {what} as the table grows to {rows:,d} rows per side, {writers} "
+             f"writers, steps interleaved; load average {load0:.1f} at the start, "
+             f"{os.getloadavg()[0]:.1f} at the end:"]
     for label, steps in got.items():
         rates, cpu, backend = (np.array(c) for c in zip(*steps, strict=True))
         lines.append(
@@ -820,6 +816,71 @@ def ab_index_growth(catalog: Catalog, rows: int, *, writers: int,
             f"backends {', '.join(f'{b:.2f}' for b in backend)} (median "
             f"{np.median(backend):.2f})")
     return lines
+
+
+def ab_index_growth(catalog: Catalog, rows: int, *, writers: int,
+                    catalog_dir: Path) -> list[str]:
+    """Both (run_id, tile_id) indexes as the table grows, interleaved step by step.
+
+    The empty catalog (v12: BRIN) is copied into ``lazysky_btree`` with v6's btree
+    instead, then both are loaded by :func:`_ab_growth`. The writer code is the same (on
+    the btree side its BRIN summarising finds no BRIN: one catalog query per write).
+    """
+    copy_dsn = _copy_database(catalog, "lazysky_btree")
+    with psycopg.connect(copy_dsn, autocommit=True) as conn:
+        conn.execute("DROP INDEX IF EXISTS ix_coadd_sources_run_tile_brin")
+        conn.execute("CREATE INDEX ix_coadd_sources_run_tile ON coadd_sources "
+                     "(run_id, tile_id)")
+    return _ab_growth({"BRIN (v12)": libpq_dsn(catalog.dsn), "btree (v6–v11)": copy_dsn},
+                      rows, writers=writers, catalog_dir=catalog_dir,
+                      what="the (run_id, tile_id) index")
+
+
+def ab_dec_bands(catalog: Catalog, rows: int, bands: int, *, writers: int,
+                 catalog_dir: Path) -> list[str]:
+    """The month partition as it is vs split into Dec bands, as the table grows.
+
+    What sub-partitioning by declination would buy the load (the design weighed in
+    docs/catalog.md; its price on the query side is ``bench_partition_planning.py``'s):
+    the empty catalog is copied into ``lazysky_bands``, whose partition of this month's
+    test runs is re-made ``PARTITION BY RANGE (dec)``, the benchmark's field (Dec
+    FIELD_DEC) cut into ``bands`` equal bands plus one band on each side for the rest
+    of the sky; the indexes come from the parent as on every partition. Both are then
+    loaded by :func:`_ab_growth`. The writer's BRIN summarising is switched off on both
+    sides (it summarises the month partition, which on the banded side has no heap of
+    its own), so the two differ by the partitions' sizes alone.
+    """
+    from lazysky.catalog.schema import partition_name
+
+    month = parse_run_id(new_run_id("test")).date.replace(day=1)  # the runs' partition
+    upper = (month + datetime.timedelta(days=32)).replace(day=1)
+    parent, name = "coadd_sources__test", partition_name("coadd_sources", "test", month)
+    copy_dsn = _copy_database(catalog, "lazysky_bands")
+    edges = [str(e) for e in np.linspace(*FIELD_DEC, bands + 1)]
+    bounds = ["MINVALUE", *edges, "MAXVALUE"]
+    with psycopg.connect(copy_dsn, autocommit=True) as conn:
+        check = conn.execute(
+            "SELECT pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = "
+            "%s::regclass AND contype = 'c' AND conname = %s",
+            (name, f"{name}_run_id")).fetchone()
+        conn.execute(f"ALTER TABLE {parent} DETACH PARTITION {name}")
+        conn.execute(f"DROP TABLE {name}")
+        conn.execute(f"CREATE TABLE {name} PARTITION OF {parent} (CONSTRAINT {name}_run_id "
+                     f"{check[0] if check else 'CHECK (true)'}) FOR VALUES FROM ('{month}') "
+                     f"TO ('{upper}') PARTITION BY RANGE (dec)")
+        for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            conn.execute(f"CREATE TABLE {name}__dec{i} PARTITION OF {name} "
+                         f"FOR VALUES FROM ({lo}) TO ({hi})")
+    os.environ["BENCH_SUMMARIZE_RANGES"] = "0"  # read by the spawned writers
+    try:
+        return _ab_growth({"month partition": libpq_dsn(catalog.dsn),
+                           f"{bands} Dec bands across the field": copy_dsn},
+                          rows, writers=writers, catalog_dir=catalog_dir,
+                          what=f"Dec-band sub-partitions ({bands} over Dec "
+                               f"{FIELD_DEC[0]:g}…{FIELD_DEC[1]:g}°; no BRIN summarising "
+                               f"on either side)")
+    finally:
+        del os.environ["BENCH_SUMMARIZE_RANGES"]
 
 
 def main() -> None:
@@ -840,6 +901,9 @@ def main() -> None:
     ap.add_argument("--ab-copy", type=int, default=0, metavar="TILES",
                     help="after loading, A/B of the write path: binary COPY straight into "
                          "the table vs through the staging table, on the loaded table")
+    ap.add_argument("--ab-dec-bands", type=int, default=0, metavar="BANDS",
+                    help="A/B as the table grows: this month's test partition as it is vs "
+                         "split into BANDS Dec bands across the field (the load only)")
     ap.add_argument("--ab-index", type=int, default=0, metavar="TILES",
                     help="after the load, A/B the (run_id, tile_id) BRIN (v12) against "
                          "a BRIN of 32 pages per range and the v6 btree, TILES tiles "
@@ -880,6 +944,11 @@ def main() -> None:
     report = [f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.platform()}, "
               f"load average {os.getloadavg()[0]:.2f} at start"]
     load_rates: list[float] | None = None
+    if args.ab_dec_bands:
+        print("\n".join([*report, *ab_dec_bands(catalog, args.rows, args.ab_dec_bands,
+                                                 writers=args.writers,
+                                                 catalog_dir=bench_dir)]))
+        return
     if args.ab_index_growth:
         print("\n".join([*report, *ab_index_growth(catalog, args.rows, writers=args.writers,
                                                     catalog_dir=bench_dir)]))
