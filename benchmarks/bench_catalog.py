@@ -836,6 +836,69 @@ def ab_index_growth(catalog: Catalog, rows: int, *, writers: int,
                       what="the (run_id, tile_id) index")
 
 
+_BAND_QUERY = ("SELECT ra, dec FROM coadd_sources WHERE pos <@ scircle(spoint(radians(%s), "
+               "radians(%s)), radians(%s))")
+
+
+def _band_latency(dsn: str, radius: float, n: int, *, with_dec: bool,
+                  prepared: bool) -> tuple[float, float, float]:
+    """p50, p95 (ms) and mean rows of ``n`` cones, with or without their Dec range.
+
+    The Dec range (``dec BETWEEN dec0 - r AND dec0 + r``, always true of a row in the
+    cone away from the poles, which the benchmark's field is) is what lets the planner
+    prune Dec-band partitions.
+    """
+    query = _BAND_QUERY + (" AND dec BETWEEN %s AND %s" if with_dec else "")
+    times, got_rows = [], []
+    with _connect(dsn, prepared=prepared) as conn, conn.cursor(binary=prepared) as cur:
+        for ra, dec in _centres(n, seed=int(radius * 1e6) + n):
+            args = (ra, dec, radius, dec - radius, dec + radius) if with_dec else (ra, dec,
+                                                                                  radius)
+            t0 = time.perf_counter()
+            got = cur.execute(query, args).fetchall()
+            times.append(time.perf_counter() - t0)
+            got_rows.append(len(got))
+    ms = np.array(times) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 95)), float(np.mean(got_rows))
+
+
+def ab_dec_bands_queries(catalog: Catalog, rows: int, *, n: int = 200,
+                         rounds: int = 3) -> list[str]:
+    """Cone latency on the two databases :func:`ab_dec_bands` loaded, interleaved.
+
+    1′ and 6′ cones, prepared (generic plan, as ``cone_search`` runs them) and not, with
+    and without the cone's Dec range; ``rounds`` rounds, the two sides alternating.
+    Returns the report lines (medians of the rounds).
+    """
+    _SPAN[0] = _field_ra_span(rows)
+    sides = {"month partition": libpq_dsn(catalog.dsn),
+             "Dec bands": libpq_dsn(catalog.dsn).replace("/lazysky?", "/lazysky_bands?")}
+    for dsn in sides.values():
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE coadd_sources")
+    cells = [(r, prepared, with_dec) for r in ("1′", "6′") for prepared in (True, False)
+             for with_dec in (False, True)]
+    got: dict[tuple[str, str, bool, bool], list[tuple[float, float, float]]] = {}
+    for i in range(rounds):
+        for label in (list(sides) if i % 2 == 0 else list(sides)[::-1]):
+            for r, prepared, with_dec in cells:
+                got.setdefault((label, r, prepared, with_dec), []).append(_band_latency(
+                    sides[label], RADII_DEG[r], n, with_dec=with_dec, prepared=prepared))
+    lines = [f"cone latency, {n} queries per cell, {rounds} interleaved rounds (medians), "
+             f"p50 / p95 ms; load average {os.getloadavg()[0]:.1f}:",
+             "| radius | statement | Dec range in the query | month partition | Dec bands |",
+             "| --- | --- | --- | --- | --- |"]
+    for r, prepared, with_dec in cells:
+        vals = []
+        for label in sides:
+            p50, p95, _ = (float(np.median(c)) for c in zip(
+                *got[(label, r, prepared, with_dec)], strict=True))
+            vals.append(f"{p50:.2f} / {p95:.2f}")
+        lines.append(f"| {r} | {'prepared (generic plan)' if prepared else 'unprepared'} | "
+                     f"{'yes' if with_dec else 'no'} | {vals[0]} | {vals[1]} |")
+    return lines
+
+
 def ab_dec_bands(catalog: Catalog, rows: int, bands: int, *, writers: int,
                  catalog_dir: Path) -> list[str]:
     """The month partition as it is vs split into Dec bands, as the table grows.
@@ -873,7 +936,7 @@ def ab_dec_bands(catalog: Catalog, rows: int, bands: int, *, writers: int,
                          f"FOR VALUES FROM ({lo}) TO ({hi})")
     os.environ["BENCH_SUMMARIZE_RANGES"] = "0"  # read by the spawned writers
     try:
-        return _ab_growth({"month partition": libpq_dsn(catalog.dsn),
+        lines = _ab_growth({"month partition": libpq_dsn(catalog.dsn),
                            f"{bands} Dec bands across the field": copy_dsn},
                           rows, writers=writers, catalog_dir=catalog_dir,
                           what=f"Dec-band sub-partitions ({bands} over Dec "
@@ -881,6 +944,7 @@ def ab_dec_bands(catalog: Catalog, rows: int, bands: int, *, writers: int,
                                f"on either side)")
     finally:
         del os.environ["BENCH_SUMMARIZE_RANGES"]
+    return [*lines, *ab_dec_bands_queries(catalog, rows)]
 
 
 def main() -> None:
@@ -904,6 +968,8 @@ def main() -> None:
     ap.add_argument("--ab-dec-bands", type=int, default=0, metavar="BANDS",
                     help="A/B as the table grows: this month's test partition as it is vs "
                          "split into BANDS Dec bands across the field (the load only)")
+    ap.add_argument("--ab-dec-bands-queries", action="store_true",
+                    help="with --keep: only the cone latencies of an --ab-dec-bands run")
     ap.add_argument("--ab-index", type=int, default=0, metavar="TILES",
                     help="after the load, A/B the (run_id, tile_id) BRIN (v12) against "
                          "a BRIN of 32 pages per range and the v6 btree, TILES tiles "
@@ -944,6 +1010,9 @@ def main() -> None:
     report = [f"machine: {platform.node()}, {os.cpu_count()} cores, {platform.platform()}, "
               f"load average {os.getloadavg()[0]:.2f} at start"]
     load_rates: list[float] | None = None
+    if args.ab_dec_bands_queries:
+        print("\n".join([*report, *ab_dec_bands_queries(catalog, args.rows)]))
+        return
     if args.ab_dec_bands:
         print("\n".join([*report, *ab_dec_bands(catalog, args.rows, args.ab_dec_bands,
                                                  writers=args.writers,
