@@ -572,13 +572,17 @@ def ab_key(catalog: Catalog, tiles: int) -> list[str]:
     return lines
 
 
-def _interleaved_writes(sides: dict[str, Catalog], tiles: int) -> list[str]:
+def _interleaved_writes(sides: dict[str, Catalog], tiles: int, *,
+                        writer: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """Write the same ``tiles`` new tiles into every side, alternately; report lines.
 
     Which side goes first alternates too. The CPU time of each side's backend is read
     around every write from ``/proc/<pid>/schedstat`` (the embedded server runs here):
-    CPU-µs per row, steadier than wall time on a shared machine.
+    CPU-µs per row, steadier than wall time on a shared machine. ``writer``: per side,
+    attributes of :mod:`lazysky.catalog.write` to set for that side's writes only (e.g.
+    ``{"SUMMARIZE_RANGES": 0}``).
     """
+    writer = writer or {}
     runs, pids = {}, {}
     for label, cat in sides.items():
         run = Run(new_run_id("test"), description="benchmark A/B")
@@ -600,18 +604,16 @@ def _interleaved_writes(sides: dict[str, Catalog], tiles: int) -> list[str]:
         order = list(sides) if i % 2 == 0 else list(sides)[::-1]
         for label in order:
             ns0, t0 = _backend_cpu_ns(pids[label]), time.perf_counter()
-            # the "no summarising" side of --ab-index: the writer's BRIN upkeep switched
-            # off (write.SUMMARIZE_RANGES = 0) for its writes only
-            window, direct = write_module.SUMMARIZE_RANGES, write_module.DIRECT_COPY
-            if "no summarising" in label:
-                write_module.SUMMARIZE_RANGES = 0
-            if "staging table" in label:  # --ab-copy: the writer's fallback path
-                write_module.DIRECT_COPY = False
+            switched = writer.get(label, {})
+            saved = {name: getattr(write_module, name) for name in switched}
+            for name, value in switched.items():
+                setattr(write_module, name, value)
             try:
                 write_sources("coadd", runs[label], f"ab-{first + i:06d}", data,
                               catalog=sides[label])
             finally:
-                write_module.SUMMARIZE_RANGES, write_module.DIRECT_COPY = window, direct
+                for name, value in saved.items():
+                    setattr(write_module, name, value)
             wall[label].append(time.perf_counter() - t0)
             cpu[label].append((_backend_cpu_ns(pids[label]) - ns0) / 1e3 / TILE_ROWS)
     return [f"  {label}: backend CPU median {np.median(cpu[label]):.2f} µs/row (mean "
@@ -632,7 +634,8 @@ def ab_copy(catalog: Catalog, tiles: int) -> list[str]:
     sides = {"direct COPY": catalog, "staging table": other}
     return [f"A/B of the write path, {tiles} tiles of {TILE_ROWS:,d} rows each way, "
             f"interleaved, load average {os.getloadavg()[0]:.1f}:",
-            *_interleaved_writes(sides, tiles)]
+            *_interleaved_writes(sides, tiles,
+                                 writer={"staging table": {"DIRECT_COPY": False}})]
 
 
 def _copy_database(catalog: Catalog, name: str) -> str:
@@ -733,7 +736,8 @@ def ab_index(catalog: Catalog, tiles: int, run: str | None) -> list[str]:
              for i, (label, (dsn, _)) in enumerate(sides_sql.items())}
     lines = [f"A/B of the (run_id, tile_id) index, {tiles} tiles of {TILE_ROWS:,d} rows each "
              f"way, interleaved, load average {os.getloadavg()[0]:.1f}:", *lines,
-             *_interleaved_writes(sides, tiles)]
+             *_interleaved_writes(sides, tiles, writer={
+                 "BRIN (v12), no summarising by the writer": {"SUMMARIZE_RANGES": 0}})]
     for label, (dsn, _) in sides_sql.items():
         with psycopg.connect(dsn) as conn:
             size = conn.execute(
@@ -864,11 +868,12 @@ def _band_latency(dsn: str, radius: float, n: int, *, with_dec: bool,
 
 def ab_dec_bands_queries(catalog: Catalog, rows: int, *, n: int = 200,
                          rounds: int = 3) -> list[str]:
-    """Cone latency on the two databases :func:`ab_dec_bands` loaded, interleaved.
+    """The query goals on the two databases :func:`ab_dec_bands` loaded, interleaved.
 
     1′ and 6′ cones, prepared (generic plan, as ``cone_search`` runs them) and not, with
-    and without the cone's Dec range; ``rounds`` rounds, the two sides alternating.
-    Returns the report lines (medians of the rounds).
+    and without the cone's Dec range; 4 prepared clients; the cross-match of 100 000
+    positions. ``rounds`` rounds, the two sides alternating. Returns the report lines
+    (medians of the rounds).
     """
     _SPAN[0] = _field_ra_span(rows)
     sides = {"month partition": libpq_dsn(catalog.dsn),
@@ -993,9 +998,10 @@ def main() -> None:
                          "the table vs through the staging table, on the loaded table")
     ap.add_argument("--ab-dec-bands", type=int, default=0, metavar="BANDS",
                     help="A/B as the table grows: this month's test partition as it is vs "
-                         "split into BANDS Dec bands across the field (the load only)")
+                         "split into BANDS Dec bands across the field, then the query goals "
+                         "on both")
     ap.add_argument("--ab-dec-bands-queries", action="store_true",
-                    help="with --keep: only the cone latencies of an --ab-dec-bands run")
+                    help="with --keep: only the query part of an --ab-dec-bands run")
     ap.add_argument("--ab-index", type=int, default=0, metavar="TILES",
                     help="after the load, A/B the (run_id, tile_id) BRIN (v12) against "
                          "a BRIN of 32 pages per range and the v6 btree, TILES tiles "

@@ -8,8 +8,8 @@ binary input function available for type spoint", although ``pos`` is never sent
 generated from ``ra``/``dec``). That is why :func:`lazysky.catalog.write_sources` used to
 COPY into a temporary staging table and then ``INSERT … SELECT`` the rows across: the
 staging table's own COPY, heap and scan, and a per-row ``heap_insert`` where COPY would
-use PostgreSQL's multi-row insert, cost a loading backend ~6–10 % of its CPU (interleaved
-A/B in docs/catalog.md).
+use PostgreSQL's multi-row insert, cost a loading backend ~4–10 % of its CPU (interleaved
+A/Bs in docs/catalog.md).
 
 :func:`ensure_spoint_receive` gives ``spoint`` a receive function,
 :data:`RECEIVE_FUNCTION`, which refuses every value: it is PostgreSQL's own
@@ -68,7 +68,7 @@ def ensure_spoint_receive(conn: sa.Connection) -> bool:
             "SELECT rolsuper FROM pg_roles WHERE rolname = current_user")).scalar():
         logger.info("catalog: not a superuser, so spoint keeps no binary input function and "
                     "write_sources COPYs through a staging table (a superuser may upgrade "
-                    "the schema for direct COPY, ~6-10 %% less server CPU per row)")
+                    "the schema for direct COPY, ~4-10 %% less server CPU per row)")
         return False
     conn.execute(sa.text(
         f"CREATE OR REPLACE FUNCTION {RECEIVE_FUNCTION}(internal) RETURNS spoint "
