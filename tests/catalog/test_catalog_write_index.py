@@ -63,6 +63,26 @@ def test_coadd_rows_are_found_by_a_brin_run_tile_index(catalog: Catalog) -> None
     assert diff["diff_sources_pkey"][0] is True
 
 
+#: A tile's box inside one sky cell (schema v14), as a pipeline's tiles are.
+_TILE_BOX = {"ra_range": (10.0, 11.0), "dec_range": (20.0, 21.0)}
+
+
+def _one_cell(sources: Callable[..., dict[str, np.ndarray]], n: int, *,
+              seed: int) -> dict[str, np.ndarray]:
+    return sources(n, seed=seed, **_TILE_BOX)
+
+
+def _cell(run: str) -> str:
+    """The sky cell (leaf partition) the run's tiles in _TILE_BOX land in."""
+    from lazysky.catalog.cells import cell_name, cells_of
+    from lazysky.catalog.schema import partition_name
+
+    rid = parse_run_id(run)
+    ((band, slab),) = cells_of([10.5], [20.5])
+    return cell_name(partition_name("coadd_sources", rid.type, rid.date.replace(day=1)),
+                     band, slab)
+
+
 def _plan(conn: psycopg.Connection, statement: str, args: tuple[object, ...]) -> str:
     return "\n".join(r[0] for r in conn.execute("EXPLAIN " + statement, args).fetchall())
 
@@ -77,7 +97,8 @@ def test_the_write_looks_up_the_ledger_and_a_retry_scans_the_brin(
 
     run = make_run()
     for t in range(4):
-        got = write_sources("coadd", run, f"plan-{t}", sources(1500, seed=t), catalog=catalog)
+        got = write_sources("coadd", run, f"plan-{t}", _one_cell(sources, 1500, seed=t),
+                            catalog=catalog)
         assert got.deleted == 0
     again = write_sources("coadd", run, "plan-2", sources(700, seed=9), catalog=catalog)
     assert (again.deleted, again.inserted) == (1500, 700)
@@ -92,7 +113,9 @@ def test_the_write_looks_up_the_ledger_and_a_retry_scans_the_brin(
         lookup = _plan(conn, _FORGET_SQL.replace("%(run)s", "%s").replace(
             "%(table)s", "%s").replace("%(tile)s", "%s"), (run, "coadd_sources", "plan-9"))
         conn.execute("RESET enable_seqscan")
-        delete = _plan(conn, "DELETE FROM coadd_sources WHERE run_type = %s AND run_month = "
+        # the tile's sky cell (each cell is planned alone; other tests' tiny cells may
+        # rightly be read by a sequential scan)
+        delete = _plan(conn, f"DELETE FROM {_cell(run)} WHERE run_type = %s AND run_month = "
                        "%s AND run_id = %s AND tile_id = %s",
                        (rid.type, rid.date.replace(day=1), run, "plan-2"))
     assert ledger == [("plan-0", 1500), ("plan-1", 1500), ("plan-2", 700), ("plan-3", 1500)]
@@ -110,13 +133,13 @@ def test_the_writer_summarises_the_ranges_it_filled(
     """After writes filling several BRIN ranges, every full range of the partition is
     summarised (a tile search then reads its ranges, not the whole new tail): what is
     left for ``brin_summarize_new_values`` is at most the partial last range."""
-    from lazysky.catalog.schema import RUN_TILE_BRIN_PAGES, partition_name
+    from lazysky.catalog.schema import RUN_TILE_BRIN_PAGES
 
     run = make_run()
-    rid = parse_run_id(run)
-    part = partition_name("coadd_sources", rid.type, rid.date.replace(day=1))
+    part = _cell(run)
     for t in range(3):
-        write_sources("coadd", run, f"sum-{t}", sources(6000, seed=20 + t), catalog=catalog)
+        write_sources("coadd", run, f"sum-{t}", _one_cell(sources, 6000, seed=20 + t),
+                      catalog=catalog)
     with psycopg.connect(libpq_dsn(catalog.dsn), autocommit=True) as conn:
         pages = conn.execute("SELECT pg_relation_size(%s) / current_setting('block_size')::int",
                              (part,)).fetchone()
@@ -380,14 +403,13 @@ def test_summarising_steps_aside_for_a_busy_partition(
     ANALYZE), the writer's summarising does nothing at once instead of waiting; once it
     is released, the ranges left are summarised."""
     from lazysky.catalog import write as write_module
-    from lazysky.catalog.schema import partition_name
 
     run = make_run()
-    rid = parse_run_id(run)
-    part = partition_name("coadd_sources", rid.type, rid.date.replace(day=1))
+    part = _cell(run)
     monkeypatch.setattr(write_module, "SUMMARIZE_RANGES", 0)  # leave the ranges to us
     for t in range(2):
-        write_sources("coadd", run, f"busy-{t}", sources(6000, seed=40 + t), catalog=catalog)
+        write_sources("coadd", run, f"busy-{t}", _one_cell(sources, 6000, seed=40 + t),
+                      catalog=catalog)
     monkeypatch.undo()
     dsn = libpq_dsn(catalog.dsn)
     with psycopg.connect(dsn) as holder, psycopg.connect(dsn) as writer:

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from lazysky.catalog import Catalog, CatalogWriteError, cone_query, open_catalog, write_sources
+from lazysky.catalog.cells import cell_name, cells_of, ensure_cells
 from lazysky.catalog.cone import explain
 from lazysky.catalog.database import get_engine
 from lazysky.catalog.production import promote, publish
@@ -58,10 +59,14 @@ def test_rows_land_in_their_type_and_month_partition(catalog: Catalog, sources: 
     write_sources("coadd", old, "t1", data, catalog=catalog)
     write_sources("coadd", prod, "t1", data, catalog=catalog)
     write_sources("coadd", prod, "t1", data, catalog=catalog)  # a replace stays put
-    assert _partition_of(catalog, "coadd_sources", old) == {"coadd_sources__exp__2019_03"}
+    # v14: a month partition of coadd_sources is split into sky cells; the rows are in
+    # the cell of their position in their type and month
+    ((band, slab),) = cells_of([200.1], [10.1])
+    assert _partition_of(catalog, "coadd_sources", old) == {
+        cell_name("coadd_sources__exp__2019_03", band, slab)}
     month = dt.datetime.now(dt.UTC).date()
     assert _partition_of(catalog, "coadd_sources", prod) == {
-        partition_name("coadd_sources", "prod", month)}
+        cell_name(partition_name("coadd_sources", "prod", month), band, slab)}
     with catalog.engine().connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM coadd_sources WHERE run_id = :r"),
                             {"r": prod}).scalar() == 50
@@ -74,6 +79,14 @@ def test_rows_land_in_their_type_and_month_partition(catalog: Catalog, sources: 
 def test_a_row_cannot_claim_another_runs_partition(catalog: Catalog,
                                                    make_run: Callable[..., str]) -> None:
     run = make_run("exp")
+    today = dt.datetime.now(dt.UTC).date()
+    raw = catalog.engine().raw_connection()
+    try:  # the sky cell of (1, 1) in both months (made by write_sources, as tiles land)
+        for run_type, month in (("prod", today), ("exp", _month_after(today, 1))):
+            ensure_cells(raw.driver_connection, partition_name("coadd_sources", run_type,
+                                                               month), cells_of([1], [1]))
+    finally:
+        raw.close()
     with pytest.raises(sa.exc.IntegrityError, match=r"coadd_sources__prod__\d{4}_\d{2}_run_id"), \
             catalog.engine().begin() as conn:
         conn.execute(sa.text(

@@ -32,6 +32,7 @@ from sqlalchemy.sql.elements import ClauseElement
 
 from lazysky.catalog._parse import MAX_RADIUS_DEG, parse_position, parse_radius
 from lazysky.catalog._types import SCircle, SPoint
+from lazysky.catalog.cells import cone_bounds
 from lazysky.catalog.database import Catalog, open_catalog
 from lazysky.catalog.schema import INTERNAL_COLUMNS, SOURCE_TABLES
 from lazysky.errors import ParameterError
@@ -110,6 +111,13 @@ def cone_query(ra: Any, dec: Any, radius: Any, *, table: str = "coadd",
     distance = (tbl.c.pos.distance(SPoint.from_degrees(ra_deg, dec_deg))
                 * _RAD_TO_ARCSEC).label("distance")
     stmt = sa.select(*_columns(tbl, columns), distance).where(tbl.c.pos.contained_by(circle))
+    # the cone's box on ra/dec: lets PostgreSQL prune to the sky cells it can touch
+    # (schema v14; at plan time, or at run time for a prepared statement). One shape for
+    # every cone, so a prepared statement serves them all.
+    box = cone_bounds(ra_deg, dec_deg, radius_deg)
+    stmt = stmt.where(tbl.c.dec.between(box["dec_lo"], box["dec_hi"]),
+                      sa.or_(tbl.c.ra.between(box["ra_lo1"], box["ra_hi1"]),
+                             tbl.c.ra.between(box["ra_lo2"], box["ra_hi2"])))
     if run is not None:
         # `run_id || ''`: never let the planner pick the primary-key index for the run
         # (statistics that do not know a fresh run yet make it look tiny); the GiST

@@ -462,11 +462,15 @@ def _next_month(month: dt.date) -> dt.date:
     return (month.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
 
 
-def ensure_partitions(conn: sa.Connection, months: Sequence[tuple[str, dt.date]]) -> list[str]:
+def ensure_partitions(conn: sa.Connection, months: Sequence[tuple[str, dt.date]], *,
+                      cells: bool | None = None) -> list[str]:
     """Create the month partitions ``(run type, any day of the month)`` still missing.
 
-    Idempotent and safe from many processes (an advisory lock serialises creators).
-    Returns the names of the partitions created.
+    From schema v14 (``cells`` None: whether the database is at v14 or later) a month
+    partition of ``coadd_sources`` is itself split into sky cells, made when the first
+    tile lands in them (:mod:`lazysky.catalog.cells`). Idempotent and safe from many
+    processes (an advisory lock serialises creators). Returns the names of the
+    partitions created.
     """
     wanted = {(t, _month(d)) for t, d in months}
     names = [partition_name(tbl.name, t, m) for tbl in (coadd_sources, diff_sources)
@@ -478,6 +482,8 @@ def ensure_partitions(conn: sa.Connection, months: Sequence[tuple[str, dt.date]]
     conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PARTITION_LOCK)))
     have = set(conn.execute(sa.text(
         "SELECT relname FROM pg_class WHERE relname = ANY(:n)"), {"n": names}).scalars())
+    if cells is None:
+        cells = current_version(conn) >= CELLS_VERSION
     made = []
     for tbl in (coadd_sources, diff_sources):
         for run_type, month in sorted(wanted):
@@ -487,10 +493,12 @@ def ensure_partitions(conn: sa.Connection, months: Sequence[tuple[str, dt.date]]
             # the partition's bounds fix run_type and run_month; this prefix CHECK ties
             # the rows' run ids to them (a row cannot claim another run's partition) at
             # half the cost of per-row CHECKs computing the keys from run_id
+            split = " PARTITION BY RANGE (dec)" if cells and tbl is coadd_sources else ""
             conn.execute(sa.text(
                 f"CREATE TABLE {name} PARTITION OF {partition_name(tbl.name, run_type)} "
                 f"(CONSTRAINT {name}_run_id CHECK (run_id LIKE '{run_type}-{month:%Y%m}%')) "
-                f"FOR VALUES FROM ('{month:%Y-%m-%d}') TO ('{_next_month(month):%Y-%m-%d}')"))
+                f"FOR VALUES FROM ('{month:%Y-%m-%d}') TO ('{_next_month(month):%Y-%m-%d}')"
+                f"{split}"))
             made.append(name)
     if made:
         logger.info("catalog: created partitions %s", ", ".join(made))
@@ -511,7 +519,7 @@ def ensure_upcoming_partitions(conn: sa.Connection, *, today: dt.date | None = N
 def month_partitions(conn: sa.Connection) -> list[tuple[str, dt.date]]:
     """Every (run type, month) that has month partitions, oldest first."""
     got = conn.execute(sa.text(
-        "SELECT c.relname FROM pg_class c WHERE c.relkind = 'r' AND c.relispartition "
+        "SELECT c.relname FROM pg_class c WHERE c.relkind IN ('r', 'p') AND c.relispartition "
         "AND c.relname ~ '^coadd_sources__[a-z]+__[0-9]{4}_[0-9]{2}$'"))
     out = set()
     for (name,) in got:
@@ -954,6 +962,33 @@ def _v13_spoint_binary_input(conn: sa.Connection) -> None:
     ensure_spoint_receive(conn)
 
 
+#: The schema version from which new month partitions of coadd_sources are split into cells.
+CELLS_VERSION = 14
+
+
+def _v14_sky_cells(conn: sa.Connection) -> None:
+    """Split the month partitions of ``coadd_sources`` into sky cells, from now on.
+
+    New months are made split (:func:`ensure_partitions`); the months made ahead that
+    are still empty are made again, split; a month that holds rows stays as it is (no
+    row moves). See :mod:`lazysky.catalog.cells`.
+    """
+    remade = []
+    for run_type, month in month_partitions(conn):
+        name = partition_name(coadd_sources.name, run_type, month)
+        kind = conn.execute(sa.text("SELECT relkind::text FROM pg_class "
+                                    "WHERE oid = to_regclass(:n)"), {"n": name}).scalar()
+        if kind != "r" or conn.execute(sa.text(f"SELECT EXISTS (SELECT 1 FROM {name})")
+                                       ).scalar():
+            continue
+        conn.execute(sa.text(f"DROP TABLE {name}"))
+        remade.append((run_type, month))
+    ensure_partitions(conn, remade, cells=True)
+    if remade:
+        logger.info("catalog: %d empty month partition(s) of coadd_sources made again, "
+                    "split into sky cells", len(remade))
+
+
 #: The schema's history; append new steps, never edit applied ones.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs, exposures, coadd and difference sources, production views",
@@ -980,6 +1015,8 @@ MIGRATIONS: tuple[Migration, ...] = (
                   "source_tiles ledger of written (run, tile)s", _v12_brin_run_tile),
     Migration(13, "spoint: a (refusing) binary input function, for binary COPY straight "
                   "into the source tables", _v13_spoint_binary_input),
+    Migration(14, "coadd_sources: new month partitions split into sky cells (Dec bands, "
+                  "then RA slabs), made as tiles land", _v14_sky_cells),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 LOCK_KEY = 0x6C617A79  # 'lazy': the advisory lock serialising upgrades

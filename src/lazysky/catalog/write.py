@@ -54,6 +54,7 @@ from psycopg import sql
 
 from lazysky.catalog._binary import HAS_RECEIVE_SQL
 from lazysky.catalog._errors import CatalogWriteError
+from lazysky.catalog.cells import cells_of, ensure_cells
 from lazysky.catalog.database import Catalog, open_catalog
 from lazysky.catalog.schema import SOURCE_TABLES, partition_name
 from lazysky.errors import ParameterError
@@ -286,11 +287,12 @@ def write_sources(table: str, run_id: str, tile_id: str, sources: Any, *,
     raw = catalog.engine().raw_connection()
     try:
         conn: psycopg.Connection[Any] = raw.driver_connection  # type: ignore[assignment]
+        filled: list[str] = []
         deleted, inserted = _replace(conn, tbl, run_id, tile_id, rows, names, kinds,
-                                     exposure_ids, durable=durable)
+                                     exposure_ids, durable=durable, filled=filled)
         if tbl.name == "coadd_sources" and SUMMARIZE_RANGES > 0:
-            rid = parse_run_id(run_id)
-            _summarize_ranges(conn, partition_name(tbl.name, rid.type, rid.date.replace(day=1)))
+            for part in filled:
+                _summarize_ranges(conn, part)
     finally:
         raw.close()
     seconds = time.perf_counter() - t0
@@ -525,10 +527,22 @@ def _direct_rows(tbl: sa.Table, rows: np.ndarray, names: list[str], kinds: dict[
 
 def _replace(conn: psycopg.Connection[Any], tbl: sa.Table, run_id: str, tile_id: str,
              rows: np.ndarray, names: list[str], kinds: dict[str, str],
-             exposure_ids: list[str], *, durable: bool = True) -> tuple[int, int]:
+             exposure_ids: list[str], *, durable: bool = True,
+             filled: list[str] | None = None) -> tuple[int, int]:
+    """Replace the (run, tile)'s rows by ``rows`` in one transaction; (deleted, inserted).
+
+    Before it, in a transaction of its own, the sky cells the rows go to are made if
+    missing (schema v14, coadd_sources). ``filled`` gets the leaf partitions written to.
+    """
     rid = parse_run_id(run_id)  # the partition keys: the run's type and month
+    run_month = rid.date.replace(day=1)
     params = {"run": run_id, "tile": tile_id, "exposures": exposure_ids,
-              "run_type": rid.type, "run_month": rid.date.replace(day=1)}
+              "run_type": rid.type, "run_month": run_month}
+    month = partition_name(tbl.name, rid.type, run_month)
+    if tbl.name == "coadd_sources":
+        leaves = ensure_cells(conn, month, cells_of(rows["ra"], rows["dec"]))
+        if filled is not None:
+            filled += [month] if leaves is None else leaves
     try:
         with conn.transaction(), conn.cursor() as cur:
             if not durable:

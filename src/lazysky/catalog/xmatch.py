@@ -29,6 +29,7 @@ from astropy.table import Table
 from psycopg import sql
 
 from lazysky.catalog._parse import parse_radius
+from lazysky.catalog.cells import cone_bounds_arrays
 from lazysky.catalog.database import Catalog, open_catalog
 from lazysky.catalog.schema import SOURCE_TABLES
 from lazysky.errors import ParameterError
@@ -56,12 +57,19 @@ def _positions(ra: Any, dec: Any) -> tuple[np.ndarray, np.ndarray]:
     return ra_a, dec_a
 
 
-def _payload(idx: np.ndarray, ra: np.ndarray, dec: np.ndarray) -> bytes:
-    rows = np.empty(len(idx), dtype=[("n", ">i2"), ("l0", ">i4"), ("idx", ">i4"),
-                                     ("l1", ">i4"), ("ra", ">f8"), ("l2", ">i4"),
-                                     ("dec", ">f8")])
-    rows["n"], rows["l0"], rows["l1"], rows["l2"] = 3, 4, 8, 8
-    rows["idx"], rows["ra"], rows["dec"] = idx, ra, dec
+_BOX = ("dec_lo", "dec_hi", "ra_lo1", "ra_hi1", "ra_lo2", "ra_hi2")
+
+
+def _payload(idx: np.ndarray, ra: np.ndarray, dec: np.ndarray, radius_deg: float) -> bytes:
+    """Binary COPY rows of the positions: index, RA, Dec and each one's box (cells.py)."""
+    box = cone_bounds_arrays(ra, dec, radius_deg)
+    fields = [("n", ">i2"), ("l0", ">i4"), ("idx", ">i4")]
+    for name in ("ra", "dec", *_BOX):
+        fields += [(f"l_{name}", ">i4"), (name, ">f8")]
+    rows = np.empty(len(idx), dtype=fields)
+    rows["n"], rows["l0"], rows["idx"] = 2 + len(_BOX) + 1, 4, idx
+    for name, values in (("ra", ra), ("dec", dec), *box.items()):
+        rows[f"l_{name}"], rows[name] = 8, values
     return _HEADER + rows.tobytes() + struct.pack(">h", -1)
 
 
@@ -84,11 +92,20 @@ def _query(table: str, run: str | None) -> sql.Composed:
         run_filter += sql.SQL(" AND s.run_type = %(run_type)s AND s.run_month = %(run_month)s")
     # no ORDER BY: the parts are probed concurrently and merged in numpy anyway, and a
     # sort of the matches on the server would spill to disk under the default work_mem
+    # each position's box on ra/dec: PostgreSQL prunes the sky cells (schema v14) per
+    # position at run time, so each probes one or two cells' GiST, not every cell's. A
+    # LATERAL subquery kept apart (OFFSET 0): the planner costs a join over the cells as
+    # if no cell were pruned, and would rather scan them all once than probe them all
+    # per position; the subquery has no such plan, only its probes per position.
     return sql.SQL(
-        "SELECT x.idx, s.run_id, s.tile_id, s.number, s.ra, s.dec, "
+        "SELECT x.idx, s.run_id, s.tile_id, s.number, s.ra, s.dec, s.distance "
+        "FROM _xmatch x CROSS JOIN LATERAL ("
+        "SELECT s.run_id, s.tile_id, s.number, s.ra, s.dec, "
         "(s.pos <-> spoint(radians(x.ra), radians(x.dec))) * %(to_arcsec)s AS distance "
-        "FROM _xmatch x JOIN {t} s "
-        "ON s.pos <@ scircle(spoint(radians(x.ra), radians(x.dec)), %(radius)s){run}"
+        "FROM {t} s "
+        "WHERE s.pos <@ scircle(spoint(radians(x.ra), radians(x.dec)), %(radius)s) "
+        "AND s.dec BETWEEN x.dec_lo AND x.dec_hi AND (s.ra BETWEEN x.ra_lo1 AND x.ra_hi1 "
+        "OR s.ra BETWEEN x.ra_lo2 AND x.ra_hi2){run} OFFSET 0) s"
     ).format(t=sql.Identifier(SOURCE_TABLES[table].name),
              run=run_filter)
 
@@ -102,9 +119,9 @@ def _probe(catalog: Catalog, payload: bytes, query: sql.Composed,
         with conn.transaction(), conn.cursor(binary=binary) as cur:
             # binary COPY cannot fill an spoint column (pgSphere has no binary input),
             # so the positions arrive as floats and become spoints in the join
-            cur.execute("CREATE TEMP TABLE _xmatch (idx int4, ra float8, dec float8) "
-                        "ON COMMIT DROP")
-            with cur.copy("COPY _xmatch (idx, ra, dec) FROM STDIN (FORMAT BINARY)") as copy:
+            floats = ", ".join(f"{c} float8" for c in ("ra", "dec", *_BOX))
+            cur.execute(f"CREATE TEMP TABLE _xmatch (idx int4, {floats}) ON COMMIT DROP")
+            with cur.copy("COPY _xmatch FROM STDIN (FORMAT BINARY)") as copy:
                 copy.write(payload)
             cur.execute("ANALYZE _xmatch")
             cur.execute(query, params)
@@ -114,15 +131,16 @@ def _probe(catalog: Catalog, payload: bytes, query: sql.Composed,
 
 
 def _run(ra: Any, dec: Any, radius: Any, *, table: str, run: str | None,
-         catalog: Catalog | None, explain: bool, n_connections: int
-         ) -> list[list[tuple[Any, ...]]]:
+         catalog: Catalog | None, explain: bool, n_connections: int,
+         analyze: bool = False) -> list[list[tuple[Any, ...]]]:
     """The rows of each part (one part for ``explain``: the plan's lines)."""
-    radius_rad = math.radians(parse_radius(radius))
+    radius_deg = parse_radius(radius)
+    radius_rad = math.radians(radius_deg)
     if run is not None:
         validate_run_id(run)
     query = _query(table, run)
     if explain:
-        query = sql.SQL("EXPLAIN ") + query
+        query = sql.SQL("EXPLAIN (ANALYZE) " if analyze else "EXPLAIN ") + query
     ra_a, dec_a = _positions(ra, dec)
     if isinstance(n_connections, bool) or not isinstance(n_connections, int) or (
             n_connections < 1):
@@ -135,7 +153,7 @@ def _run(ra: Any, dec: Any, radius: Any, *, table: str, run: str | None,
         params.update(run_type=rid.type, run_month=rid.date.replace(day=1))
     order = _spatial_order(ra_a, dec_a)
     n_parts = 1 if explain else max(1, min(n_connections, len(order) // 5000))
-    parts = [_payload(chunk, ra_a[chunk], dec_a[chunk])
+    parts = [_payload(chunk, ra_a[chunk], dec_a[chunk], radius_deg)
              for chunk in np.array_split(order, n_parts)]
     if n_parts == 1:
         return [_probe(catalog, parts[0], query, params, binary=not explain)]
@@ -191,8 +209,13 @@ def crossmatch(ra: Any, dec: Any, radius: Any, *, table: str = "coadd",
 
 
 def crossmatch_plan(ra: Any, dec: Any, radius: Any, *, table: str = "coadd",
-                    run: str | None = None, catalog: Catalog | None = None) -> str:
-    """PostgreSQL's plan (``EXPLAIN``) of :func:`crossmatch` for these positions."""
+                    run: str | None = None, catalog: Catalog | None = None,
+                    analyze: bool = False) -> str:
+    """PostgreSQL's plan (``EXPLAIN``) of :func:`crossmatch` for these positions.
+
+    ``analyze=True`` runs it (``EXPLAIN (ANALYZE)``): the plan then says how often each
+    part ran, e.g. which sky cells were never probed.
+    """
     (rows,) = _run(ra, dec, radius, table=table, run=run, catalog=catalog, explain=True,
-                   n_connections=1)
+                   n_connections=1, analyze=analyze)
     return "\n".join(str(r[0]) for r in rows)

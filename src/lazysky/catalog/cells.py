@@ -1,0 +1,181 @@
+"""Sky cells: schema v14 splits each new month partition of ``coadd_sources`` by position.
+
+Loading into one GiST index slows down as it grows (each insert walks a deeper, wider
+tree; ``benchmarks/bench_catalog.py --ab-dec-bands`` measured −18 to −19 % server CPU per
+row with 2 M-row Dec bands instead of one 10 M-row month partition). So from v14 a month
+partition of ``coadd_sources`` is ``PARTITION BY RANGE (dec)`` into **Dec bands** of
+:data:`DEC_BAND_DEG`, each ``PARTITION BY RANGE (ra)`` into **RA slabs**:
+:data:`SLABS_AT_EQUATOR` at the equator, fewer towards the poles (about equal areas), one
+near them. A leaf (a *cell*) holds what one month of one run type put into ~170 deg²
+(~4° × 60° at the equator).
+
+Cells are made when the first tile lands in them (:func:`ensure_cells`, called by
+:func:`lazysky.catalog.write_sources`): making every cell of the sky ahead would be
+~170 leaves per month and type, and a query that cannot prune plans every leaf.
+
+Queries prune to the cells a cone can touch by adding its bounding box on the plain
+``ra``/``dec`` columns (:func:`cone_bounds`; :func:`lazysky.catalog.cone_search`, the
+SCS service and :func:`lazysky.catalog.xmatch.crossmatch` do): PostgreSQL prunes
+partitions on those at plan time, and for a prepared statement or per position of a
+join at run time. The box is conservative (a margin above pgSphere's own tolerance), so
+it never removes a source the circle holds.
+
+Only ``coadd_sources``: ``diff_sources`` keeps its primary key, which PostgreSQL would
+require to include ``ra`` and ``dec`` on a partition split by them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+__all__ = ["DEC_BAND_DEG", "SLABS_AT_EQUATOR", "band_of", "cell_name", "cells_of",
+           "cone_bounds", "cone_bounds_arrays", "ensure_cells", "slabs_in_band"]
+
+#: Height of a Dec band (degrees); bands start at Dec −90.
+DEC_BAND_DEG = 4.0
+#: RA slabs per band at the equator (60° each); ``round(n · cos(band centre))``, ≥ 1.
+SLABS_AT_EQUATOR = 6
+N_BANDS = round(180.0 / DEC_BAND_DEG)
+#: Margin (degrees) added to a cone's box: pgSphere counts points within 1e-9 rad of
+#: the circle as inside, and ``ra``/``dec`` are compared as stored.
+_MARGIN_DEG = 1e-6
+#: Advisory lock serialising the creation of partitions (as schema.ensure_partitions).
+_PARTITION_LOCK = 0x70617274
+
+logger = logging.getLogger(__name__)
+
+
+def band_of(dec: Any) -> np.ndarray:
+    """The band index (0 … N_BANDS − 1) of each Dec."""
+    band = np.floor((np.asarray(dec, dtype=np.float64) + 90.0) / DEC_BAND_DEG)
+    return np.clip(band, 0, N_BANDS - 1).astype(np.int64)
+
+
+def slabs_in_band(band: int) -> int:
+    """How many RA slabs band ``band`` is split into."""
+    centre = -90.0 + (band + 0.5) * DEC_BAND_DEG
+    return max(1, round(SLABS_AT_EQUATOR * math.cos(math.radians(centre))))
+
+
+def _slab_counts() -> np.ndarray:
+    return np.array([slabs_in_band(b) for b in range(N_BANDS)], dtype=np.int64)
+
+
+_SLABS = _slab_counts()
+
+
+def cells_of(ra: Any, dec: Any) -> list[tuple[int, int]]:
+    """The (band, slab) cells the positions fall in, sorted (RA in [0, 360))."""
+    band = band_of(dec)
+    slabs = _SLABS[band]
+    slab = np.minimum(np.floor(np.asarray(ra, dtype=np.float64) / (360.0 / slabs)),
+                      slabs - 1).astype(np.int64)
+    keys = np.unique(band * 64 + np.maximum(slab, 0))
+    return [(int(k) // 64, int(k) % 64) for k in keys]
+
+
+def cell_name(month_partition: str, band: int, slab: int | None = None) -> str:
+    """``coadd_sources__prod__2026_11__d22`` (a band) or ``…__d22r3`` (a cell)."""
+    base = f"{month_partition}__d{band:02d}"
+    return base if slab is None else f"{base}r{slab}"
+
+
+def _bound(value: float, *, first: bool, last: bool, low: bool) -> str:
+    if low and first:
+        return "MINVALUE"
+    if not low and last:
+        return "MAXVALUE"
+    return repr(float(value))
+
+
+def band_sql(month_partition: str, band: int) -> sql.Composed:
+    """``CREATE TABLE`` of a band of ``month_partition`` (itself split by RA)."""
+    lo, hi = -90.0 + band * DEC_BAND_DEG, -90.0 + (band + 1) * DEC_BAND_DEG
+    return sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) "
+                   "TO ({}) PARTITION BY RANGE (ra)").format(
+        sql.Identifier(cell_name(month_partition, band)), sql.Identifier(month_partition),
+        sql.SQL(_bound(lo, first=band == 0, last=False, low=True)),
+        sql.SQL(_bound(hi, first=False, last=band == N_BANDS - 1, low=False)))
+
+
+def cell_sql(month_partition: str, band: int, slab: int) -> sql.Composed:
+    """``CREATE TABLE`` of one cell (a leaf) of a band."""
+    n = slabs_in_band(band)
+    width = 360.0 / n
+    return sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) "
+                   "TO ({})").format(
+        sql.Identifier(cell_name(month_partition, band, slab)),
+        sql.Identifier(cell_name(month_partition, band)),
+        sql.SQL(_bound(slab * width, first=slab == 0, last=False, low=True)),
+        sql.SQL(_bound((slab + 1) * width, first=False, last=slab == n - 1, low=False)))
+
+
+def ensure_cells(conn: psycopg.Connection[Any], month_partition: str,
+                 cells: Iterable[tuple[int, int]]) -> list[str] | None:
+    """Create the cells of ``month_partition`` still missing; return all their names.
+
+    None when the month partition is not split into cells (months made before v14).
+    Takes no lock when they all exist. Runs its own transaction: making a partition
+    locks its parent exclusively for a moment, so it must not happen inside a write's
+    transaction. Safe from many processes (an advisory lock serialises creators).
+    """
+    wanted = {cell_name(month_partition, b, s): (b, s) for b, s in cells}
+    query = ("SELECT (SELECT relkind::text FROM pg_class WHERE oid = to_regclass(%s)), "
+             "ARRAY(SELECT relname::text FROM pg_class WHERE relname = ANY(%s))")
+    with conn.transaction(), conn.cursor() as cur:
+        got = cur.execute(query, (month_partition, list(wanted))).fetchone()
+        assert got is not None
+        if got[0] != "p":  # a plain month partition (made before v14), or none
+            return None
+        if len(got[1]) == len(wanted):
+            return sorted(wanted)
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
+        got = cur.execute(query, (month_partition, list(wanted))).fetchone()
+        assert got is not None
+        made = []
+        for name, (band, slab) in sorted(wanted.items()):
+            if name not in got[1]:
+                cur.execute(band_sql(month_partition, band))
+                cur.execute(cell_sql(month_partition, band, slab))
+                made.append(name)
+    if made:
+        logger.info("catalog: created sky cell(s) %s", ", ".join(made))
+    return sorted(wanted)
+
+
+def cone_bounds_arrays(ra: Any, dec: Any, radius_deg: Any) -> dict[str, np.ndarray]:
+    """The box around each cone on ``ra``/``dec``, conservatively: ``dec_lo``, ``dec_hi``
+    and two RA ranges (``ra_lo1``…``ra_hi1`` OR ``ra_lo2``…``ra_hi2``; the second repeats
+    the first unless the cone crosses RA = 0/360; both span [0, 360] when it holds a
+    pole or reaches within the margin of one)."""
+    ra = np.asarray(ra, dtype=np.float64)
+    dec = np.asarray(dec, dtype=np.float64)
+    r = np.asarray(radius_deg, dtype=np.float64) + _MARGIN_DEG
+    dec_lo = np.maximum(dec - r, -90.0)
+    dec_hi = np.minimum(dec + r, 90.0)
+    polar = (dec_hi >= 90.0 - _MARGIN_DEG) | (dec_lo <= -90.0 + _MARGIN_DEG)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.sin(np.radians(np.minimum(r, 90.0))) / np.cos(np.radians(dec))
+        half = np.degrees(np.arcsin(np.clip(ratio, -1.0, 1.0))) + _MARGIN_DEG
+    full = polar | (ratio >= 1.0) | (half >= 180.0)
+    lo, hi = ra - half, ra + half
+    lo1 = np.where(lo < 0, lo + 360.0, lo)
+    hi1 = np.where(lo < 0, 360.0, np.minimum(hi, 360.0))
+    lo2 = np.where(lo < 0, 0.0, np.where(hi > 360.0, 0.0, lo))
+    hi2 = np.where(lo < 0, hi, np.where(hi > 360.0, hi - 360.0, hi))
+    lo1, hi1 = np.where(full, 0.0, lo1), np.where(full, 360.0, hi1)
+    lo2, hi2 = np.where(full, 0.0, lo2), np.where(full, 360.0, hi2)
+    return {"dec_lo": dec_lo, "dec_hi": dec_hi, "ra_lo1": lo1, "ra_hi1": hi1,
+            "ra_lo2": lo2, "ra_hi2": hi2}
+
+
+def cone_bounds(ra: float, dec: float, radius_deg: float) -> dict[str, float]:
+    """:func:`cone_bounds_arrays` for one cone, as floats."""
+    return {k: float(v) for k, v in cone_bounds_arrays(ra, dec, radius_deg).items()}
