@@ -52,10 +52,10 @@ _PARTITION_LOCK = 0x70617274
 logger = logging.getLogger(__name__)
 
 
-def band_of(dec: Any) -> np.ndarray:
-    """The band index (0 … N_BANDS − 1) of each Dec."""
-    band = np.floor((np.asarray(dec, dtype=np.float64) + 90.0) / DEC_BAND_DEG)
-    return np.clip(band, 0, N_BANDS - 1).astype(np.int64)
+#: Each band's lower Dec bound, and per band each slab's lower RA bound: the very floats
+#: the partitions' bounds are written with, so a row's cell computed here is the one
+#: PostgreSQL routes it to, at a bound too (a float computed afresh could round across).
+_BAND_LO = np.array([-90.0 + b * DEC_BAND_DEG for b in range(N_BANDS)])
 
 
 def slabs_in_band(band: int) -> int:
@@ -64,21 +64,25 @@ def slabs_in_band(band: int) -> int:
     return max(1, round(SLABS_AT_EQUATOR * math.cos(math.radians(centre))))
 
 
-def _slab_counts() -> np.ndarray:
-    return np.array([slabs_in_band(b) for b in range(N_BANDS)], dtype=np.int64)
+_SLAB_LO = [np.array([s * (360.0 / slabs_in_band(b)) for s in range(slabs_in_band(b))])
+            for b in range(N_BANDS)]
 
 
-_SLABS = _slab_counts()
+def band_of(dec: Any) -> np.ndarray:
+    """The band index (0 … N_BANDS − 1) of each Dec."""
+    band = np.searchsorted(_BAND_LO, np.asarray(dec, dtype=np.float64), side="right") - 1
+    return np.maximum(band, 0)
 
 
 def cells_of(ra: Any, dec: Any) -> list[tuple[int, int]]:
     """The (band, slab) cells the positions fall in, sorted (RA in [0, 360))."""
+    ra = np.asarray(ra, dtype=np.float64)
     band = band_of(dec)
-    slabs = _SLABS[band]
-    slab = np.minimum(np.floor(np.asarray(ra, dtype=np.float64) / (360.0 / slabs)),
-                      slabs - 1).astype(np.int64)
-    keys = np.unique(band * 64 + np.maximum(slab, 0))
-    return [(int(k) // 64, int(k) % 64) for k in keys]
+    out: list[tuple[int, int]] = []
+    for b in np.unique(band):
+        slab = np.searchsorted(_SLAB_LO[b], ra[band == b], side="right") - 1
+        out += [(int(b), int(s)) for s in np.unique(np.maximum(slab, 0))]
+    return out
 
 
 def cell_name(month_partition: str, band: int, slab: int | None = None) -> str:
@@ -87,34 +91,25 @@ def cell_name(month_partition: str, band: int, slab: int | None = None) -> str:
     return base if slab is None else f"{base}r{slab}"
 
 
-def _bound(value: float, *, first: bool, last: bool, low: bool) -> str:
-    if low and first:
-        return "MINVALUE"
-    if not low and last:
-        return "MAXVALUE"
-    return repr(float(value))
-
-
 def band_sql(month_partition: str, band: int) -> sql.Composed:
     """``CREATE TABLE`` of a band of ``month_partition`` (itself split by RA)."""
-    lo, hi = -90.0 + band * DEC_BAND_DEG, -90.0 + (band + 1) * DEC_BAND_DEG
+    lo = "MINVALUE" if band == 0 else repr(float(_BAND_LO[band]))
+    hi = "MAXVALUE" if band == N_BANDS - 1 else repr(float(_BAND_LO[band + 1]))
     return sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) "
                    "TO ({}) PARTITION BY RANGE (ra)").format(
         sql.Identifier(cell_name(month_partition, band)), sql.Identifier(month_partition),
-        sql.SQL(_bound(lo, first=band == 0, last=False, low=True)),
-        sql.SQL(_bound(hi, first=False, last=band == N_BANDS - 1, low=False)))
+        sql.SQL(lo), sql.SQL(hi))
 
 
 def cell_sql(month_partition: str, band: int, slab: int) -> sql.Composed:
     """``CREATE TABLE`` of one cell (a leaf) of a band."""
-    n = slabs_in_band(band)
-    width = 360.0 / n
+    edges = _SLAB_LO[band]
+    lo = "MINVALUE" if slab == 0 else repr(float(edges[slab]))
+    hi = "MAXVALUE" if slab == len(edges) - 1 else repr(float(edges[slab + 1]))
     return sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) "
                    "TO ({})").format(
         sql.Identifier(cell_name(month_partition, band, slab)),
-        sql.Identifier(cell_name(month_partition, band)),
-        sql.SQL(_bound(slab * width, first=slab == 0, last=False, low=True)),
-        sql.SQL(_bound((slab + 1) * width, first=False, last=slab == n - 1, low=False)))
+        sql.Identifier(cell_name(month_partition, band)), sql.SQL(lo), sql.SQL(hi))
 
 
 def ensure_cells(conn: psycopg.Connection[Any], month_partition: str,

@@ -120,7 +120,8 @@ def _grant_reader(engine: sa.Engine) -> None:
         missing = conn.execute(sa.text(
             "SELECT count(*) FROM pg_roles r, pg_class c "
             "WHERE r.rolname = :r AND c.relnamespace = 'public'::regnamespace "
-            "AND c.relkind IN ('r', 'v') AND NOT has_table_privilege(r.oid, c.oid, 'SELECT')"),
+            "AND c.relkind IN ('r', 'p', 'v') AND NOT c.relispartition "  # read via parents
+            "AND NOT has_table_privilege(r.oid, c.oid, 'SELECT')"),
             {"r": READER_ROLE}).scalar()
         if missing:
             conn.execute(sa.text(f"GRANT USAGE ON SCHEMA public TO {READER_ROLE}"))
