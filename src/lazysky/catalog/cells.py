@@ -1,8 +1,9 @@
 """Sky cells: schema v14 splits each new month partition of ``coadd_sources`` by position.
 
 Loading into one GiST index slows down as it grows (each insert walks a deeper, wider
-tree; ``benchmarks/bench_catalog.py --ab-dec-bands`` measured −18 to −19 % server CPU per
-row with 2 M-row Dec bands instead of one 10 M-row month partition). So from v14 a month
+tree; 2 M-row Dec bands instead of one 10 M-row month partition cost the server 18–19 %
+less CPU per row, docs/catalog.md; ``benchmarks/bench_catalog.py --ab-cells`` compares
+these cells with a plain month partition). So from v14 a month
 partition of ``coadd_sources`` is ``PARTITION BY RANGE (dec)`` into **Dec bands** of
 :data:`DEC_BAND_DEG`, each ``PARTITION BY RANGE (ra)`` into **RA slabs**:
 :data:`SLABS_AT_EQUATOR` at the equator, fewer towards the poles (about equal areas), one
