@@ -204,3 +204,59 @@ def test_a_v13_catalog_upgrades_new_months_only(scratch: str, sources: Sources) 
         assert got_rows == (200,)
     finally:
         engine.dispose()
+
+
+def test_the_database_makes_the_cells_python_computes(catalog: Catalog) -> None:
+    """``lazysky_cell_bounds`` (which makes the partitions' bounds) and ``cells_of``
+    agree on every cell of the grid, to the last bit of every bound."""
+    from lazysky.catalog import cells
+
+    with psycopg.connect(libpq_dsn(catalog.dsn)) as conn:
+        for band in range(N_BANDS):
+            n = slabs_in_band(band)
+            for slab in range(n):
+                got = conn.execute("SELECT * FROM lazysky_cell_bounds(%s, %s)",
+                                   (band, slab)).fetchone()
+                expected = (n,
+                            None if band == 0 else cells._BAND_LO[band],
+                            None if band == N_BANDS - 1 else cells._BAND_LO[band + 1],
+                            None if slab == 0 else cells._SLAB_LO[band][slab],
+                            None if slab == n - 1 else cells._SLAB_LO[band][slab + 1])
+                assert got == expected, (band, slab)
+
+
+def test_a_writer_without_ownership_makes_its_cells(
+        catalog: Catalog, make_run: Callable[..., str], sources: Sources) -> None:
+    """A role with only SELECT, INSERT and DELETE (PostgreSQL lets only the owner add a
+    partition) writes a tile into a cell not made yet: ``lazysky_ensure_cell`` makes it as
+    the owner; and the function refuses anything but a cell of the grid."""
+    assert catalog.server is not None
+    with psycopg.connect(libpq_dsn(catalog.dsn), autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'cells_writer'").fetchone():
+            conn.execute("CREATE ROLE cells_writer LOGIN")
+        conn.execute("GRANT SELECT, INSERT, DELETE ON ALL TABLES IN SCHEMA public "
+                     "TO cells_writer")
+    writer = Catalog(catalog.server.dsn(user="cells_writer"), catalog.server)
+    run = make_run("repr")
+    rid = parse_run_id(run)
+    month = partition_name("coadd_sources", rid.type, rid.date.replace(day=1))
+    data = sources(40, seed=9, ra_range=(301.0, 301.5), dec_range=(-71.0, -70.5))
+    ((band, slab),) = cells_of(data["ra"], data["dec"])
+    cell = cell_name(month, band, slab)
+    with catalog.engine().connect() as conn:
+        assert conn.execute(sa.text("SELECT to_regclass(:c)"), {"c": cell}).scalar() is None
+    write_sources("coadd", run, "t", data, catalog=writer)
+    assert _leaves(catalog, run) == {cell: 40}
+    with psycopg.connect(libpq_dsn(writer.dsn), autocommit=True) as conn:
+        owner = conn.execute("SELECT pg_get_userbyid(relowner) FROM pg_class "
+                             "WHERE oid = to_regclass(%s)", (cell,)).fetchone()
+        assert owner is not None
+        assert owner[0] != "cells_writer"
+        for args, error in (((month, N_BANDS, 0), "band must be in"),
+                            ((month, band, 99), "slab of band"),
+                            (("runs", 0, 0), "not a month partition"),
+                            ((partition_name("diff_sources", rid.type,
+                                             rid.date.replace(day=1)), 0, 0),
+                             "not a month partition")):
+            with pytest.raises(psycopg.errors.RaiseException, match=error):
+                conn.execute("SELECT lazysky_ensure_cell(%s, %s, %s)", args)

@@ -34,10 +34,19 @@ from typing import Any
 
 import numpy as np
 import psycopg
-from psycopg import sql
 
-__all__ = ["DEC_BAND_DEG", "SLABS_AT_EQUATOR", "band_of", "cell_name", "cells_of",
-           "cone_bounds", "cone_bounds_arrays", "ensure_cells", "slabs_in_band"]
+__all__ = [
+    "CELL_FUNCTIONS_SQL",
+    "DEC_BAND_DEG",
+    "SLABS_AT_EQUATOR",
+    "band_of",
+    "cell_name",
+    "cells_of",
+    "cone_bounds",
+    "cone_bounds_arrays",
+    "ensure_cells",
+    "slabs_in_band",
+]
 
 #: Height of a Dec band (degrees); bands start at Dec −90.
 DEC_BAND_DEG = 4.0
@@ -92,25 +101,71 @@ def cell_name(month_partition: str, band: int, slab: int | None = None) -> str:
     return base if slab is None else f"{base}r{slab}"
 
 
-def band_sql(month_partition: str, band: int) -> sql.Composed:
-    """``CREATE TABLE`` of a band of ``month_partition`` (itself split by RA)."""
-    lo = "MINVALUE" if band == 0 else repr(float(_BAND_LO[band]))
-    hi = "MAXVALUE" if band == N_BANDS - 1 else repr(float(_BAND_LO[band + 1]))
-    return sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) "
-                   "TO ({}) PARTITION BY RANGE (ra)").format(
-        sql.Identifier(cell_name(month_partition, band)), sql.Identifier(month_partition),
-        sql.SQL(lo), sql.SQL(hi))
-
-
-def cell_sql(month_partition: str, band: int, slab: int) -> sql.Composed:
-    """``CREATE TABLE`` of one cell (a leaf) of a band."""
-    edges = _SLAB_LO[band]
-    lo = "MINVALUE" if slab == 0 else repr(float(edges[slab]))
-    hi = "MAXVALUE" if slab == len(edges) - 1 else repr(float(edges[slab + 1]))
-    return sql.SQL("CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) "
-                   "TO ({})").format(
-        sql.Identifier(cell_name(month_partition, band, slab)),
-        sql.Identifier(cell_name(month_partition, band)), sql.SQL(lo), sql.SQL(hi))
+#: Makes a cell (and its band) of a month partition: SECURITY DEFINER, so a writer role
+#: with only SELECT, INSERT and DELETE on the source tables (PostgreSQL lets only a
+#: table's owner add partitions) makes the cells its tiles land in. It checks its
+#: arguments (a month partition of coadd_sources split into cells; a band and slab of the
+#: grid) and computes the bounds itself, with the same float arithmetic as
+#: :data:`_BAND_LO` and :data:`_SLAB_LO` (a test compares every cell), so at worst a
+#: caller makes an empty cell of the grid early. Declared by schema v14.
+_CELL_FUNCTIONS = ("""
+CREATE OR REPLACE FUNCTION lazysky_cell_bounds(band int, slab int, OUT slabs int,
+    OUT dec_lo float8, OUT dec_hi float8, OUT ra_lo float8, OUT ra_hi float8)
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog AS $f$
+BEGIN
+    -- NULL bound: the first band or slab starts at MINVALUE, the last ends at MAXVALUE
+    IF band < 0 OR band >= {n_bands} THEN
+        RAISE EXCEPTION 'sky cell band must be in [0, {n_bands}), got %', band;
+    END IF;
+    slabs := greatest(1, round({at_equator}::float8 * cos(radians(
+        -90.0::float8 + (band::float8 + 0.5::float8) * {band_deg}::float8))))::int;
+    IF slab < 0 OR slab >= slabs THEN
+        RAISE EXCEPTION 'sky cell slab of band % must be in [0, %), got %', band, slabs, slab;
+    END IF;
+    dec_lo := CASE WHEN band > 0 THEN -90.0::float8 + band * {band_deg}::float8 END;
+    dec_hi := CASE WHEN band < {n_bands} - 1
+                   THEN -90.0::float8 + (band + 1) * {band_deg}::float8 END;
+    ra_lo := CASE WHEN slab > 0 THEN slab * (360.0::float8 / slabs) END;
+    ra_hi := CASE WHEN slab < slabs - 1 THEN (slab + 1) * (360.0::float8 / slabs) END;
+END
+$f$
+""", """
+CREATE OR REPLACE FUNCTION lazysky_ensure_cell(month_partition text, band int, slab int)
+RETURNS text LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public
+SET extra_float_digits = 1 AS $f$
+DECLARE
+    b record;
+    ns name;
+    band_name text := format('%s__d%s', month_partition, lpad(band::text, 2, '0'));
+    cell text := format('%s__d%sr%s', month_partition, lpad(band::text, 2, '0'), slab);
+BEGIN
+    IF month_partition !~ '^coadd_sources__[a-z]+__[0-9]{{4}}_[0-9]{{2}}$' OR NOT EXISTS (
+            SELECT 1 FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid
+            JOIN pg_inherits j ON j.inhrelid = i.inhparent
+            WHERE c.oid = to_regclass(month_partition) AND c.relkind = 'p'
+            AND j.inhparent = 'coadd_sources'::regclass) THEN
+        RAISE EXCEPTION '% is not a month partition of coadd_sources split into sky cells',
+            month_partition;
+    END IF;
+    SELECT * INTO b FROM lazysky_cell_bounds(band, slab);
+    -- in the month partition's own schema (this function's search_path starts with
+    -- pg_catalog, so that no one's objects stand in for the built-ins); the bounds as
+    -- text are exact (extra_float_digits >= 1: the shortest text that reads back the same)
+    SELECT n.nspname INTO ns FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = to_regclass(month_partition);
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %I.%I PARTITION OF %I.%I FOR VALUES FROM (%s) '
+                   'TO (%s) PARTITION BY RANGE (ra)', ns, band_name, ns, month_partition,
+                   coalesce(b.dec_lo::text, 'MINVALUE'), coalesce(b.dec_hi::text, 'MAXVALUE'));
+    EXECUTE format('CREATE TABLE IF NOT EXISTS %I.%I PARTITION OF %I.%I FOR VALUES FROM (%s) '
+                   'TO (%s)', ns, cell, ns, band_name,
+                   coalesce(b.ra_lo::text, 'MINVALUE'), coalesce(b.ra_hi::text, 'MAXVALUE'));
+    RETURN cell;
+END
+$f$
+""")
+CELL_FUNCTIONS_SQL = tuple(  # the grid's constants written in
+    q.format(n_bands=N_BANDS, band_deg=DEC_BAND_DEG, at_equator=SLABS_AT_EQUATOR)
+    for q in _CELL_FUNCTIONS)
 
 
 def ensure_cells(conn: psycopg.Connection[Any], month_partition: str,
@@ -118,7 +173,9 @@ def ensure_cells(conn: psycopg.Connection[Any], month_partition: str,
     """Create the cells of ``month_partition`` still missing; return all their names.
 
     None when the month partition is not split into cells (months made before v14).
-    Takes no lock when they all exist. Runs its own transaction: making a partition
+    Takes no lock when they all exist. The cells are made by ``lazysky_ensure_cell``
+    (:data:`CELL_FUNCTIONS_SQL`), so any role that may write rows may. Runs its own
+    transaction: making a partition
     locks its parent exclusively for a moment, so it must not happen inside a write's
     transaction. Safe from many processes (an advisory lock serialises creators).
     """
@@ -137,9 +194,9 @@ def ensure_cells(conn: psycopg.Connection[Any], month_partition: str,
         assert got is not None
         made = []
         for name, (band, slab) in sorted(wanted.items()):
-            if name not in got[1]:
-                cur.execute(band_sql(month_partition, band))
-                cur.execute(cell_sql(month_partition, band, slab))
+            if name not in got[1]:  # made by the function, as the tables' owner
+                cur.execute("SELECT lazysky_ensure_cell(%s, %s, %s)",
+                            (month_partition, band, slab))
                 made.append(name)
     if made:
         logger.info("catalog: created sky cell(s) %s", ", ".join(made))

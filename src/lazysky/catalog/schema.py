@@ -45,6 +45,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from lazysky.catalog._binary import ensure_spoint_receive
 from lazysky.catalog._gist import ensure_spoint_opclass
 from lazysky.catalog._types import SPointType, SPolyType
+from lazysky.catalog.cells import CELL_FUNCTIONS_SQL
 from lazysky.runs import RUN_ID_PATTERN, RUN_STATUSES, RUN_TYPES
 
 __all__ = [
@@ -973,6 +974,8 @@ def _v14_sky_cells(conn: sa.Connection) -> None:
     are still empty are made again, split; a month that holds rows stays as it is (no
     row moves). See :mod:`lazysky.catalog.cells`.
     """
+    for statement in CELL_FUNCTIONS_SQL:  # lazysky_ensure_cell, for every writer role
+        conn.execute(sa.text(statement))
     remade = []
     for run_type, month in month_partitions(conn):
         name = partition_name(coadd_sources.name, run_type, month)
