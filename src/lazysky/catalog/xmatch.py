@@ -1,9 +1,11 @@
 """Cross-match many positions against a source table, on the GiST index.
 
-The positions are COPYed into a temporary table, then joined with
-``s.pos <@ scircle(x.pos, radius)``: the indexed column ``s.pos`` stays alone on the
-left, so each position becomes one GiST index probe (a nested loop over the positions,
-an index scan inside). Writing the circle around the indexed side instead
+The positions are COPYed into a temporary table (with each one's box on ra/dec, see
+:mod:`lazysky.catalog.cells`), then each is probed with
+``s.pos <@ scircle(x.pos, radius)`` in a ``LATERAL`` subquery: the indexed column
+``s.pos`` stays alone on the left, so each position becomes one GiST index probe (a
+nested loop over the positions, an index scan inside), in the sky cells its box touches
+(pruned per position at run time). Writing the circle around the indexed side instead
 (``x.pos <@ scircle(s.pos, r)``) is logically the same and silently scans the whole
 table for every position; :func:`crossmatch_plan` exposes the plan so tests check it.
 
