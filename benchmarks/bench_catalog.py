@@ -597,6 +597,12 @@ def _backend_cpu_ns(pid: int) -> int:
     return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
+def _test_month_partition() -> str:
+    """The coadd partition of this month's ``test`` runs (what the benchmark writes)."""
+    return partition_name(coadd_sources.name, "test",
+                          parse_run_id(new_run_id("test")).date.replace(day=1))
+
+
 def ab_key(catalog: Catalog, tiles: int) -> list[str]:
     """Interleaved A/B of the replace path's index (schema v6) on the loaded table.
 
@@ -610,10 +616,8 @@ def ab_key(catalog: Catalog, tiles: int) -> list[str]:
     """
     dsn = libpq_dsn(catalog.dsn)
     with psycopg.connect(dsn) as conn:
-        month = partition_name(coadd_sources.name, "test",
-                               parse_run_id(new_run_id("test")).date.replace(day=1))
         split = conn.execute("SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass(%s)",
-                             (month,)).fetchone()
+                             (_test_month_partition(),)).fetchone()
     if split and split[0]:
         # a primary key of a table split by ra/dec must include them: not v6's question
         msg = ("--ab-key compares v6's (run, tile) index with the primary key on plain month "
@@ -1017,8 +1021,7 @@ def ab_cells(catalog: Catalog, rows: int, *, writers: int, catalog_dir: Path) ->
     """
     from lazysky.catalog.schema import ensure_partitions
 
-    day = parse_run_id(new_run_id("test")).date  # the runs' month
-    name = partition_name(coadd_sources.name, "test", day.replace(day=1))
+    name = _test_month_partition()
     with psycopg.connect(libpq_dsn(catalog.dsn)) as conn:
         kind = conn.execute("SELECT relkind::text FROM pg_class WHERE oid = to_regclass(%s)",
                             (name,)).fetchone()
@@ -1033,7 +1036,8 @@ def ab_cells(catalog: Catalog, rows: int, *, writers: int, catalog_dir: Path) ->
     month_catalog = open_catalog(dsn=copy_dsn)
     with month_catalog.engine().begin() as conn:
         conn.execute(sa.text(f"DROP TABLE {name}"))
-        ensure_partitions(conn, [("test", day)], cells=False)
+        ensure_partitions(conn, [("test", parse_run_id(new_run_id("test")).date)],
+                          cells=False)
         made = conn.execute(sa.text("SELECT relkind::text FROM pg_class WHERE oid = "
                                     "to_regclass(:n)"), {"n": name}).scalar()
     month_catalog.engine().dispose()

@@ -50,6 +50,19 @@ def finish_lazysky_run() -> Callable[[Catalog, str, str, list[str]], None]:
 
 
 @pytest.fixture
+def plain_writer(catalog: Catalog) -> Catalog:
+    """The catalog as ``test_writer``, a role with only SELECT, INSERT and DELETE on the
+    tables (no superuser, owns nothing): what a deployment may give its loaders."""
+    assert catalog.server is not None
+    with psycopg.connect(libpq_dsn(catalog.dsn), autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'test_writer'").fetchone():
+            conn.execute("CREATE ROLE test_writer LOGIN")
+        conn.execute("GRANT SELECT, INSERT, DELETE ON ALL TABLES IN SCHEMA public "
+                     "TO test_writer")
+    return Catalog(catalog.server.dsn(user="test_writer"), catalog.server)
+
+
+@pytest.fixture
 def make_run(catalog: Catalog) -> Callable[..., str]:
     """Register a fresh run (``make_run("prod")``) and return its id."""
     return lambda kind="test": _make_run(catalog, kind)

@@ -226,17 +226,12 @@ def test_the_database_makes_the_cells_python_computes(catalog: Catalog) -> None:
 
 
 def test_a_writer_without_ownership_makes_its_cells(
-        catalog: Catalog, make_run: Callable[..., str], sources: Sources) -> None:
+        catalog: Catalog, plain_writer: Catalog, make_run: Callable[..., str],
+        sources: Sources) -> None:
     """A role with only SELECT, INSERT and DELETE (PostgreSQL lets only the owner add a
     partition) writes a tile into a cell not made yet: ``lazysky_ensure_cell`` makes it as
     the owner; and the function refuses anything but a cell of the grid."""
-    assert catalog.server is not None
-    with psycopg.connect(libpq_dsn(catalog.dsn), autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'cells_writer'").fetchone():
-            conn.execute("CREATE ROLE cells_writer LOGIN")
-        conn.execute("GRANT SELECT, INSERT, DELETE ON ALL TABLES IN SCHEMA public "
-                     "TO cells_writer")
-    writer = Catalog(catalog.server.dsn(user="cells_writer"), catalog.server)
+    writer = plain_writer
     run = make_run("repr")
     rid = parse_run_id(run)
     month = partition_name("coadd_sources", rid.type, rid.date.replace(day=1))
@@ -251,7 +246,7 @@ def test_a_writer_without_ownership_makes_its_cells(
         owner = conn.execute("SELECT pg_get_userbyid(relowner) FROM pg_class "
                              "WHERE oid = to_regclass(%s)", (cell,)).fetchone()
         assert owner is not None
-        assert owner[0] != "cells_writer"
+        assert owner[0] != "test_writer"
         for args, error in (((month, N_BANDS, 0), "band must be in"),
                             ((month, band, 99), "slab of band"),
                             (("runs", 0, 0), "not a month partition"),

@@ -284,15 +284,10 @@ def test_sigkill_mid_copy_leaves_previous_rows(catalog: Catalog, make_run: Calla
 
 
 def test_a_plain_role_relies_on_the_foreign_key_triggers(
-        catalog: Catalog, make_run: Callable[..., str], sources: Sources) -> None:
+        catalog: Catalog, plain_writer: Catalog, make_run: Callable[..., str],
+        sources: Sources) -> None:
     """Without superuser rights the per-row foreign-key triggers do the checking."""
-    assert catalog.server is not None
-    with psycopg.connect(libpq_dsn(catalog.dsn), autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'test_writer'").fetchone():
-            conn.execute("CREATE ROLE test_writer LOGIN")
-        conn.execute("GRANT SELECT, INSERT, DELETE ON ALL TABLES IN SCHEMA public "
-                     "TO test_writer")
-    writer = Catalog(catalog.server.dsn(user="test_writer"), catalog.server)
+    writer = plain_writer
     run = make_run()
     write_sources("coadd", run, "plain", sources(10, seed=1), catalog=writer)
     assert len(_rows(catalog, coadd_sources, run, "plain")) == 10

@@ -56,8 +56,9 @@ N_BANDS = round(180.0 / DEC_BAND_DEG)
 #: Margin (degrees) added to a cone's box: pgSphere counts points within 1e-9 rad of
 #: the circle as inside, and ``ra``/``dec`` are compared as stored.
 _MARGIN_DEG = 1e-6
-#: Advisory lock serialising the creation of partitions (as schema.ensure_partitions).
-_PARTITION_LOCK = 0x70617274
+#: Advisory lock serialising the creation of partitions: months (schema.ensure_partitions)
+#: and cells alike.
+PARTITION_LOCK = 0x70617274  # 'part'
 
 logger = logging.getLogger(__name__)
 
@@ -175,9 +176,9 @@ def ensure_cells(conn: psycopg.Connection[Any], month_partition: str,
     None when the month partition is not split into cells (months made before v14).
     Takes no lock when they all exist. The cells are made by ``lazysky_ensure_cell``
     (:data:`CELL_FUNCTIONS_SQL`), so any role that may write rows may. Runs its own
-    transaction: making a partition
-    locks its parent exclusively for a moment, so it must not happen inside a write's
-    transaction. Safe from many processes (an advisory lock serialises creators).
+    transaction: making a partition locks its parent exclusively for a moment, so it
+    must not happen inside a write's transaction. Safe from many processes
+    (:data:`PARTITION_LOCK` serialises creators).
     """
     wanted = {cell_name(month_partition, b, s): (b, s) for b, s in cells}
     query = ("SELECT (SELECT relkind::text FROM pg_class WHERE oid = to_regclass(%s)), "
@@ -189,7 +190,7 @@ def ensure_cells(conn: psycopg.Connection[Any], month_partition: str,
             return None
         if len(got[1]) == len(wanted):
             return sorted(wanted)
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_PARTITION_LOCK,))
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (PARTITION_LOCK,))
         got = cur.execute(query, (month_partition, list(wanted))).fetchone()
         assert got is not None
         made = []

@@ -45,7 +45,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from lazysky.catalog._binary import ensure_spoint_receive
 from lazysky.catalog._gist import ensure_spoint_opclass
 from lazysky.catalog._types import SPointType, SPolyType
-from lazysky.catalog.cells import CELL_FUNCTIONS_SQL
+from lazysky.catalog.cells import CELL_FUNCTIONS_SQL, PARTITION_LOCK
 from lazysky.runs import RUN_ID_PATTERN, RUN_STATUSES, RUN_TYPES
 
 __all__ = [
@@ -446,7 +446,6 @@ def _v4_production_tiles(conn: sa.Connection) -> None:
 # --- v5: source tables partitioned by processing type and month ---------------------------
 #: Months ahead of the current one whose partitions every schema upgrade creates.
 MONTHS_AHEAD = 3
-_PARTITION_LOCK = 0x70617274  # 'part': serialises partition creation
 
 
 def partition_name(table: str, run_type: str, month: dt.date | None = None) -> str:
@@ -480,7 +479,7 @@ def ensure_partitions(conn: sa.Connection, months: Sequence[tuple[str, dt.date]]
         "SELECT relname FROM pg_class WHERE relname = ANY(:n)"), {"n": names}).scalars())
     if len(have) == len(names):
         return []
-    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PARTITION_LOCK)))
+    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(PARTITION_LOCK)))
     have = set(conn.execute(sa.text(
         "SELECT relname FROM pg_class WHERE relname = ANY(:n)"), {"n": names}).scalars())
     if cells is None:
@@ -536,7 +535,7 @@ def drop_month_partitions(conn: sa.Connection, run_type: str, month: dt.date) ->
     if run_type not in RUN_TYPES:
         msg = f"run type must be one of {', '.join(RUN_TYPES)}; got {run_type!r}"
         raise ValueError(msg)
-    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(_PARTITION_LOCK)))
+    conn.execute(sa.select(sa.func.pg_advisory_xact_lock(PARTITION_LOCK)))
     dropped = []
     for tbl in (coadd_sources, diff_sources):
         name = partition_name(tbl.name, run_type, _month(month))
